@@ -1,0 +1,395 @@
+"""The XReal sampler as a diffusers pipeline (design.md section 3).
+
+``XRealPipeline`` reproduces XReal's ``sample_controlled``: an anatomy controller
+turns the label map into a rough image, an anatomy stage re-generates it with
+the anatomy held by a soft mask for the first steps, and one pathology stage per
+(region, finding) re-generates each region under classifier-free guidance while
+the rest of the image is held at every step. With ``rng="original"`` and the
+same weights it draws the same random numbers in the same order as the original
+code, which is how the golden fixtures are reproduced.
+
+Sampler state (latents, masks, noise, schedule) stays in float32 on the
+pipeline's device; the networks run in the weights' dtype (under autocast when
+that is not float32), so float16/bfloat16 only changes the network arithmetic.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+from transformers import BertTokenizer, BertTokenizerFast
+
+from .errors import InputError, ModelError
+from .models import ModelInfo, check_model_dir
+
+RNG_MODES = ("generator", "original")
+# Anatomy labels 0..4 are scaled by 1/4 into [0, 1], as the anatomy controller was trained.
+ANATOMY_LABEL_DIVISOR = 4.0
+
+
+@dataclass
+class XRealPipelineOutput:
+    """Result of one generation; 2D images are the channel mean, ``*_hwc`` the raw 3-channel images."""
+
+    image: np.ndarray  # (H, W) float32 in [0, 1]
+    anatomy_image: Optional[np.ndarray]  # (H, W) x_a_gen; None in edit mode
+    x_hat: Optional[np.ndarray]  # (H, W) anatomy-controller image; None in edit mode
+    x_p_gen_hwc: np.ndarray  # (H, W, 3) the original's return value
+    x_a_gen_hwc: Optional[np.ndarray]
+    x_hat_hwc: Optional[np.ndarray]
+
+
+def original_alphas_cumprod(beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
+    """alphas_cumprod exactly as CompVis/XReal computes it: sqrt-linear betas and cumprod in float64, then float32."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _to_hwc(image: torch.Tensor) -> np.ndarray:
+    return image[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+class XRealPipeline(DiffusionPipeline):
+    """XReal anatomy-then-pathology latent diffusion (see the module docstring and docs/architecture.md)."""
+
+    model_cpu_offload_seq = "text_encoder->anatomy_controller->vae->unet"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        anatomy_controller: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        text_encoder: LDMBertModel,
+        tokenizer: Union[BertTokenizer, BertTokenizerFast],
+        scheduler: DDIMScheduler,
+        model_info: Optional[ModelInfo] = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae, anatomy_controller=anatomy_controller, unet=unet, text_encoder=text_encoder,
+            tokenizer=tokenizer, scheduler=scheduler,
+        )
+        for module in (vae, anatomy_controller, unet, text_encoder):
+            module.eval()
+        if model_info is None:
+            latent_size = int(unet.config.sample_size)
+            model_info = ModelInfo(
+                model_id="unnamed-xreal-model",
+                image_size=latent_size * 2 ** (len(vae.config.block_out_channels) - 1),
+                latent_size=latent_size,
+            )
+        self.model_info = model_info
+        # None: autocast in the weights' dtype when it is not float32; set e.g. torch.bfloat16 to run
+        # float32 weights under bfloat16 autocast.
+        self.autocast_dtype: Optional[torch.dtype] = None
+        self._use_original_schedule()
+
+    # ------------------------------------------------------------------ loading and saving
+
+    def _use_original_schedule(self) -> None:
+        """Give the scheduler the original's float64-derived alphas_cumprod (diffusers' float32 one differs by 8e-7)."""
+        config = self.scheduler.config
+        if config.beta_schedule != "scaled_linear" or config.trained_betas is not None:
+            raise ModelError("The scheduler must use beta_schedule 'scaled_linear' as XReal does.")
+        if config.set_alpha_to_one or config.prediction_type != "epsilon" or config.clip_sample:
+            raise ModelError("The scheduler must have set_alpha_to_one, clip_sample False and epsilon prediction.")
+        alphas_cumprod64 = original_alphas_cumprod(config.beta_start, config.beta_end, config.num_train_timesteps)
+        self.scheduler.alphas_cumprod = alphas_cumprod64.float()
+        self.scheduler.final_alpha_cumprod = self.scheduler.alphas_cumprod[0]
+        # q_sample coefficients: computed in float64, then cast, as the original's buffers.
+        self._sqrt_alphas_cumprod = alphas_cumprod64.sqrt().float()
+        self._sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod64).sqrt().float()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers layout (safetensors) plus ``xreal_model.json``."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        self.model_info.save(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a local model directory only (never downloads); ModelError with one sentence on failure."""
+        model_dir = check_model_dir(Path(pretrained_model_name_or_path))
+        model_info = ModelInfo.load(model_dir)
+        kwargs["local_files_only"] = True
+        try:
+            pipe = super().from_pretrained(str(model_dir), **kwargs)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelError(f"The model directory {model_dir} cannot be loaded: {first_line}") from None
+        pipe.model_info = model_info
+        return pipe
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _network_dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def _autocast(self):
+        dtype = self.autocast_dtype or self._network_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """LDM-BERT embedding (1, 150, width): padded to max length, no attention mask, as the original."""
+        tokens = self.tokenizer(
+            prompt, padding="max_length", truncation=True,
+            max_length=self.text_encoder.config.max_position_embeddings, return_tensors="pt",
+        )
+        with self._autocast():
+            embedding = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return embedding.to(self._network_dtype)
+
+    def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale):
+        """eps with classifier-free guidance; cond and uncond go through the UNet in ONE batch."""
+        with self._autocast():
+            if uncond is None:
+                eps = self.unet(latents.to(self._network_dtype), timestep, encoder_hidden_states=cond).sample
+                return eps.float()
+            both = self.unet(
+                torch.cat([latents, latents]).to(self._network_dtype), timestep,
+                encoder_hidden_states=torch.cat([uncond, cond]),
+            ).sample.float()
+        eps_uncond, eps_cond = both.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def _encode_to_latent(self, image: torch.Tensor, draw) -> torch.Tensor:
+        """LDM encoding as the original: a posterior SAMPLE (not the mode) times the scale factor."""
+        with self._autocast():
+            posterior = self.vae.encode(image.to(self._network_dtype)).latent_dist
+        noise = draw("posterior", posterior.mean.shape)
+        return (posterior.mean.float() + posterior.std.float() * noise) * self.model_info.scale_factor
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            image = self.vae.decode((1.0 / self.model_info.scale_factor) * latents.to(self._network_dtype)).sample
+        return image.float().clamp(0, 1)
+
+    def _run_stage(self, stage, image, known_mask, mask_steps, cond, uncond, guidance_scale, steps, eta, draw,
+                   callback):
+        """XReal's ``sample_spatial_input``: encode, DDIM from noise, hold the known region, decode."""
+        if callback is not None:
+            callback(stage, 0, steps)
+        x0 = self._encode_to_latent(image, draw)
+        latents = draw("x_T", x0.shape)
+        self.scheduler.set_timesteps(steps)
+        timesteps = [int(t) for t in self.scheduler.timesteps]
+        timesteps_on_device = self.scheduler.timesteps.to(self.device)
+        sqrt_alpha = self._sqrt_alphas_cumprod.to(self.device)
+        sqrt_one_minus_alpha = self._sqrt_one_minus_alphas_cumprod.to(self.device)
+        for i, t in enumerate(timesteps):
+            t_device = timesteps_on_device[i]
+            if i < mask_steps:
+                q_sample = sqrt_alpha[t_device] * x0 + sqrt_one_minus_alpha[t_device] * draw("q_sample", x0.shape)
+                latents = q_sample * known_mask + (1 - known_mask) * latents
+            eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale)
+            # Drawn at every step, also at eta 0, to keep the original's random-number stream.
+            ddim_noise = draw("ddim", latents.shape)
+            latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=ddim_noise).prev_sample
+            if callback is not None:
+                callback(stage, i + 1, steps)
+        return self._decode(latents)
+
+    def _noise_source(self, rng: str, generator: Optional[torch.Generator]):
+        """draw(kind, shape) -> float32 standard normal on the pipeline's device, in the chosen RNG order."""
+        device = self.device
+        if rng == "original":
+            def draw(kind, shape):
+                # The original draws the posterior sample on the CPU RNG and everything else on the device's RNG.
+                if kind == "posterior":
+                    return torch.randn(shape, dtype=torch.float32).to(device)
+                return torch.randn(shape, dtype=torch.float32, device=device)
+            return draw
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.seed()
+        if torch.device(generator.device).type != device.type:
+            raise InputError(
+                f"The random generator is on {generator.device} but the model runs on {device}; "
+                f"create it with torch.Generator(device='{device.type}')."
+            )
+
+        def draw(kind, shape):
+            return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
+        return draw
+
+    # ------------------------------------------------------------------ input validation
+
+    def _square(self, array, name: str, sizes: Sequence[int]) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        try:
+            array = np.asarray(array, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"The {name} is not a numeric array.") from None
+        if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] not in sizes:
+            allowed = " or ".join(f"{s}x{s}" for s in sizes)
+            raise InputError(f"The {name} has shape {array.shape}; this model needs a 2D {allowed} array.")
+        if not np.isfinite(array).all():
+            raise InputError(f"The {name} contains NaN or infinite values.")
+        return torch.from_numpy(array.astype(np.float32))
+
+    def _anatomy_labels(self, anatomy) -> torch.Tensor:
+        info = self.model_info
+        labels = self._square(anatomy, "anatomy label map", [info.image_size])
+        values = {float(v) for v in torch.unique(labels).tolist()}
+        ignored = {int(k) for k in info.label_warnings if k not in info.anatomy_labels}
+        allowed = {0.0} | {float(v) for v in info.label_values()} | {float(v) for v in ignored}
+        unknown = sorted(values - allowed)
+        if unknown:
+            shown = ", ".join(f"{v:g}" for v in unknown[:5])
+            raise InputError(
+                f"The anatomy label map contains values {shown} that this model does not know "
+                f"(allowed: {', '.join(f'{v:g}' for v in sorted(allowed))})."
+            )
+        for value in ignored:  # labels the model was trained without are background to it
+            labels[labels == value] = 0
+        return labels
+
+    def _pathology_mask(self, mask, index: int) -> torch.Tensor:
+        info = self.model_info
+        mask = self._square(mask, f"pathology mask {index + 1}", [info.image_size, info.latent_size])
+        if not torch.isin(mask, torch.tensor([0.0, 1.0])).all():
+            raise InputError(f"The pathology mask {index + 1} must be binary (0 and 1 only).")
+        if mask.shape[0] != info.latent_size:
+            # A latent pixel is regenerated if any of its image pixels is in the region.
+            factor = info.image_size // info.latent_size
+            mask = F.max_pool2d(mask[None, None], kernel_size=factor)[0, 0]
+        if not mask.any():
+            raise InputError(f"The pathology mask {index + 1} is empty.")
+        return mask
+
+    def _finding(self, finding, index: int) -> str:
+        if not isinstance(finding, str):
+            raise InputError(f"The finding of pathology {index + 1} must be text, not {type(finding).__name__}.")
+        known = self.model_info.findings
+        if finding.strip() and known and finding.strip().lower() not in {f.lower() for f in known}:
+            raise InputError(
+                f"The finding '{finding}' is not one this model knows ({', '.join(known)})."
+            )
+        return finding.strip()
+
+    def _settings(self, num_inference_steps, anatomy_steps, eta, guidance_scale, soft_mask_value, rng):
+        defaults = self.model_info.defaults
+        steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        anatomy_steps = defaults["anatomy_steps"] if anatomy_steps is None else anatomy_steps
+        eta = defaults["eta"] if eta is None else eta
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        soft_mask_value = defaults["soft_mask_value"] if soft_mask_value is None else soft_mask_value
+        max_steps = self.scheduler.config.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= max_steps:
+            raise InputError(f"The number of steps must be an integer from 1 to {max_steps}, not {steps!r}.")
+        if isinstance(anatomy_steps, bool) or not isinstance(anatomy_steps, (int, np.integer)) \
+                or not 0 <= anatomy_steps <= steps:
+            raise InputError(f"The anatomy steps must be an integer from 0 to the number of steps ({steps}), "
+                             f"not {anatomy_steps!r}.")
+        for name, value, low, high in (("eta", eta, 0.0, 1.0), ("guidance scale", guidance_scale, 0.0, 50.0),
+                                       ("soft mask value", soft_mask_value, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise InputError(f"The {name} must be a number from {low:g} to {high:g}, not {value!r}.")
+        if rng not in RNG_MODES:
+            raise InputError(f"The rng option must be one of {', '.join(RNG_MODES)}, not {rng!r}.")
+        return int(steps), int(anatomy_steps), float(eta), float(guidance_scale), float(soft_mask_value)
+
+    # ------------------------------------------------------------------ the sampler
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        anatomy=None,
+        pathologies: Sequence = (),
+        image=None,
+        num_inference_steps: Optional[int] = None,
+        anatomy_steps: Optional[int] = None,
+        eta: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        soft_mask_value: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        rng: str = "generator",
+        callback: Optional[Callable[[str, int, int], None]] = None,
+    ) -> XRealPipelineOutput:
+        """Generate one image (see docs/architecture.md). Unset settings take the model's defaults.
+
+        ``anatomy``: (image_size, image_size) labels 0..4. ``pathologies``: [(mask, finding)], masks at
+        image or latent size, 1 = region; one pathology stage each, in order. ``image``: edit mode, a
+        (image_size, image_size) image in [0, 1] replaces the anatomy controller and anatomy stage; finding
+        "" removes a finding. ``callback(stage, step, total)`` runs before and after every step and may
+        raise ``errors.Cancelled``. Stages are "anatomy", then "pathology" (or "pathology k/n").
+        """
+        info = self.model_info
+        steps, anatomy_steps, eta, guidance_scale, soft_mask_value = self._settings(
+            num_inference_steps, anatomy_steps, eta, guidance_scale, soft_mask_value, rng)
+        regions = [(self._pathology_mask(mask, k), self._finding(finding, k))
+                   for k, (mask, finding) in enumerate(pathologies)]
+        edit_mode = image is not None
+        if edit_mode:
+            source = self._square(image, "source image", [info.image_size])
+            if source.min() < 0 or source.max() > 1:
+                raise InputError("The source image must have values in [0, 1].")
+            if not regions:
+                raise InputError("Edit mode needs at least one pathology region to add or remove.")
+        else:
+            if anatomy is None:
+                raise InputError("An anatomy label map is required unless an image to edit is given.")
+            labels = self._anatomy_labels(anatomy)
+
+        device = self.device
+        draw = self._noise_source(rng, generator)
+        embeddings = {}  # each prompt is encoded once per image
+
+        def embed(prompt):
+            if prompt not in embeddings:
+                embeddings[prompt] = self.encode_prompt(prompt)
+            return embeddings[prompt]
+
+        x_hat = x_a_gen = None
+        if edit_mode:
+            current = source.to(device)[None, None].repeat(1, 3, 1, 1)
+        else:
+            x_hat, x_a_gen = self._anatomy_stages(labels.to(device), steps, anatomy_steps, eta, soft_mask_value,
+                                                  embed, draw, callback)
+            current = x_a_gen
+        for k, (region, finding) in enumerate(regions):
+            stage = "pathology" if len(regions) == 1 else f"pathology {k + 1}/{len(regions)}"
+            known_mask = (1 - region.to(device))[None, None]
+            use_guidance = finding != "" and guidance_scale != 1.0
+            current = self._run_stage(
+                stage, current, known_mask, steps, embed(finding), embed("") if use_guidance else None,
+                guidance_scale, steps, eta, draw, callback,
+            )
+        x_p_gen = _to_hwc(current)
+        x_a_gen_hwc = None if x_a_gen is None else _to_hwc(x_a_gen)
+        x_hat_hwc = None if x_hat is None else _to_hwc(x_hat)
+        return XRealPipelineOutput(
+            image=x_p_gen.mean(axis=2),
+            anatomy_image=None if x_a_gen_hwc is None else x_a_gen_hwc.mean(axis=2),
+            x_hat=None if x_hat_hwc is None else x_hat_hwc.mean(axis=2),
+            x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc,
+        )
+
+    def _anatomy_stages(self, labels, steps, anatomy_steps, eta, soft_mask_value, embed, draw, callback):
+        """Anatomy controller (x_hat) and the anatomy stage (x_a_gen)."""
+        info = self.model_info
+        scaled = labels[None, None]
+        if scaled.max() >= 1:  # the original's rule: label maps are divided by 4, masks already in [0, 1] too
+            scaled = scaled / ANATOMY_LABEL_DIVISOR
+        # LDM soft mask: cubic resize (no antialias, like cv2.INTER_CUBIC), organs (> 0) known, rest soft.
+        resized = F.interpolate(scaled, size=(info.latent_size, info.latent_size), mode="bicubic",
+                                align_corners=False, antialias=False)
+        soft_mask = torch.where(resized > 0, 1.0, soft_mask_value).repeat(1, 3, 1, 1)
+        with self._autocast():
+            controller_input = scaled.repeat(1, 3, 1, 1).to(self._network_dtype)
+            z = self.anatomy_controller.encode(controller_input).latent_dist.mode()
+            x_hat = self.anatomy_controller.decode(z).sample.float().clamp(0, 1)
+        x_a_gen = self._run_stage("anatomy", x_hat, soft_mask, anatomy_steps, embed(""), None, 1.0, steps, eta,
+                                  draw, callback)
+        return x_hat, x_a_gen
