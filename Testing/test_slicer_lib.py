@@ -1,0 +1,193 @@
+"""XRealSlicerLib (the Slicer module's logic without Slicer): masks -> request, validation, series,
+connection rules, and — against a real engine process on loopback with a tiny random model —
+launcher start/health/shutdown, a 2-step job through the job runner, result handling and the
+SEG fallback reader."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR / "XRealSlicer"))
+
+from XRealSlicerLib import connection, series  # noqa: E402
+from XRealSlicerLib.request import (  # noqa: E402
+    CanvasGeometry,
+    SegmentInput,
+    build_inputs,
+    canvas_ijk_to_ras,
+    write_request_files,
+)
+from XRealSlicerLib.vocabulary import ANATOMY, PATHOLOGY, Vocabulary, parse_terminology  # noqa: E402
+from xreal_engine.errors import InputError  # noqa: E402
+
+MODEL_LABELS = [1, 2, 3, 4]
+MODEL_FINDINGS = ["cardiomegaly", "pneumonia"]
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return Vocabulary.load()
+
+
+def _disc(shape, center, radius):
+    rows, columns = np.ogrid[: shape[0], : shape[1]]
+    return ((rows - center[0]) ** 2 + (columns - center[1]) ** 2 <= radius**2).astype(np.uint8)[np.newaxis]
+
+
+def _drawing(vocabulary, shape=(64, 64), finding="cardiomegaly"):
+    """Segments as the GUI creates them (names + terminology from the vocabulary) and paints them."""
+    templates = {t.meaning.label: t for t in vocabulary.anatomy_templates()}
+    heart = _disc(shape, (40, 34), 10)
+    pathology = _disc(shape, (40, 36), 6)  # overlaps the heart: must be kept
+    return [
+        SegmentInput(templates[2].name, _disc(shape, (30, 18), 12), templates[2].terminology),
+        SegmentInput(templates[1].name, _disc(shape, (30, 46), 12), templates[1].terminology),
+        SegmentInput(templates[3].name, heart, templates[3].terminology),
+        SegmentInput("Pathology", pathology, "", finding=finding),
+    ]
+
+
+def test_vocabulary_templates_and_recognition(vocabulary):
+    anatomy = vocabulary.anatomy_templates()
+    assert [t.meaning.label for t in anatomy] == [1, 2, 3, 4]
+    assert all(0.0 <= c <= 1.0 for t in anatomy for c in t.color)
+    left = anatomy[0]
+    # terminology wins over the display name: a renamed segment is still the left lung
+    assert vocabulary.classify("my drawing", left.terminology) == left.meaning
+    # left/right lungs share the type code and differ only by the modifier
+    assert vocabulary.classify("x", anatomy[1].terminology).label == 2
+    # by name (display name, engine name, alias) when there is no terminology
+    assert vocabulary.classify("Heart").label == 3
+    assert vocabulary.classify("right lung").label == 2
+    assert vocabulary.classify("enlarged heart").finding == "cardiomegaly"
+    assert vocabulary.classify("something else") is None
+    finding = vocabulary.finding_template("Pneumonia", "Pathology 1")
+    assert finding.name == "Pathology 1" and finding.meaning.kind == PATHOLOGY
+    assert vocabulary.classify("Pathology 1", finding.terminology).finding == "pneumonia"
+    codes = parse_terminology(finding.terminology)
+    assert codes["type"] == ("SCT", "233604007") and codes["region"] == ("SCT", "39607008")
+
+
+def test_build_inputs_keeps_overlaps_and_spacing(vocabulary, tmp_path):
+    segments = _drawing(vocabulary)
+    canvas = CanvasGeometry((1, 64, 64), (1.5, 2.0, 1.0))
+    inputs = build_inputs(segments, canvas, vocabulary, MODEL_LABELS, MODEL_FINDINGS)
+    assert inputs.anatomy.shape == (64, 64) and inputs.anatomy.dtype == np.uint8
+    assert set(np.unique(inputs.anatomy)) == {0, 1, 2, 3}
+    # heart (3) is painted over the lungs where they overlap
+    assert inputs.anatomy[40, 34] == 3
+    (mask, finding, name), = inputs.pathologies
+    assert finding == "cardiomegaly" and name == "Pathology"
+    assert np.array_equal(mask, segments[3].array[0] != 0)  # full pathology mask, overlap with heart kept
+    assert inputs.pixel_spacing_mm == (2.0, 1.5)  # (row, column) from Slicer's (column, row, slice)
+
+    files = write_request_files(inputs, tmp_path, {"seed": 3})
+    import SimpleITK as sitk
+
+    anatomy = sitk.ReadImage(str(files.anatomy_path))
+    assert anatomy.GetSpacing() == (1.5, 2.0)
+    assert np.array_equal(sitk.GetArrayFromImage(anatomy), inputs.anatomy)
+    (path, finding), = files.pathologies
+    assert finding == "cardiomegaly"
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), mask.astype(np.uint8))
+    assert files.parameters == {"seed": 3}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("empty anatomy", "The anatomy is empty"),
+        ("no finding", "has no finding"),
+        ("unknown finding", "is not known to this model"),
+        ("3d canvas", "has 5 slices"),
+        ("other grid", "is on a grid of shape"),
+        ("unknown segment", "neither an anatomy structure nor a pathology"),
+    ],
+)
+def test_build_inputs_refuses_bad_drawings(vocabulary, change, message):
+    segments = _drawing(vocabulary)
+    canvas = CanvasGeometry((1, 64, 64), (1.0, 1.0, 1.0))
+    if change == "empty anatomy":
+        for segment in segments[:3]:
+            segment.array = np.zeros_like(segment.array)
+    elif change == "no finding":
+        segments[3].finding = ""
+    elif change == "unknown finding":
+        segments[3].finding = "pneumothorax"  # in the vocabulary, not in this model
+    elif change == "3d canvas":
+        canvas = CanvasGeometry((5, 64, 64), (1.0, 1.0, 1.0))
+    elif change == "other grid":
+        segments[0].array = np.zeros((1, 32, 32), np.uint8)
+    elif change == "unknown segment":
+        segments.append(SegmentInput("Scribble", np.zeros((1, 64, 64), np.uint8)))
+    with pytest.raises(InputError, match=message):
+        build_inputs(segments, canvas, vocabulary, MODEL_LABELS, MODEL_FINDINGS)
+
+
+def test_empty_pathology_is_left_out_with_a_warning(vocabulary):
+    segments = _drawing(vocabulary)
+    segments[3].array = np.zeros_like(segments[3].array)
+    inputs = build_inputs(segments, CanvasGeometry((1, 64, 64)), vocabulary, MODEL_LABELS, MODEL_FINDINGS)
+    assert inputs.pathologies == [] and "empty" in inputs.warnings[0]
+
+
+def test_edit_mode_needs_a_pathology_but_no_anatomy(vocabulary):
+    pathology = SegmentInput("Pathology", _disc((64, 64), (20, 20), 5), finding="pneumonia")
+    inputs = build_inputs([pathology], CanvasGeometry((1, 64, 64)), vocabulary, MODEL_LABELS, MODEL_FINDINGS,
+                          edit_mode=True)
+    assert inputs.anatomy is None and inputs.pathologies[0][1] == "pneumonia"
+    with pytest.raises(InputError, match="needs at least one painted pathology"):
+        build_inputs([], CanvasGeometry((1, 64, 64)), vocabulary, MODEL_LABELS, MODEL_FINDINGS, edit_mode=True)
+
+
+def test_canvas_geometry_matches_the_engine_convention():
+    assert np.array_equal(canvas_ijk_to_ras((0.5, 0.7, 1.0)), np.diag([-0.5, -0.7, 1.0, 1.0]))
+
+
+def test_variation_seeds_and_interpolation():
+    assert series.variation_seeds(7, 3) == [7, 8, 9]
+    assert series.variation_seeds(2**32 - 1, 2) == [2**32 - 1, 0]
+    with pytest.raises(InputError):
+        series.variation_seeds(0, 0)
+    # a path drawn in RAS on the canvas diag(-2, -2, 1, 1): RAS (-20, -10) is column 10, row 5
+    ras_to_ijk = np.linalg.inv(canvas_ijk_to_ras((2.0, 2.0, 1.0)))
+    path = series.ras_to_pixel(np.array([[-20.0, -10.0, 0.0], [-20.0, -50.0, 0.0]]), ras_to_ijk)
+    assert np.allclose(path, [[5, 10], [25, 10]])
+    positions = series.positions_along_path(path, 5)
+    assert np.allclose(positions[:, 0], [5, 10, 15, 20, 25])
+    mask = _disc((40, 40), (20, 20), 3)[0]
+    moved = series.interpolated_masks(mask, positions)
+    assert len(moved) == 5 and all(m.sum() == mask.sum() for m in moved)
+    assert np.allclose(np.argwhere(moved[0]).mean(axis=0), [5, 10])
+    with pytest.raises(InputError, match="off the canvas"):
+        series.interpolated_masks(mask, [(500, 500)])
+
+
+def test_connection_rules():
+    assert connection.normalize_url("gpu-box:8000/") == "http://gpu-box:8000"
+    assert connection.normalize_url("https://x.org/api/v1") == "https://x.org"
+    with pytest.raises(InputError, match="not one to connect to"):
+        connection.normalize_url("http://0.0.0.0:8000")
+    with pytest.raises(InputError, match="http:// or https://"):
+        connection.normalize_url("ftp://host")
+    assert connection.insecure_url_warning("http://10.0.0.2:8000")
+    assert connection.insecure_url_warning("http://127.0.0.1:8000") is None
+    history = connection.updated_history([f"http://h{i}" for i in range(12)], "http://h5")
+    assert history[0] == "http://h5" and len(history) == 10 and history.count("http://h5") == 1
+
+
+def test_launcher_port_line_parsing():
+    from XRealSlicerLib.launcher import engine_command, parse_port_line
+
+    assert parse_port_line("8123") == 8123
+    assert parse_port_line("xreal-engine listening on http://127.0.0.1:40123 (model demo)") == 40123
+    assert parse_port_line('{"port": 5555, "host": "127.0.0.1"}') == 5555
+    assert parse_port_line("Loading model ...") is None
+    command = engine_command("/py", "demo", Path("/d"), token="t")
+    assert command[:5] == ["/py", "-u", "-m", "xreal_engine.cli", "serve"] and "--port" in command

@@ -1,0 +1,259 @@
+"""Slicer segments -> the engine's generation request (label map + pathology masks + files).
+
+The GUI hands over one array per segment, exactly as
+``slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentId, canvas)`` returns it
+((1, rows, columns) on the canvas grid), so overlapping segments (a nodule inside
+a lung) are kept: the anatomy becomes one exclusive label map, every pathology
+keeps its own mask. The checks mirror the engine's so the user hears about a
+problem before anything is uploaded; the engine still checks everything again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from xreal_engine.errors import InputError
+
+from .vocabulary import ANATOMY, PATHOLOGY, Vocabulary
+
+
+@dataclass
+class SegmentInput:
+    """One Slicer segment as the GUI reads it."""
+
+    name: str
+    array: np.ndarray  # (1, rows, columns) or (rows, columns), non-zero inside
+    terminology: str = ""
+    finding: Optional[str] = None  # chosen in the panel; overrides what the terminology says
+
+
+@dataclass
+class CanvasGeometry:
+    """The canvas volume: numpy shape (slices, rows, columns) and Slicer spacing (column, row, slice) in mm."""
+
+    shape: Tuple[int, ...]
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    name: str = "canvas"
+
+
+@dataclass
+class GenerationInputs:
+    """Validated masks on the canvas grid, ready to be written for upload."""
+
+    anatomy: Optional[np.ndarray]  # (rows, columns) uint8 labels; None in edit mode without anatomy
+    pathologies: List[Tuple[np.ndarray, str, str]]  # (mask bool (rows, columns), finding, segment name)
+    pixel_spacing_mm: Tuple[float, float]  # (row, column), as DICOM Pixel Spacing
+    warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RequestFiles:
+    """What is uploaded to the engine for one job."""
+
+    anatomy_path: Optional[Path]
+    pathologies: List[Tuple[Path, str]]  # (mask file, finding)
+    image_path: Optional[Path] = None  # edit mode source
+    parameters: Dict[str, object] = field(default_factory=dict)
+
+
+def canvas_rows_columns(canvas: CanvasGeometry) -> Tuple[int, int]:
+    """(rows, columns) of a 2D canvas; InputError for anything that is not a single 2D image."""
+    shape = tuple(int(s) for s in canvas.shape)
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 3 and shape[0] == 1 and shape[1] > 1 and shape[2] > 1:
+        return shape[1], shape[2]
+    if len(shape) == 3 and shape[0] > 1:
+        raise InputError(
+            f"The canvas volume '{canvas.name}' has {shape[0]} slices; XReal works on a single 2D image, "
+            "so create a blank canvas, load a template or pick a 2D X-ray."
+        )
+    raise InputError(f"The canvas volume '{canvas.name}' is not a 2D image (its shape is {shape}).")
+
+
+def _segment_plane(segment: SegmentInput, rows: int, columns: int, canvas_name: str) -> np.ndarray:
+    array = np.asarray(segment.array)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.shape != (rows, columns):
+        raise InputError(
+            f"The segment '{segment.name}' is on a grid of shape {tuple(np.asarray(segment.array).shape)}, not on the "
+            f"{columns}x{rows} canvas '{canvas_name}'; read it with the canvas as reference volume."
+        )
+    return array != 0
+
+
+def build_inputs(
+    segments: Sequence[SegmentInput],
+    canvas: CanvasGeometry,
+    vocabulary: Vocabulary,
+    model_labels: Sequence[int],
+    model_findings: Sequence[str],
+    edit_mode: bool = False,
+) -> GenerationInputs:
+    """Turn segments into the engine's inputs, or raise InputError with one sentence the user can act on."""
+    rows, columns = canvas_rows_columns(canvas)
+    known_labels = {int(label) for label in model_labels}
+    known_findings = {f.lower(): f for f in model_findings}
+    anatomy_masks: Dict[int, np.ndarray] = {}
+    pathologies: List[Tuple[np.ndarray, str, str]] = []
+    warnings: List[str] = []
+
+    for segment in segments:
+        mask = _segment_plane(segment, rows, columns, canvas.name)
+        meaning = vocabulary.classify(segment.name, segment.terminology)
+        if segment.finding is not None and (meaning is None or meaning.kind == PATHOLOGY):
+            chosen = segment.finding.strip()
+            if not chosen:
+                raise InputError(f"The pathology segment '{segment.name}' has no finding; choose one in the Finding list.")
+            entry = vocabulary.finding_entry(chosen)
+            finding = entry["name"] if entry else chosen
+            if finding.lower() not in known_findings:
+                known = ", ".join(model_findings) or "none"
+                raise InputError(
+                    f"The finding '{chosen}' of segment '{segment.name}' is not known to this model; it knows: {known}."
+                )
+            if not mask.any():
+                warnings.append(f"The pathology segment '{segment.name}' is empty and was left out.")
+                continue
+            pathologies.append((mask, known_findings[finding.lower()], segment.name))
+            continue
+        if meaning is None:
+            raise InputError(
+                f"The segment '{segment.name}' is neither an anatomy structure nor a pathology with a finding; "
+                "choose its finding in the panel, or delete it."
+            )
+        if meaning.kind == ANATOMY:
+            if meaning.label not in known_labels:
+                if mask.any():
+                    warnings.append(f"This model has no label for '{segment.name}'; that segment is ignored.")
+                continue
+            previous = anatomy_masks.get(meaning.label)
+            anatomy_masks[meaning.label] = mask if previous is None else (previous | mask)
+            continue
+        finding = meaning.finding or ""
+        if finding.lower() not in known_findings:
+            known = ", ".join(model_findings) or "none"
+            raise InputError(
+                f"The segment '{segment.name}' is marked '{finding}', which this model does not know; "
+                f"choose one of: {known}."
+            )
+        if not mask.any():
+            warnings.append(f"The pathology segment '{segment.name}' is empty and was left out.")
+            continue
+        pathologies.append((mask, known_findings[finding.lower()], segment.name))
+
+    anatomy = None
+    if any(m.any() for m in anatomy_masks.values()):
+        anatomy = np.zeros((rows, columns), dtype=np.uint8)
+        for label in sorted(anatomy_masks):  # heart (3) over lungs, aorta (4) over heart
+            anatomy[anatomy_masks[label]] = label
+    elif not edit_mode:
+        names = ", ".join(t.name for t in vocabulary.anatomy_templates(sorted(known_labels)))
+        raise InputError(f"The anatomy is empty: paint at least one of {names} before generating.")
+    if edit_mode and not pathologies:
+        raise InputError("Editing an X-ray needs at least one painted pathology segment with a finding.")
+
+    spacing = tuple(float(s) for s in canvas.spacing)
+    return GenerationInputs(
+        anatomy=anatomy,
+        pathologies=pathologies,
+        pixel_spacing_mm=(spacing[1], spacing[0]),
+        warnings=warnings,
+    )
+
+
+def _write_image(array: np.ndarray, spacing_row_column: Tuple[float, float], path: Path) -> Path:
+    """Write a 2D array as NRRD, keeping the pixel spacing (SimpleITK is bundled with Slicer)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing((float(spacing_row_column[1]), float(spacing_row_column[0])))
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def write_request_files(
+    inputs: GenerationInputs,
+    out_dir: Path,
+    parameters: Optional[Dict[str, object]] = None,
+    edit_image: Optional[np.ndarray] = None,
+    edit_image_file: Optional[Path] = None,
+) -> RequestFiles:
+    """Write the masks (and the edit-mode image) as NRRD files with spacing into ``out_dir``.
+
+    ``edit_image_file`` (the source DICOM file, when the canvas came from the DICOM
+    database) is preferred over ``edit_image`` pixels so the result joins the source's study.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    anatomy_path = None
+    if inputs.anatomy is not None:
+        anatomy_path = _write_image(inputs.anatomy.astype(np.uint8), inputs.pixel_spacing_mm, out_dir / "anatomy.nrrd")
+    pathology_files = []
+    for index, (mask, finding, _name) in enumerate(inputs.pathologies, start=1):
+        path = _write_image(mask.astype(np.uint8), inputs.pixel_spacing_mm, out_dir / f"pathology_{index:02d}.nrrd")
+        pathology_files.append((path, finding))
+    image_path = None
+    if edit_image_file is not None:
+        image_path = Path(edit_image_file)
+    elif edit_image is not None:
+        image_path = _write_image(normalized_image(edit_image), inputs.pixel_spacing_mm, out_dir / "image.nrrd")
+    return RequestFiles(anatomy_path, pathology_files, image_path, dict(parameters or {}))
+
+
+def normalized_image(pixels: np.ndarray) -> np.ndarray:
+    """A 2D X-ray as float32 in [0, 1] (min-max), the form the engine edits."""
+    array = np.asarray(pixels, dtype=np.float64)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise InputError(f"The image to edit must be a single 2D image; its shape is {array.shape}.")
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        raise InputError("The image to edit is blank (all pixels have the same value).")
+    return ((array - low) / (high - low)).astype(np.float32)
+
+
+def blank_canvas(rows: int, columns: int, field_of_view_mm: float) -> Tuple[np.ndarray, Tuple[float, float, float]]:
+    """A blank canvas at the model's geometry: pixels (1, rows, columns) and Slicer spacing (column, row, 1)."""
+    spacing = float(field_of_view_mm) / float(max(rows, columns))
+    return np.zeros((1, rows, columns), dtype=np.float32), (spacing, spacing, 1.0)
+
+
+def canvas_ijk_to_ras(spacing: Sequence[float]) -> np.ndarray:
+    """The canvas geometry shared with the engine's SC/SEG: identity LPS at origin 0, i.e. diag(-sx, -sy, 1, 1)."""
+    return np.diag([-float(spacing[0]), -float(spacing[1]), float(spacing[2]) if len(spacing) > 2 else 1.0, 1.0])
+
+
+def template_segments(label_map: np.ndarray) -> Dict[int, np.ndarray]:
+    """Split a template label map (rows, columns) into one (1, rows, columns) mask per label present."""
+    label_map = np.asarray(label_map)
+    if label_map.ndim == 3 and label_map.shape[0] == 1:
+        label_map = label_map[0]
+    return {int(v): (label_map == v)[np.newaxis].astype(np.uint8) for v in np.unique(label_map) if v != 0}
+
+
+def read_template(path: Path) -> Tuple[np.ndarray, Tuple[float, float]]:
+    """Read an anatomy template label map (PNG/NRRD) -> (labels (rows, columns) uint8, spacing (row, column) or None)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"The template {path.name} is not a readable image.") from None
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise InputError(f"The template {path.name} is not a 2D label map.")
+    spacing = image.GetSpacing()
+    has_spacing = path.suffix.lower() != ".png"
+    return array.astype(np.uint8), ((float(spacing[1]), float(spacing[0])) if has_spacing else None)

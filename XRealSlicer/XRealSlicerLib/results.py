@@ -1,0 +1,189 @@
+"""A downloaded result directory -> what Slicer imports and shows.
+
+The engine writes ``sc.dcm``, ``seg.dcm``, ``preview.png``, ``provenance.json``,
+``segments.json`` and ``segments/<n>_<name>.png``. The GUI imports the two DICOM
+files with ``DICOMUtils.importDicom(dir, copyFiles=True)`` and loads them by the
+series UIDs taken from provenance (``seriesUIDsForFiles`` cannot find copied
+files). Without a DICOM-SEG loader (Slicer <= 5.10 without QuantitativeReporting)
+it rebuilds the segments from the plain masks with :func:`read_fallback_segments`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from xreal_engine.errors import InputError
+
+from .vocabulary import Vocabulary
+
+SC_FILE = "sc.dcm"
+SEG_FILE = "seg.dcm"
+PROVENANCE_FILE = "provenance.json"
+SEGMENTS_FILE = "segments.json"
+PREVIEW_FILE = "preview.png"
+
+
+@dataclass
+class FallbackSegment:
+    """One segment rebuilt without a SEG loader: pixels on the SC grid + how Slicer should show it."""
+
+    name: str
+    color: Tuple[float, float, float]  # 0..1
+    terminology: str  # Slicer terminology string ('' when the vocabulary has no entry)
+    array: np.ndarray  # (1, rows, columns) uint8, 1 inside
+    kind: str = ""
+    finding: Optional[str] = None
+    label: Optional[int] = None
+
+
+@dataclass
+class GenerationResult:
+    """The files and identifiers of one finished job, as the GUI needs them."""
+
+    directory: Path
+    sc_path: Path
+    seg_path: Optional[Path]
+    provenance: dict
+    sc_series_uid: str
+    seg_series_uid: Optional[str]
+    study_uid: Optional[str]
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def series_uids(self) -> List[str]:
+        return [uid for uid in (self.sc_series_uid, self.seg_series_uid) if uid]
+
+    @property
+    def dicom_files(self) -> List[Path]:
+        return [p for p in (self.sc_path, self.seg_path) if p is not None]
+
+
+def _uid(mapping: dict, *names: str) -> Optional[str]:
+    for name in names:
+        value = mapping.get(name)
+        if value:
+            return str(value)
+    return None
+
+
+def series_uids_from(provenance: dict, job: Optional[dict] = None) -> Dict[str, Optional[str]]:
+    """SC/SEG series and study UIDs from the engine's job response or provenance (either naming style)."""
+    sources = []
+    if job:
+        sources.append(job.get("dicom") or {})
+    sources.append(provenance.get("dicom") or {})
+    found: Dict[str, Optional[str]] = {"sc_series": None, "seg_series": None, "study": None}
+    for source in sources:
+        if isinstance(source.get("dicom"), dict):  # the job API nests provenance's "dicom" block
+            source = source["dicom"]
+        sc = source.get("sc") if isinstance(source.get("sc"), dict) else {}
+        seg = source.get("seg") if isinstance(source.get("seg"), dict) else {}
+        found["sc_series"] = found["sc_series"] or _uid(sc, "series_instance_uid", "SeriesInstanceUID", "series_uid") \
+            or _uid(source, "sc_series_instance_uid", "sc_series_uid")
+        found["seg_series"] = found["seg_series"] or _uid(seg, "series_instance_uid", "SeriesInstanceUID", "series_uid") \
+            or _uid(source, "seg_series_instance_uid", "seg_series_uid")
+        found["study"] = found["study"] or _uid(sc, "study_instance_uid", "StudyInstanceUID", "study_uid") \
+            or _uid(source, "study_instance_uid", "study_uid")
+    return found
+
+
+def _series_uid_from_file(path: Path) -> Tuple[Optional[str], Optional[str]]:
+    """(series, study) read from the DICOM header; pydicom is bundled with Slicer."""
+    import pydicom
+
+    dataset = pydicom.dcmread(str(path), stop_before_pixels=True,
+                              specific_tags=["SeriesInstanceUID", "StudyInstanceUID"])
+    return str(dataset.get("SeriesInstanceUID", "")) or None, str(dataset.get("StudyInstanceUID", "")) or None
+
+
+def read_result(directory: Path, job: Optional[dict] = None) -> GenerationResult:
+    """Check a downloaded result directory and collect what the GUI loads; InputError if incomplete."""
+    directory = Path(directory)
+    sc_path = directory / SC_FILE
+    if not sc_path.is_file():
+        raise InputError(f"The result in {directory} has no {SC_FILE}; the download is incomplete.")
+    seg_path = directory / SEG_FILE if (directory / SEG_FILE).is_file() else None
+    provenance = {}
+    if (directory / PROVENANCE_FILE).is_file():
+        provenance = json.loads((directory / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    uids = series_uids_from(provenance, job)
+    if not uids["sc_series"]:
+        uids["sc_series"], uids["study"] = _series_uid_from_file(sc_path)
+    if seg_path is not None and not uids["seg_series"]:
+        uids["seg_series"], _ = _series_uid_from_file(seg_path)
+    return GenerationResult(
+        directory=directory,
+        sc_path=sc_path,
+        seg_path=seg_path,
+        provenance=provenance,
+        sc_series_uid=uids["sc_series"],
+        seg_series_uid=uids["seg_series"] if seg_path is not None else None,
+        study_uid=uids["study"],
+        warnings=list(provenance.get("warnings", [])),
+    )
+
+
+def _read_mask_png(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] != 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise InputError(f"The segment mask {path.name} is not a 2D image.")
+    return array
+
+
+def read_fallback_segments(directory: Path, vocabulary: Optional[Vocabulary] = None) -> List[FallbackSegment]:
+    """Rebuild the result's segments from ``segments.json`` + per-segment PNG masks (no SEG loader needed)."""
+    directory = Path(directory)
+    index_path = directory / SEGMENTS_FILE
+    if not index_path.is_file():
+        raise InputError(f"The result in {directory} has no {SEGMENTS_FILE}, so its segments cannot be rebuilt.")
+    entries = json.loads(index_path.read_text(encoding="utf-8")).get("segments", [])
+    vocabulary = vocabulary or Vocabulary.load()
+    segments = []
+    for entry in sorted(entries, key=lambda e: int(e.get("segment_number", 0))):
+        mask_path = directory / entry["file"]
+        if not mask_path.is_file():
+            raise InputError(f"The segment mask {entry['file']} listed in {SEGMENTS_FILE} is missing.")
+        array = (_read_mask_png(mask_path) > 0).astype(np.uint8)[np.newaxis]
+        terminology = ""
+        display_name = entry.get("name", mask_path.stem)
+        if entry.get("kind") == "anatomy" and entry.get("label") is not None:
+            for template in vocabulary.anatomy_templates([int(entry["label"])]):
+                terminology, display_name = template.terminology, template.name
+        elif entry.get("finding"):
+            vocab_entry = vocabulary.finding_entry(entry["finding"])
+            if vocab_entry is not None:
+                terminology, display_name = vocab_entry["slicer_terminology_entry"], vocab_entry["display_name"]
+        color = entry.get("color") or [128, 128, 128]
+        values = [float(c) for c in color][:3]
+        if max(values) > 1.0:
+            values = [c / 255.0 for c in values]
+        segments.append(FallbackSegment(
+            name=display_name,
+            color=(values[0], values[1], values[2]),
+            terminology=terminology,
+            array=array,
+            kind=entry.get("kind", ""),
+            finding=entry.get("finding"),
+            label=entry.get("label"),
+        ))
+    return segments
+
+
+def sc_pixel_spacing(result: GenerationResult) -> Tuple[float, float]:
+    """(row, column) pixel spacing of the SC, for a fallback canvas with the same geometry."""
+    import pydicom
+
+    dataset = pydicom.dcmread(str(result.sc_path), stop_before_pixels=True)
+    spacing = dataset.get("PixelSpacing") or dataset.get("NominalScannedPixelSpacing") or [1.0, 1.0]
+    return float(spacing[0]), float(spacing[1])
