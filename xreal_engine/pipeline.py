@@ -162,6 +162,29 @@ class XRealPipeline(DiffusionPipeline):
         eps_uncond, eps_cond = both.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
+    def ddim_step(self, latents, t: int, t_device, cond, uncond, guidance_scale: float, eta: float, noise):
+        """One step of the original's ``p_sample_ddim``: returns (x_prev, pred_x0).
+
+        ``t`` is the timestep as an int (scheduler arithmetic), ``t_device`` the same on the device (UNet).
+        The scheduler must have had ``set_timesteps`` called. ``noise`` is used only when eta > 0.
+        """
+        eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale)
+        step = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise)
+        return step.prev_sample, step.pred_original_sample
+
+    def anatomy_masks(self, labels: torch.Tensor):
+        """(anatomy-controller input (1,3,S,S) in [0,1], its cubic resize to the latent size) from (S,S) labels.
+
+        The original's rule: a map whose max is >= 1 is divided by 4 (labels 0..4 -> 0..1). The LDM
+        mask is a cubic resize (no antialias, like cv2.INTER_CUBIC) of that, > 0 -> 1, else soft.
+        """
+        scaled = labels[None, None].float()
+        if scaled.max() >= 1:
+            scaled = scaled / ANATOMY_LABEL_DIVISOR
+        size = self.model_info.latent_size
+        resized = F.interpolate(scaled, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+        return scaled.repeat(1, 3, 1, 1), resized.repeat(1, 3, 1, 1)
+
     def _encode_to_latent(self, image: torch.Tensor, draw) -> torch.Tensor:
         """LDM encoding as the original: a posterior SAMPLE (not the mode) times the scale factor."""
         with self._autocast():
@@ -191,10 +214,9 @@ class XRealPipeline(DiffusionPipeline):
             if i < mask_steps:
                 q_sample = sqrt_alpha[t_device] * x0 + sqrt_one_minus_alpha[t_device] * draw("q_sample", x0.shape)
                 latents = q_sample * known_mask + (1 - known_mask) * latents
-            eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale)
             # Drawn at every step, also at eta 0, to keep the original's random-number stream.
-            ddim_noise = draw("ddim", latents.shape)
-            latents = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=ddim_noise).prev_sample
+            latents, _ = self.ddim_step(latents, t, t_device, cond, uncond, guidance_scale, eta,
+                                        draw("ddim", latents.shape))
             if callback is not None:
                 callback(stage, i + 1, steps)
         return self._decode(latents)
@@ -378,17 +400,10 @@ class XRealPipeline(DiffusionPipeline):
 
     def _anatomy_stages(self, labels, steps, anatomy_steps, eta, soft_mask_value, embed, draw, callback):
         """Anatomy controller (x_hat) and the anatomy stage (x_a_gen)."""
-        info = self.model_info
-        scaled = labels[None, None]
-        if scaled.max() >= 1:  # the original's rule: label maps are divided by 4, masks already in [0, 1] too
-            scaled = scaled / ANATOMY_LABEL_DIVISOR
-        # LDM soft mask: cubic resize (no antialias, like cv2.INTER_CUBIC), organs (> 0) known, rest soft.
-        resized = F.interpolate(scaled, size=(info.latent_size, info.latent_size), mode="bicubic",
-                                align_corners=False, antialias=False)
-        soft_mask = torch.where(resized > 0, 1.0, soft_mask_value).repeat(1, 3, 1, 1)
+        controller_input, resized = self.anatomy_masks(labels)
+        soft_mask = torch.where(resized > 0, 1.0, soft_mask_value)
         with self._autocast():
-            controller_input = scaled.repeat(1, 3, 1, 1).to(self._network_dtype)
-            z = self.anatomy_controller.encode(controller_input).latent_dist.mode()
+            z = self.anatomy_controller.encode(controller_input.to(self._network_dtype)).latent_dist.mode()
             x_hat = self.anatomy_controller.decode(z).sample.float().clamp(0, 1)
         x_a_gen = self._run_stage("anatomy", x_hat, soft_mask, anatomy_steps, embed(""), None, 1.0, steps, eta,
                                   draw, callback)
