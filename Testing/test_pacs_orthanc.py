@@ -1,0 +1,397 @@
+"""PACS integration against a real Orthanc (DICOMweb plugin + DIMSE) on loopback.
+
+One Orthanc process serves the whole module; tests that need it down stop and
+restart it themselves. Data: a synthetic SC + SEG pair written by
+xreal_engine.dicom.write_dicom_pair, and real DX images built from the Hannover
+chest X-rays in ../shared/data/cxr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from orthanc import OrthancServer, free_port, orthanc_available
+from xreal_engine import cli, pacs
+from xreal_engine.errors import InputError
+
+pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed (make system-deps)")
+
+CALLING_AET = "XREALTEST"
+FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    server = OrthancServer(modalities={"xreal": (CALLING_AET, "127.0.0.1", free_port())})
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def config(orthanc):
+    return pacs.parse_config({"nodes": {
+        "orthanc-web": {"type": "dicomweb", "url": orthanc.dicomweb_url,
+                        "headers": {"Authorization": orthanc.authorization_header}, "timeout_s": 10},
+        "orthanc-dimse": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                          "called_aet": orthanc.aet, "calling_aet": CALLING_AET, "timeout_s": 10},
+    }})
+
+
+@pytest.fixture(scope="module")
+def web_client(orthanc):
+    return DICOMwebClient(url=orthanc.dicomweb_url, headers={"Authorization": orthanc.authorization_header})
+
+
+def make_result(out_dir: Path, seed: int = 0) -> Path:
+    """A synthetic SC + SEG pair as the engine writes it (random image, one lung and one finding)."""
+    from xreal_engine.dicom import SegmentSpec, write_dicom_pair
+
+    rng = np.random.default_rng(seed)
+    image = rng.random((256, 256), dtype=np.float32)
+    lung = np.zeros((256, 256), bool)
+    lung[60:200, 140:220] = True
+    finding = np.zeros((256, 256), bool)
+    finding[100:140, 150:190] = True
+    provenance = {"model_id": "pacs-test", "seed": seed, "findings": ["cardiomegaly"]}
+    write_dicom_pair(out_dir, image, (1.5, 1.5), [SegmentSpec(lung, label=1), SegmentSpec(finding, finding="cardiomegaly")],
+                     provenance)
+    return out_dir
+
+
+def file_digests(paths) -> dict:
+    return {str(path): hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths}
+
+
+def make_dx(path: Path, png: Path, study: str, series: str, instance_number: int) -> pydicom.Dataset:
+    """A 12-bit DX For Presentation image from a real chest X-ray PNG (as a modality would send it)."""
+    pixels = (np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16).astype(np.uint16)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Hannover", "HN-TEST-1", "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DX", 1, instance_number
+    ds.Manufacturer, ds.PatientOrientation, ds.BodyPartExamined = "test", ["L", "F"], "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType, ds.BurnedInAnnotation = "FOR PRESENTATION", "NO"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = ds.ImagerPixelSpacing = [1.4, 1.4]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def source_series(orthanc, shared_dir, tmp_path_factory):
+    """A DX series of two real X-rays in Orthanc; Instance Number 1 is uploaded second."""
+    folder = tmp_path_factory.mktemp("dx")
+    images = sorted((shared_dir / "data" / "cxr" / "hannover_unlabeled" / "images").glob("*.png"))[:2]
+    study, series = generate_uid(), generate_uid()
+    second = make_dx(folder / "second.dcm", images[1], study, series, instance_number=2)
+    first = make_dx(folder / "first.dcm", images[0], study, series, instance_number=1)
+    orthanc.upload(folder / "second.dcm")
+    orthanc.upload(folder / "first.dcm")
+    return {"study": study, "series": series, "first": first, "second": second}
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_files_env_and_refusals(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACS_TOKEN", "secret-token")
+    yaml_file = tmp_path / "pacs.yaml"
+    yaml_file.write_text("destinations:\n  web:\n    type: dicomweb\n    url: http://127.0.0.1:8042/dicom-web/\n"
+                         "    headers: {Authorization: 'Bearer ${PACS_TOKEN}'}\n"
+                         "sources:\n  archive: {type: dimse, host: pacs.local, port: 104, called_aet: ARCHIVE}\n")
+    config = pacs.load_config(yaml_file)
+    assert config.nodes["web"].headers == {"Authorization": "Bearer secret-token"}
+    assert config.nodes["web"].url == "http://127.0.0.1:8042/dicom-web"
+    assert config.nodes["archive"].calling_aet == "XREAL"
+    nodes = pacs.list_nodes(config)
+    assert [(n["name"], n["type"], n["can_push"], n["can_fetch"]) for n in nodes] == [
+        ("archive", "dimse", False, True), ("web", "dicomweb", True, False)]
+    assert "secret-token" not in json.dumps(nodes) and "secret-token" not in repr(config)
+
+    json_file = tmp_path / "pacs.json"
+    json_file.write_text(json.dumps({"nodes": {"both": {"type": "dimse", "host": "h", "port": 11112, "called_aet": "A"}}}))
+    monkeypatch.setenv(pacs.CONFIG_ENV, str(json_file))
+    assert pacs.list_nodes() == [{"name": "both", "type": "dimse", "can_push": True, "can_fetch": True,
+                                  "address": "A@h:11112"}]
+    monkeypatch.delenv(pacs.CONFIG_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "empty-home"))
+    assert pacs.load_config().nodes == {}  # no default file: no PACS configured
+
+    with pytest.raises(pacs.PacsError, match=r"Unknown PACS destination 'nope'.*configured destinations: web\."):
+        config.node("nope", "destination")
+    with pytest.raises(pacs.PacsError, match="source only"):
+        config.node("archive", "destination")
+    with pytest.raises(pacs.PacsError, match="of type dimse, not dicomweb"):
+        config.node("dicomweb:archive", "source")
+    assert config.node("dimse:archive", "source").port == 104
+    bad_entries = {
+        '{"nodes": {"x": {"type": "ftp"}}}': "needs \"type\"",
+        '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 70000, "called_aet": "A"}}}': "port",
+        '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 104, "called_aet": "WAY-TOO-LONG-AE-TITLE"}}}': "AE title",
+        '{"nodes": {"x": {"type": "dicomweb", "url": "ftp://x"}}}': "http",
+        '{"nodes": {"x": {"type": "dicomweb", "url": "http://x", "passwd": 1}}}': "unknown settings.*passwd",
+        '{"nodes": {"x": {"type": "dicomweb", "url": "http://x", "headers": {"A": "${NOT_SET_ANYWHERE}"}}}}': "NOT_SET",
+        '{"targets": {}}': "unknown sections",
+        '{"nodes": ': "not valid JSON",
+    }
+    for text, message in bad_entries.items():
+        json_file.write_text(text)
+        with pytest.raises(pacs.PacsError, match=message):
+            pacs.load_config(json_file)
+    with pytest.raises(pacs.PacsError, match="does not exist"):
+        pacs.load_config(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def test_stow_push_then_qido_finds_and_wado_returns_identical_pixels(orthanc, config, web_client, tmp_path):
+    result = make_result(tmp_path / "result")
+    files = [result / "sc.dcm", result / "seg.dcm"]
+    before = file_digests(files)
+    report = pacs.push_result("orthanc-web", result, config=config, **FAST)
+    assert report["accepted"] == 2 and report["failed"] == 0, report
+    assert [item["status"] for item in report["instances"]] == ["accepted", "accepted"]
+    assert all(item["detail"].startswith("HTTP 200") and item["attempts"] == 1 for item in report["instances"])
+    assert file_digests(files) == before  # local copy untouched
+
+    local = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(path) for path in files)}
+    study = next(iter(local.values())).StudyInstanceUID
+    found = web_client.search_for_instances(study_instance_uid=study)
+    assert {item["00080018"]["Value"][0] for item in found} == set(local)
+    for uid, ds in local.items():
+        retrieved = web_client.retrieve_instance(study, ds.SeriesInstanceUID, uid)
+        assert retrieved.PixelData == ds.PixelData, f"pixel data of {ds.Modality} changed in the PACS"
+
+
+def test_synthetic_markings_survive_round_trip_via_push_command(orthanc, config, web_client, tmp_path, capsys):
+    result = make_result(tmp_path / "result", seed=1)
+    config_file = tmp_path / "pacs.json"
+    config_file.write_text(json.dumps({"destinations": {"pacs": {
+        "type": "dicomweb", "url": orthanc.dicomweb_url, "headers": {"Authorization": orthanc.authorization_header}}}}))
+    exit_code = cli.main(["push", "--to", "pacs", "--pacs-config", str(config_file), str(result)])
+    table = capsys.readouterr().out
+    assert exit_code == 0, table
+    assert table.count("accepted") >= 2 and "2 accepted, 0 failed" in table
+
+    sc, seg = pydicom.dcmread(result / "sc.dcm"), pydicom.dcmread(result / "seg.dcm")
+    back_sc = web_client.retrieve_instance(sc.StudyInstanceUID, sc.SeriesInstanceUID, sc.SOPInstanceUID)
+    back_seg = web_client.retrieve_instance(seg.StudyInstanceUID, seg.SeriesInstanceUID, seg.SOPInstanceUID)
+    assert back_sc.SyntheticData == "YES" and back_seg.SyntheticData == "YES"
+    assert back_sc.ConversionType == "SYN"
+    assert list(back_sc.ImageType) == ["DERIVED", "SECONDARY"]
+    assert back_sc.SeriesDescription.upper().startswith("SYNTHETIC")
+    assert back_seg.SeriesDescription.upper().startswith("SYNTHETIC")
+    assert back_sc.BurnedInAnnotation == "NO"
+    # The series-level search shows the marking too (what a PACS viewer lists).
+    series = web_client.search_for_series(sc.StudyInstanceUID, fields=["SeriesDescription"])
+    assert all(item["0008103E"]["Value"][0].upper().startswith("SYNTHETIC") for item in series)
+
+
+def test_cstore_push_over_dimse(orthanc, config, web_client, tmp_path):
+    result = make_result(tmp_path / "result", seed=2)
+    files = [result / "sc.dcm", result / "seg.dcm"]
+    before = file_digests(files)
+    report = pacs.push_files("orthanc-dimse", files, config=config, **FAST)
+    assert report["accepted"] == 2, report
+    assert all(item["detail"] == "C-STORE status 0x0000 Success" for item in report["instances"])
+    assert file_digests(files) == before
+    sc = pydicom.dcmread(files[0])
+    back = web_client.retrieve_instance(sc.StudyInstanceUID, sc.SeriesInstanceUID, sc.SOPInstanceUID)
+    assert back.PixelData == sc.PixelData and back.SyntheticData == "YES"
+
+
+def test_push_refuses_non_dicom_before_sending_anything(orthanc, config, tmp_path):
+    result = make_result(tmp_path / "result", seed=3)
+    not_dicom = tmp_path / "notes.dcm"
+    not_dicom.write_text("not a DICOM file")
+    count = orthanc.instance_count()
+    with pytest.raises(InputError, match="notes.dcm is not a readable DICOM file"):
+        pacs.push_files("orthanc-web", [result / "sc.dcm", not_dicom], config=config, **FAST)
+    assert orthanc.instance_count() == count
+    with pytest.raises(InputError, match="has no seg.dcm"):
+        (result / "seg.dcm").rename(tmp_path / "moved.dcm")
+        pacs.push_result("orthanc-web", result, config=config)
+
+
+# ----------------------------------------------------------------------------- failures and retries
+
+
+def test_refusals_are_clear_and_not_retried(orthanc, tmp_path):
+    result = make_result(tmp_path / "result", seed=4)
+    files = [result / "sc.dcm", result / "seg.dcm"]
+    before = file_digests(files)
+    config = pacs.parse_config({"destinations": {
+        "wrong-password": {"type": "dicomweb", "url": orthanc.dicomweb_url,
+                           "headers": {"Authorization": "Basic eHJlYWw6d3Jvbmc="}},
+        "wrong-path": {"type": "dicomweb", "url": orthanc.url + "/no-such-dicom-web",
+                       "headers": {"Authorization": orthanc.authorization_header}},
+        "wrong-aet": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port, "called_aet": "NOT_ORTHANC",
+                      "calling_aet": CALLING_AET},
+    }})
+    expected = {"wrong-password": "refused STOW-RS: HTTP 401", "wrong-path": "refused STOW-RS: HTTP 404",
+                "wrong-aet": "rejected the association for C-STORE permanently"}
+    for name, message in expected.items():
+        started = time.monotonic()
+        with pytest.raises(pacs.PacsError, match=message) as caught:
+            pacs.push_files(name, files, config=config, retries=3, backoff_s=2.0)
+        assert caught.value.attempts == 1, f"{name}: a permanent refusal must not be retried"
+        assert time.monotonic() - started < 2.0
+        assert "\n" not in str(caught.value)
+        assert [item["status"] for item in caught.value.report["instances"]] == ["failed", "failed"]
+        assert caught.value.report["instances"][1]["detail"] == "not sent"
+    assert file_digests(files) == before
+
+
+def test_unreachable_destination_is_retried_then_reported(tmp_path, capsys):
+    result = make_result(tmp_path / "result", seed=5)
+    files = [result / "sc.dcm", result / "seg.dcm"]
+    before = file_digests(files)
+    closed_port = free_port()
+    config_file = tmp_path / "pacs.json"
+    config_file.write_text(json.dumps({"destinations": {
+        "web-down": {"type": "dicomweb", "url": f"http://127.0.0.1:{closed_port}/dicom-web", "timeout_s": 2},
+        "dimse-down": {"type": "dimse", "host": "127.0.0.1", "port": closed_port, "called_aet": "ORTHANC",
+                       "timeout_s": 2},
+    }}))
+    config = pacs.load_config(config_file)
+    for name, message in (("web-down", "connection refused"), ("dimse-down", "cannot open a DICOM association")):
+        with pytest.raises(pacs.PacsError, match=f"failed after 4 attempts: .*{message}") as caught:
+            pacs.push_files(name, files, config=config, **FAST)
+        assert caught.value.attempts == 4
+        assert caught.value.report["instances"][0]["attempts"] == 4
+    exit_code = cli.main(["push", "--to", "web-down", "--pacs-config", str(config_file), "--retries", "1", str(result)])
+    captured = capsys.readouterr()
+    assert exit_code == 2
+    assert "failed after 2 attempts" in captured.err and captured.err.count("\n") == 1
+    assert "0 accepted, 2 failed" in captured.out
+    assert file_digests(files) == before
+
+
+class _BusyHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request 503 with a JSON message, like a PACS under maintenance."""
+
+    def do_POST(self):  # noqa: N802 (http.server naming)
+        self.server.requests_seen += 1
+        self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        body = json.dumps({"Message": "archive is in maintenance"}).encode()
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_503_is_retried_with_the_pacs_message(tmp_path):
+    result = make_result(tmp_path / "result", seed=6)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BusyHandler)
+    server.requests_seen = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        config = {"destinations": {"busy": {"type": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}/dicom-web"}}}
+        with pytest.raises(pacs.PacsError, match="after 3 attempts: .*HTTP 503.*archive is in maintenance"):
+            pacs.push_files("busy", [result / "sc.dcm"], config=config, retries=2, backoff_s=0.05)
+        assert server.requests_seen == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_orthanc_down_then_back_push_succeeds_after_retries(orthanc, config, tmp_path):
+    """Orthanc stopped → a clear error after all retries; restarted during backoff → the push goes through."""
+    result = make_result(tmp_path / "result", seed=7)
+    files = [result / "sc.dcm", result / "seg.dcm"]
+    before = file_digests(files)
+    orthanc.stop()
+    try:
+        with pytest.raises(pacs.PacsError, match="failed after 3 attempts") as caught:
+            pacs.push_files("orthanc-dimse", files, config=config, retries=2, backoff_s=0.05)
+        assert caught.value.attempts == 3
+        restarter = threading.Timer(0.5, orthanc.start)
+        restarter.start()
+        report = pacs.push_files("orthanc-web", files, config=config, retries=6, backoff_s=1.0)
+        restarter.join()
+    finally:
+        if orthanc.process is None:
+            orthanc.start()
+    assert report["accepted"] == 2
+    assert report["instances"][0]["attempts"] > 1, "the first instance should have needed a retry"
+    assert file_digests(files) == before
+
+
+# ----------------------------------------------------------------------------- fetch
+
+
+def test_fetch_source_dicomweb_picks_first_image_and_writes_it(orthanc, config, source_series, tmp_path):
+    from xreal_engine.dicom import read_xray
+
+    path = pacs.fetch_source("orthanc-web", source_series["study"], source_series["series"], dest_dir=tmp_path, config=config,
+                             **FAST)
+    first = source_series["first"]
+    assert path == tmp_path / f"{first.SOPInstanceUID}.dcm"
+    fetched = pydicom.dcmread(path)
+    assert fetched.InstanceNumber == 1 and fetched.PixelData == first.PixelData
+    assert read_xray(path).pixels.shape == (256, 256)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary leftovers
+
+    second = source_series["second"]
+    path = pacs.fetch_source("dicomweb:orthanc-web", source_series["study"], source_series["series"],
+                             instance=second.SOPInstanceUID, dest_dir=tmp_path / "second", config=config, **FAST)
+    assert pydicom.dcmread(path).SOPInstanceUID == second.SOPInstanceUID
+
+
+def test_fetch_source_dimse_cfind_cget(orthanc, config, source_series, tmp_path):
+    path = pacs.fetch_source("orthanc-dimse", source_series["study"], source_series["series"], dest_dir=tmp_path,
+                             config=config, **FAST)
+    fetched, first = pydicom.dcmread(path), source_series["first"]
+    assert fetched.SOPInstanceUID == first.SOPInstanceUID and fetched.PixelData == first.PixelData
+
+
+def test_fetch_source_refusals(orthanc, config, source_series, tmp_path):
+    result = make_result(tmp_path / "result", seed=8)
+    pacs.push_result("orthanc-web", result, config=config, **FAST)
+    seg = pydicom.dcmread(result / "seg.dcm")
+    for source in ("orthanc-web", "orthanc-dimse"):
+        with pytest.raises(InputError, match="single-frame X-ray"):  # a series holding only a SEG
+            pacs.fetch_source(source, seg.StudyInstanceUID, seg.SeriesInstanceUID, dest_dir=tmp_path, config=config)
+        with pytest.raises(pacs.PacsError, match="No instances were found"):
+            pacs.fetch_source(source, source_series["study"], generate_uid(), dest_dir=tmp_path, config=config)
+        with pytest.raises(pacs.PacsError, match="was not found"):
+            pacs.fetch_source(source, source_series["study"], source_series["series"], instance=generate_uid(),
+                              dest_dir=tmp_path, config=config)
+    with pytest.raises(InputError, match="study UID.*must be a DICOM UID"):
+        pacs.fetch_source("orthanc-web", "1.2.3/../x", source_series["series"], dest_dir=tmp_path, config=config)
+    assert not list(tmp_path.glob("*.dcm"))
