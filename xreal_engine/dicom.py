@@ -77,11 +77,16 @@ PATIENT_STUDY_KEYWORDS = (
 
 @dataclass
 class XRayImage:
-    """A grayscale X-ray read from DICOM: display-ready pixels in [0, 1] (white = dense)."""
+    """A grayscale X-ray read from DICOM: display-ready pixels in [0, 1] (white = dense).
+
+    ``pixel_spacing_mm`` is (row, column); ``spacing_from_file`` says whether the file recorded
+    it or it was derived from the default field of view.
+    """
 
     pixels: np.ndarray
-    pixel_spacing_mm: tuple[float, float] | None
+    pixel_spacing_mm: tuple[float, float]
     dataset: pydicom.Dataset = field(repr=False)
+    spacing_from_file: bool = True
 
 
 @dataclass
@@ -123,10 +128,12 @@ def _spacing_from(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None
 
 
-def read_xray(path) -> XRayImage:
+def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     """Read a DX, CR or SC chest X-ray: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1].
 
-    Without any VOI transform the modality values are stretched min-max. The returned
+    Without any VOI transform the modality values are stretched min-max. Spacing comes from
+    Pixel Spacing, Imager Pixel Spacing or Nominal Scanned Pixel Spacing (in that order), else
+    ``default_field_of_view_mm`` / size. The returned
     dataset is the source header with the pixel data removed (for edit-mode references).
     """
     path = Path(path)
@@ -180,7 +187,11 @@ def read_xray(path) -> XRayImage:
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in header:
             delattr(header, keyword)
-    return XRayImage(pixels=pixels, pixel_spacing_mm=_spacing_from(ds), dataset=header)
+    spacing = _spacing_from(ds)
+    from_file = spacing is not None
+    if spacing is None:
+        spacing = (default_field_of_view_mm / rows, default_field_of_view_mm / cols)
+    return XRayImage(pixels=pixels, pixel_spacing_mm=spacing, dataset=header, spacing_from_file=from_file)
 
 
 # ---------------------------------------------------------------------------- output
@@ -397,19 +408,25 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
 
 
 def write_dicom_pair(out_dir, image, pixel_spacing_mm, segments, provenance, source=None, study=None) -> dict:
-    """Build SC and SEG, then write ``out_dir/sc.dcm`` and ``out_dir/seg.dcm``; nothing is written if either fails."""
+    """Build SC and SEG, then write ``out_dir/sc.dcm`` and ``out_dir/seg.dcm``; nothing is written if either fails.
+
+    When no segment has any pixel (e.g. edit mode that only removes a finding), there is
+    nothing to segment: only ``sc.dcm`` is written and the SEG UIDs are None.
+    """
     out_dir = Path(out_dir)
     sc = build_secondary_capture(image, pixel_spacing_mm, provenance, source=source, study=study)
-    seg = build_segmentation(sc, segments, provenance)
+    has_segments = any(np.asarray(spec.mask).any() for spec in segments)
+    seg = build_segmentation(sc, segments, provenance) if has_segments else None
     out_dir.mkdir(parents=True, exist_ok=True)
+    to_write = [("sc.dcm", sc)] + ([("seg.dcm", seg)] if seg is not None else [])
     written = []
     try:
-        for name, dataset in (("sc.dcm", sc), ("seg.dcm", seg)):
+        for name, dataset in to_write:
             partial = out_dir / f".{name}.partial"
-            dataset.save_as(partial, enforce_file_format=True)
             written.append(partial)
-        for partial in written:
-            os.replace(partial, out_dir / partial.name[1:-len(".partial")])
+            dataset.save_as(partial, enforce_file_format=True)
+        for (name, _), partial in zip(to_write, written):
+            os.replace(partial, out_dir / name)
     finally:
         for partial in written:
             partial.unlink(missing_ok=True)
@@ -417,7 +434,7 @@ def write_dicom_pair(out_dir, image, pixel_spacing_mm, segments, provenance, sou
         "study_instance_uid": str(sc.StudyInstanceUID),
         "sc_series_instance_uid": str(sc.SeriesInstanceUID),
         "sc_sop_instance_uid": str(sc.SOPInstanceUID),
-        "seg_series_instance_uid": str(seg.SeriesInstanceUID),
-        "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+        "seg_series_instance_uid": str(seg.SeriesInstanceUID) if seg is not None else None,
+        "seg_sop_instance_uid": str(seg.SOPInstanceUID) if seg is not None else None,
         "frame_of_reference_uid": str(sc.FrameOfReferenceUID),
     }
