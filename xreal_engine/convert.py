@@ -46,11 +46,12 @@ DEFAULT_SCALE_FACTOR = 0.18215  # XReal's LatentDiffusion config; not stored in 
 OFFICIAL_ATTENTION_HEADS = 8
 
 # XReal's LDM was trained on MIMIC-CXR images paired with their text labels (paper, section 3),
-# i.e. the CheXpert labeller's findings. Prompts are lower-cased by the tokenizer.
-OFFICIAL_FINDINGS = [
-    "atelectasis", "cardiomegaly", "consolidation", "edema", "enlarged cardiomediastinum", "fracture",
-    "lung lesion", "lung opacity", "pleural effusion", "pleural other", "pneumonia", "pneumothorax",
-    "support devices",
+# i.e. the 14 CheXpert-labeller classes; the paper prompts with the bare label ("cardiomegaly").
+# Prompts are lower-cased by the tokenizer.
+MIMIC_CXR_LABELS = [
+    "no finding", "atelectasis", "cardiomegaly", "consolidation", "edema", "enlarged cardiomediastinum",
+    "fracture", "lung lesion", "lung opacity", "pleural effusion", "pleural other", "pneumonia",
+    "pneumothorax", "support devices",
 ]
 OFFICIAL_ANATOMY_LABELS = {"1": "left lung", "2": "right lung", "3": "heart", "4": "aorta"}
 DEFAULT_SAMPLING = {
@@ -95,9 +96,13 @@ def _load_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
+ROLE_KEY_PREFIX = {"backbone UNet": UNET_PREFIX, "backbone text encoder": BERT_PREFIX}
+
+
 def _shape(state: dict, key: str, role: str) -> tuple:
     if key not in state:
-        raise ModelError(f"The {role} has no tensor {key}, so it is not an XReal/CompVis checkpoint.")
+        full_key = ROLE_KEY_PREFIX.get(role, "") + key
+        raise ModelError(f"The {role} has no tensor {full_key}, so it is not an XReal/CompVis checkpoint.")
     return tuple(state[key].shape)
 
 
@@ -107,27 +112,33 @@ def _indices(state: dict, pattern: str) -> list[int]:
     return sorted({int(match.group(1)) for key in state if (match := regex.match(key))})
 
 
-def _build_and_load(model_class, config, converted: dict, source: dict, role: str):
+def _build_and_load(model_class, config, converted: dict, source: dict, role: str, source_prefix: str = ""):
     """Instantiate ``model_class`` without allocating weights, then load ``converted`` strictly.
 
     Refuses when the converted names do not match the module exactly (missing / unexpected) or
-    when a source tensor was not used by any converted tensor (compared by storage).
+    when a source tensor was not used by any converted tensor (compared by storage, so views
+    made by the conversion count as used). Unexpected keys are named by their checkpoint name.
     """
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = model_class(config) if not isinstance(config, dict) else model_class(**config)
     expected = set(model.state_dict().keys())
+    source_name_by_storage = {tensor.untyped_storage().data_ptr(): key for key, tensor in source.items()}
     missing = expected - set(converted)
-    unexpected = set(converted) - expected
-    if missing:
-        raise ModelError(f"The {role} checkpoint lacks weights this architecture needs: {_describe_keys(missing)}.")
-    if unexpected:
-        raise ModelError(f"The {role} checkpoint has weights this converter does not understand: {_describe_keys(unexpected)}.")
+    unexpected = [
+        source_prefix + source_name_by_storage.get(converted[key].untyped_storage().data_ptr(), key)
+        for key in set(converted) - expected
+    ]
     used_storages = {tensor.untyped_storage().data_ptr() for tensor in converted.values()}
-    unused = [key for key, tensor in source.items() if tensor.untyped_storage().data_ptr() not in used_storages]
-    if unused:
-        raise ModelError(f"The {role} checkpoint has tensors that the conversion did not use: {_describe_keys(unused)}.")
+    unused = [source_prefix + key for key, tensor in source.items() if tensor.untyped_storage().data_ptr() not in used_storages]
+    problems = []
+    if unexpected or unused:
+        problems.append(f"tensors it does not understand: {_describe_keys(set(unexpected) | set(unused))}")
+    if missing:
+        problems.append(f"no tensors for these weights (diffusers names): {_describe_keys(missing)}")
+    if problems:
+        raise ModelError(f"The {role} checkpoint does not match an XReal/CompVis layout; it has " + "; and ".join(problems) + ".")
     weights = {key: tensor.to(torch.float32).contiguous() for key, tensor in converted.items()}
     try:
         model.load_state_dict(weights, strict=True, assign=True)
@@ -274,7 +285,7 @@ def convert_unet(state: dict, attention_heads: int, image_size: int, vae_ch_mult
         )
     except KeyError as error:
         raise _conversion_key_error(role, error) from None
-    return _build_and_load(UNet2DConditionModel, config, converted, state, role)
+    return _build_and_load(UNet2DConditionModel, config, converted, state, role, UNET_PREFIX)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +362,7 @@ def convert_text_encoder(state: dict, role: str = "backbone text encoder"):
 
     config = infer_ldm_bert_config(state, role)
     converted = convert_ldm_bert_state_dict(state)
-    return _build_and_load(LDMBertModel, config, converted, state, role)
+    return _build_and_load(LDMBertModel, config, converted, state, role, BERT_PREFIX)
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +448,18 @@ def split_backbone(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
+def official_findings() -> list[str]:
+    """The MIMIC-CXR labels that xreal_engine/vocabulary.json can code (the SEG needs a code per finding)."""
+    from . import vocabulary
+
+    known = {vocabulary.normalise_name(name) for name in vocabulary.finding_names()}
+    findings = [label for label in MIMIC_CXR_LABELS if vocabulary.normalise_name(label) in known]
+    skipped = [label for label in MIMIC_CXR_LABELS if label not in findings]
+    if skipped:
+        logger.info("Findings the model was trained on but the vocabulary cannot code yet (left out): %s", ", ".join(skipped))
+    return findings
+
+
 def build_model_info(model_id: str, image_size: int, latent_size: int, scale_factor: float, description: str) -> dict:
     """The ``xreal_model.json`` content for converted official weights (docs/architecture.md)."""
     return {
@@ -448,7 +471,7 @@ def build_model_info(model_id: str, image_size: int, latent_size: int, scale_fac
         "scale_factor": scale_factor,
         "anatomy_labels": dict(OFFICIAL_ANATOMY_LABELS),
         "label_warnings": {},
-        "findings": list(OFFICIAL_FINDINGS),
+        "findings": official_findings(),
         "defaults": dict(DEFAULT_SAMPLING),
         "field_of_view_mm": DEFAULT_FIELD_OF_VIEW_MM,
     }
@@ -542,7 +565,7 @@ def _save_model_directory(components: dict, model_info: dict, target: Path) -> N
 def _save_with_pipeline(pipeline_class, components: dict, model_info: dict, target: Path) -> None:
     from .models import ModelInfo
 
-    pipe = pipeline_class(**components, model_info=ModelInfo(**model_info))
+    pipe = pipeline_class(**components, model_info=ModelInfo.from_dict(model_info))
     pipe.save_pretrained(target, safe_serialization=True)
 
 
