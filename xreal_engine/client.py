@@ -1,0 +1,318 @@
+"""Client of the XReal engine service, standard library only.
+
+Slicer's bundled Python has no torch, numpy is optional and installing packages is a
+chore, so this module uses only urllib, json and threading. It depends on nothing else
+in the package and can be copied on its own.
+
+    client = EngineClient("http://127.0.0.1:8765", token=None)
+    job = client.submit("anatomy.png", pathologies=[("region.png", "cardiomegaly")], seed=1, steps=50)
+    job = client.wait(job["id"], callback=lambda job: print(job["stage"], job["progress"]))
+    if job["state"] == "succeeded":
+        client.download_all(job["id"], "result/")
+
+Failures raise :class:`EngineError` (the server refused: ``status``, ``code``, ``message``)
+or :class:`EngineUnreachable` (no answer). Retries happen only where they are safe: GET
+requests, and job submission, which carries a ``request_id`` so the server returns the
+same job instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path, PurePosixPath
+
+API_PREFIX = "/api/v1"
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+RETRY_STATUSES = (502, 503, 504)
+
+
+class EngineError(Exception):
+    """The engine answered with an error: HTTP ``status``, machine ``code``, human ``message``."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class EngineUnreachable(EngineError):
+    """No answer from the engine (not running, wrong URL, network down, timeout)."""
+
+    def __init__(self, message: str):
+        super().__init__(0, "unreachable", message)
+
+
+class EngineClient:
+    """Talk to one engine. ``timeout`` applies to each request (connect + each read)."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, retry_delay: float = 0.5):
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"The engine URL {base_url!r} must look like http://host:port.")
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.retries = max(1, retries)
+        self.retry_delay = retry_delay
+
+    # -- low level --------------------------------------------------------------------------
+    def _headers(self, extra: dict | None = None) -> dict:
+        headers = {"Accept": "application/json", "User-Agent": "xreal-engine-client"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra or {})
+        return headers
+
+    def _open(self, method: str, path: str, body=None, headers: dict | None = None,
+              retry: bool = False, timeout: float | None = None):
+        """Send one request; return the open response. Retries connection failures and 502-504 if ``retry``."""
+        url = self.base_url + API_PREFIX + path
+        attempts = self.retries if retry else 1
+        for attempt in range(1, attempts + 1):
+            if hasattr(body, "seek"):
+                body.seek(0)
+            request = urllib.request.Request(url, data=body, method=method, headers=self._headers(headers))
+            try:
+                return urllib.request.urlopen(request, timeout=timeout or self.timeout)
+            except urllib.error.HTTPError as error:
+                engine_error = _error_from_response(error)
+                if attempt < attempts and error.code in RETRY_STATUSES:
+                    time.sleep(self.retry_delay * attempt)
+                    continue
+                raise engine_error from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+                if attempt < attempts:
+                    time.sleep(self.retry_delay * attempt)
+                    continue
+                reason = getattr(error, "reason", error)
+                raise EngineUnreachable(f"The engine at {self.base_url} did not answer ({reason}).") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _json(self, method: str, path: str, body=None, headers=None, retry: bool = False):
+        with self._open(method, path, body, headers, retry) as response:
+            try:
+                data = response.read()
+            except OSError as error:
+                raise EngineUnreachable(f"The engine at {self.base_url} stopped answering ({error}).") from None
+        return json.loads(data) if data else None
+
+    # -- API ----------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._json("GET", "/health", retry=True)
+
+    def info(self) -> dict:
+        return self._json("GET", "/info", retry=True)
+
+    def submit(self, anatomy_path=None, pathologies=(), image_path=None, *, seed: int | None = None,
+               steps: int | None = None, anatomy_steps: int | None = None, guidance: float | None = None,
+               eta: float | None = None, request_id: str | None = None, push_to: str | None = None,
+               source: dict | None = None) -> dict:
+        """Upload masks (and an image to edit) and queue a job; returns the job status dict.
+
+        ``pathologies`` is a list of (mask path, finding). ``source`` is
+        ``{"source": NAME, "study": UID, "series": UID, "instance": UID?}`` to edit an image
+        fetched by the engine from a PACS. The request id (default: a new UUID) makes a
+        retried submission return the same job.
+        """
+        fields = []
+        files = []
+        if anatomy_path is not None:
+            files.append(("anatomy", Path(anatomy_path)))
+        for mask_path, finding in pathologies:
+            files.append(("pathology", Path(mask_path)))
+            fields.append(("finding", finding))
+        if image_path is not None:
+            files.append(("image", Path(image_path)))
+        parameters = {"seed": seed, "steps": steps, "anatomy_steps": anatomy_steps, "guidance": guidance,
+                      "eta": eta, "request_id": request_id or uuid.uuid4().hex, "push_to": push_to}
+        parameters.update(source or {})
+        fields.extend((name, str(value)) for name, value in parameters.items() if value is not None)
+        with MultipartBody(fields, files) as body:
+            return self._json("POST", "/jobs", body.stream, body.headers(), retry=True)
+
+    def status(self, job_id: str) -> dict:
+        return self._json("GET", f"/jobs/{_quote(job_id)}", retry=True)
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list:
+        query = urllib.parse.urlencode({k: v for k, v in {"state": state, "limit": limit}.items() if v is not None})
+        return self._json("GET", f"/jobs?{query}", retry=True)["jobs"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self._json("POST", f"/jobs/{_quote(job_id)}/cancel", retry=True)
+
+    def delete(self, job_id: str) -> None:
+        with self._open("DELETE", f"/jobs/{_quote(job_id)}"):
+            pass
+
+    def shutdown(self) -> dict:
+        return self._json("POST", "/shutdown")
+
+    def wait(self, job_id: str, poll_interval: float = 0.5, callback=None, timeout: float | None = None) -> dict:
+        """Poll until the job is final; ``callback(job)`` sees every status. Returns the final status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.status(job_id)
+            if callback is not None:
+                callback(job)
+            if job["state"] in FINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise EngineError(0, "timeout", f"The job {job_id} did not finish within {timeout:g} seconds.")
+            time.sleep(poll_interval)
+
+    def events(self, job_id: str):
+        """Yield job status dicts pushed by the server (server-sent events) until a final state."""
+        with self._open("GET", f"/jobs/{_quote(job_id)}/events", headers={"Accept": "text/event-stream"},
+                        retry=True) as response:
+            event, data = None, []
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith(":"):
+                    continue
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    payload = json.loads("\n".join(data))
+                    event, data = None, []
+                    if "state" in payload:
+                        yield payload
+                    if payload.get("state") in FINAL_STATES or "state" not in payload:
+                        return
+
+    def download(self, job_id: str, name: str, dest) -> Path:
+        """Save one result file (a name from the job's ``files``) to ``dest`` (a file or a directory)."""
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / PurePosixPath(name).name
+        with self._open("GET", f"/jobs/{_quote(job_id)}/files/{_quote(name, safe='/')}", retry=True) as response:
+            _save_stream(response, dest)
+        return dest
+
+    def download_all(self, job_id: str, dest_dir) -> list:
+        """Download result.zip and extract it into ``dest_dir``; refuses unsafe member names."""
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="xreal-download-") as tmp:
+            zip_path = Path(tmp) / "result.zip"
+            with self._open("GET", f"/jobs/{_quote(job_id)}/result.zip", retry=True) as response:
+                _save_stream(response, zip_path)
+            return extract_zip_safely(zip_path, dest_dir)
+
+
+def extract_zip_safely(zip_path, dest_dir) -> list:
+    """Extract regular files only, each inside ``dest_dir`` (no absolute paths, '..', drive letters or links)."""
+    dest_dir = Path(dest_dir).resolve()
+    written = []
+    with zipfile.ZipFile(zip_path) as archive:
+        for member in archive.infolist():
+            if member.is_dir():
+                continue
+            parts = PurePosixPath(member.filename.replace("\\", "/")).parts
+            is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+            if (not parts or member.filename.startswith(("/", "\\")) or ".." in parts
+                    or ":" in member.filename or is_link):
+                raise EngineError(0, "unsafe_archive", f"The result archive holds an unsafe entry {member.filename!r}.")
+            target = dest_dir.joinpath(*parts).resolve()
+            if dest_dir not in target.parents:
+                raise EngineError(0, "unsafe_archive", f"The result archive holds an unsafe entry {member.filename!r}.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out)
+            written.append(target)
+    return written
+
+
+class MultipartBody:
+    """A multipart/form-data body in a temporary file, so large uploads are not held in memory."""
+
+    def __init__(self, fields, files):
+        self.boundary = f"xreal-{uuid.uuid4().hex}"
+        self.stream = tempfile.TemporaryFile()
+        for name, value in fields:
+            self._part(name, None, "text/plain; charset=utf-8")
+            self.stream.write(str(value).encode("utf-8"))
+            self.stream.write(b"\r\n")
+        for name, path in files:
+            if not path.is_file():
+                self.stream.close()
+                raise FileNotFoundError(f"The {name} file {path} does not exist.")
+            content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            if content_type not in ("image/png", "application/dicom"):
+                content_type = "application/octet-stream"
+            self._part(name, path.name, content_type)
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, self.stream, 1 << 20)
+            self.stream.write(b"\r\n")
+        self.stream.write(f"--{self.boundary}--\r\n".encode())
+        self.length = self.stream.tell()
+        self.stream.seek(0)
+
+    def _part(self, name: str, filename: str | None, content_type: str) -> None:
+        disposition = f'form-data; name="{_header_safe(name)}"'
+        if filename is not None:
+            disposition += f'; filename="{_header_safe(filename)}"'
+        self.stream.write(f"--{self.boundary}\r\nContent-Disposition: {disposition}\r\n"
+                          f"Content-Type: {content_type}\r\n\r\n".encode("utf-8"))
+
+    def headers(self) -> dict:
+        return {"Content-Type": f"multipart/form-data; boundary={self.boundary}", "Content-Length": str(self.length)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+        return False
+
+
+def _header_safe(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', "%22").replace("\r", " ").replace("\n", " ")
+
+
+def _quote(text: str, safe: str = "") -> str:
+    return urllib.parse.quote(str(text), safe=safe)
+
+
+def _save_stream(response, dest: Path) -> None:
+    """Write a response body to ``dest`` via a temp file, so a broken transfer leaves nothing half-written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _error_from_response(error) -> EngineError:
+    """EngineError from an HTTP error response (the engine's JSON, or the bare status)."""
+    try:
+        payload = json.loads(error.read() or b"{}")
+        details = payload.get("error") or {}
+        code, message = details.get("code"), details.get("message")
+    except (ValueError, AttributeError, OSError):
+        code = message = None
+    retry_after = error.headers.get("Retry-After") if error.headers else None
+    try:
+        retry_after = float(retry_after) if retry_after is not None else None
+    except ValueError:
+        retry_after = None
+    return EngineError(error.code, code or f"http_{error.code}",
+                       message or f"The engine answered HTTP {error.code} ({error.reason}).", retry_after)
