@@ -348,3 +348,12 @@ def test_cli_convert_bad_path_is_one_line_and_exit_2(fixtures_dir, tmp_path):
     assert "Traceback" not in result.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_converted_directory_loads_as_xreal_pipeline_with_the_exact_schedule(fixtures_dir, model_dir):
+    from xreal_engine.pipeline import XRealPipeline
+
+    reference = load_file(fixtures_dir / "schedule.safetensors")
+    pipe = XRealPipeline.from_pretrained(model_dir)
+    assert pipe.model_info.model_id == "fixture"
+    assert torch.equal(pipe.scheduler.alphas_cumprod, reference["model_alphas_cumprod"])

@@ -12,14 +12,12 @@ so the 6.7 GB official backbone does not need to be copied into RAM twice.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import InputError, ModelError
@@ -392,8 +390,8 @@ def make_scheduler(betas: torch.Tensor, alphas_cumprod: torch.Tensor | None):
     """DDIMScheduler equal to XReal's DDIM: scaled_linear, steps offset 1, first alpha_prev = alphas_cumprod[0].
 
     The start/end are read from the checkpoint's ``betas`` buffer; the buffer must be such a
-    schedule (else refuse). The checkpoint's float64-derived ``alphas_cumprod`` replaces diffusers'
-    float32 recomputation so that single steps are bit-identical to the original.
+    schedule (else refuse). XRealPipeline derives the exact float64-then-float32 ``alphas_cumprod``
+    from the config, so the checkpoint's buffer is checked against that derivation.
     """
     from diffusers import DDIMScheduler
 
@@ -412,8 +410,15 @@ def make_scheduler(betas: torch.Tensor, alphas_cumprod: torch.Tensor | None):
         prediction_type="epsilon",
     )
     if alphas_cumprod is not None:
-        scheduler.alphas_cumprod = alphas_cumprod.detach().to(torch.float32).clone()
-        scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
+        # XRealPipeline recomputes the float64 cumprod from (beta_start, beta_end): it must equal the buffer.
+        from .pipeline import original_alphas_cumprod
+
+        recomputed = original_alphas_cumprod(beta_start, beta_end, steps).to(torch.float32)
+        relative = ((recomputed - alphas_cumprod.to(torch.float32)) / alphas_cumprod.to(torch.float32)).abs().max()
+        if not relative <= 1e-6:
+            raise ModelError(
+                f"The backbone's alphas_cumprod buffer differs from the schedule {beta_start}..{beta_end} by {relative:.1e} (relative)."
+            )
     return scheduler
 
 
@@ -540,32 +545,11 @@ def convert_components(
 
 
 def _save_model_directory(components: dict, model_info: dict, target: Path) -> None:
-    """Write the diffusers layout + xreal_model.json into ``target`` (an empty directory)."""
-    try:
-        from .pipeline import XRealPipeline  # noqa: F401 - preferred writer once it exists
-    except ImportError:
-        XRealPipeline = None
-    if XRealPipeline is not None and hasattr(XRealPipeline, "save_pretrained"):
-        _save_with_pipeline(XRealPipeline, components, model_info, target)
-        return
-    import diffusers
-    from safetensors.torch import save_file
-
-    index = {"_class_name": "XRealPipeline", "_diffusers_version": diffusers.__version__}
-    for name, component in components.items():
-        component.save_pretrained(target / name)
-        library = "transformers" if name == "tokenizer" else "diffusers"
-        index[name] = [library, type(component).__name__]
-    save_file({"alphas_cumprod": components["scheduler"].alphas_cumprod.contiguous()},
-              target / "scheduler" / "alphas_cumprod.safetensors")
-    (target / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (target / "xreal_model.json").write_text(json.dumps(model_info, indent=2) + "\n")
-
-
-def _save_with_pipeline(pipeline_class, components: dict, model_info: dict, target: Path) -> None:
+    """Write the diffusers layout (safetensors) + xreal_model.json through XRealPipeline."""
     from .models import ModelInfo
+    from .pipeline import XRealPipeline
 
-    pipe = pipeline_class(**components, model_info=ModelInfo.from_dict(model_info))
+    pipe = XRealPipeline(**components, model_info=ModelInfo.from_dict(model_info, source="converted model metadata"))
     pipe.save_pretrained(target, safe_serialization=True)
 
 
