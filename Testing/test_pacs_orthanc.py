@@ -246,6 +246,40 @@ def test_push_refuses_non_dicom_before_sending_anything(orthanc, config, tmp_pat
 # ----------------------------------------------------------------------------- failures and retries
 
 
+def _variant(source: Path, out: Path, sop_class: str | None = None, drop: str | None = None) -> Path:
+    """A copy of a result file that a PACS must refuse (private SOP class, or no Study Instance UID)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if sop_class:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if drop:
+        delattr(ds, drop)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_instance_refusals_fail_that_instance_only(orthanc, config, tmp_path):
+    result = make_result(tmp_path / "result", seed=9)
+    no_study = _variant(result / "sc.dcm", tmp_path / "no-study.dcm", drop="StudyInstanceUID")
+    private = _variant(result / "sc.dcm", tmp_path / "private.dcm", sop_class="1.2.826.0.1.3680043.10.1234.1")
+
+    report = pacs.push_files("orthanc-web", [no_study, result / "sc.dcm"], config=config, **FAST)
+    assert [item["status"] for item in report["instances"]] == ["failed", "accepted"]
+    assert report["instances"][0]["detail"].startswith("HTTP 400; failure reason 0xC000")  # STOW FailedSOPSequence
+    assert report["instances"][0]["attempts"] == 1
+
+    report = pacs.push_files("orthanc-dimse", [no_study, private, result / "seg.dcm"], config=config, **FAST)
+    assert [item["status"] for item in report["instances"]] == ["failed", "failed", "accepted"]
+    assert "C-STORE 0xA700" in report["instances"][0]["detail"]  # Orthanc's status for an unusable object
+    assert report["instances"][0]["attempts"] == 4  # 0xA7xx "out of resources" is transient by the standard
+    assert "no presentation context" in report["instances"][1]["detail"]
+
+    with pytest.raises(pacs.PacsError, match="accepts none of the proposed SOP classes") as caught:
+        pacs.push_files("orthanc-dimse", [private], config=config, **FAST)
+    assert caught.value.attempts == 1
+
+
+
 def test_refusals_are_clear_and_not_retried(orthanc, tmp_path):
     result = make_result(tmp_path / "result", seed=4)
     files = [result / "sc.dcm", result / "seg.dcm"]
@@ -314,15 +348,26 @@ class _BusyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_http_503_is_retried_with_the_pacs_message(tmp_path):
+class _SilentHandler(_BusyHandler):
+    """Accepts the request and never answers in time, like a hung PACS."""
+
+    def do_POST(self):  # noqa: N802
+        self.server.requests_seen += 1
+        time.sleep(1.0)
+
+
+@pytest.mark.parametrize("handler, message", [(_BusyHandler, "HTTP 503.*archive is in maintenance"),
+                                              (_SilentHandler, "did not answer STOW-RS within 0.3 s")])
+def test_busy_or_hung_http_server_is_retried(tmp_path, handler, message):
     result = make_result(tmp_path / "result", seed=6)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BusyHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.requests_seen = 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        config = {"destinations": {"busy": {"type": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}/dicom-web"}}}
-        with pytest.raises(pacs.PacsError, match="after 3 attempts: .*HTTP 503.*archive is in maintenance"):
+        config = {"destinations": {"busy": {"type": "dicomweb", "timeout_s": 0.3,
+                                            "url": f"http://127.0.0.1:{server.server_port}/dicom-web"}}}
+        with pytest.raises(pacs.PacsError, match=f"after 3 attempts: .*{message}"):
             pacs.push_files("busy", [result / "sc.dcm"], config=config, retries=2, backoff_s=0.05)
         assert server.requests_seen == 3
     finally:
@@ -395,3 +440,34 @@ def test_fetch_source_refusals(orthanc, config, source_series, tmp_path):
     with pytest.raises(InputError, match="study UID.*must be a DICOM UID"):
         pacs.fetch_source("orthanc-web", "1.2.3/../x", source_series["series"], dest_dir=tmp_path, config=config)
     assert not list(tmp_path.glob("*.dcm"))
+
+
+def test_generate_from_pacs_source_joins_the_source_study(orthanc, config, web_client, source_series, tmp_path, capsys):
+    """`xreal-engine generate --source` edits a real X-ray pulled from the PACS; the result goes back into its study."""
+    from xreal_engine.models import create_random_model
+
+    model = create_random_model(tmp_path / "model", preset="tiny")
+    region = np.zeros((256, 256), np.uint8)
+    region[110:150, 150:190] = 255
+    Image.fromarray(region).save(tmp_path / "region.png")
+    config_file = tmp_path / "pacs.json"
+    config_file.write_text(json.dumps({"nodes": {"orthanc": {
+        "type": "dicomweb", "url": orthanc.dicomweb_url, "headers": {"Authorization": orthanc.authorization_header}}}}))
+    study, series, first = source_series["study"], source_series["series"], source_series["first"]
+    out = tmp_path / "result"
+    exit_code = cli.main(["generate", "--model", str(model), "--source", "dicomweb:orthanc", "--study", study,
+                          "--series", series, "--pathology-mask", str(tmp_path / "region.png"), "--finding", "cardiomegaly",
+                          "--steps", "2", "--seed", "0", "--device", "cpu", "--pacs-config", str(config_file),
+                          "--out", str(out)])
+    assert exit_code == 0, capsys.readouterr().err
+    sc, seg = pydicom.dcmread(out / "sc.dcm"), pydicom.dcmread(out / "seg.dcm")
+    assert sc.StudyInstanceUID == seg.StudyInstanceUID == study
+    assert sc.PatientID == first.PatientID
+    assert len({sc.SeriesInstanceUID, seg.SeriesInstanceUID, series}) == 3  # new series, not the source's
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert sc.SyntheticData == "YES"
+
+    report = pacs.push_result("orthanc", out, config=str(config_file), **FAST)
+    assert report["accepted"] == 2
+    in_study = {item["0020000E"]["Value"][0] for item in web_client.search_for_series(study)}
+    assert in_study == {series, sc.SeriesInstanceUID, seg.SeriesInstanceUID}

@@ -38,6 +38,10 @@ from typing import Callable, Iterable
 from .errors import InputError, XRealError
 
 LOGGER = logging.getLogger(__name__)
+# pynetdicom logs query identifiers at INFO and dicomweb-client request headers (credentials) at
+# DEBUG; neither may reach the engine's logs whatever level the service runs at.
+for _library in ("pynetdicom", "dicomweb_client"):
+    logging.getLogger(_library).setLevel(logging.WARNING)
 
 CONFIG_ENV = "XREAL_ENGINE_PACS_CONFIG"
 DEFAULT_CONFIG_PATH = Path("~/.config/xreal-engine/pacs.json")
@@ -67,13 +71,15 @@ class PacsError(XRealError):
     """A PACS could not be reached or refused the request; one sentence for the user.
 
     ``attempts`` says how many times the operation was tried; ``report`` holds the
-    per-instance push report so far when a push stopped part-way.
+    per-instance push report so far when a push stopped part-way; ``instance_level``
+    marks a refusal of one object (a push goes on with the next one).
     """
 
-    def __init__(self, message: str, attempts: int = 1, report: dict | None = None):
+    def __init__(self, message: str, attempts: int = 1, report: dict | None = None, instance_level: bool = False):
         super().__init__(message)
         self.attempts = attempts
         self.report = report
+        self.instance_level = instance_level
 
 
 class TransientPacsError(PacsError):
@@ -279,7 +285,8 @@ def with_retries(operation: Callable, description: str, retries: int = 3, backof
             return operation(), attempts
         except TransientPacsError as error:
             if attempts > retries:
-                raise PacsError(f"{description} failed after {attempts} attempts: {error}", attempts=attempts) from None
+                raise PacsError(f"{description} failed after {attempts} attempts: {error}", attempts=attempts,
+                                instance_level=error.instance_level) from None
             delay = backoff_s * 2 ** (attempts - 1)
             LOGGER.info("%s: attempt %d failed (%s); retrying in %.1f s", description, attempts, error, delay)
             sleep(delay)
@@ -416,6 +423,10 @@ def _associate(node: PacsNode, contexts, action: str, ext_neg=None, evt_handlers
                                                ext_neg=ext_neg, evt_handlers=evt_handlers)
     if association.is_established:
         return association
+    if association.is_aborted and association.rejected_contexts and not association.accepted_contexts:
+        classes = ", ".join(sorted({str(context.abstract_syntax) for context in association.rejected_contexts}))
+        raise PacsError(f"PACS '{node.name}' ({node.address}) accepts none of the proposed SOP classes for {action} "
+                        f"({classes}).")
     if association.is_rejected:
         answer = association.acceptor.primitive
         reason = f"{getattr(answer, 'reason_str', 'no reason given')}"
@@ -462,7 +473,8 @@ class _DimseSender:
         code = int(status.Status)
         comment = f" ({status.ErrorComment})" if "ErrorComment" in status else ""
         if 0xA700 <= code <= 0xA7FF:
-            raise TransientPacsError(f"{self.node.address} answered C-STORE {_storage_status_text(code)}{comment}.")
+            raise TransientPacsError(f"{self.node.address} answered C-STORE {_storage_status_text(code)}{comment}.",
+                                     instance_level=True)
         category = code_to_category(code)
         if category in ("Success", "Warning"):
             return "accepted", f"C-STORE status {_storage_status_text(code)}{comment}"
@@ -522,6 +534,8 @@ def push_files(name, files: Iterable, config=None, retries: int = 3, backoff_s: 
                     lambda: sender.send(dataset), f"Pushing {path.name} to PACS '{node.name}'", retries, backoff_s)
             except PacsError as error:
                 report["instances"].append({**entry, "status": "failed", "detail": str(error), "attempts": error.attempts})
+                if error.instance_level:  # the PACS is there but refused this object: go on with the next one
+                    continue
                 for later_path, later in zip(paths[index + 1:], datasets[index + 1:]):
                     report["instances"].append({"sop_instance_uid": str(later.SOPInstanceUID), "file": str(later_path),
                                                 "status": "failed", "detail": "not sent", "attempts": 0})
