@@ -191,3 +191,145 @@ def test_launcher_port_line_parsing():
     assert parse_port_line("Loading model ...") is None
     command = engine_command("/py", "demo", Path("/d"), token="t")
     assert command[:5] == ["/py", "-u", "-m", "xreal_engine.cli", "serve"] and "--port" in command
+
+
+# ----------------------------------------------------------------------------- against a real engine
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from xreal_engine.models import create_random_model
+
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, tmp_path_factory):
+    """The bundled engine started the way the Slicer module starts it (own process, --port 0, token)."""
+    from XRealSlicerLib.launcher import EngineLauncher
+
+    launcher = EngineLauncher(sys.executable, str(tiny_model), tmp_path_factory.mktemp("engine-data"), device="cpu")
+    launcher.start(timeout=240)
+    yield launcher
+    launcher.stop()
+
+
+def test_launcher_starts_a_healthy_engine_with_a_token(engine):
+    from xreal_engine.client import EngineClient, EngineError
+
+    assert engine.is_running() and engine.base_url.startswith("http://127.0.0.1:")
+    assert engine.client().health()["status"] == "ok"
+    info = engine.client().info()
+    assert connection.model_findings(info) and set(connection.model_anatomy_labels(info)) >= {1, 2, 3}
+    assert "Connected to" in connection.status_line(info, engine.base_url)
+    with pytest.raises(EngineError) as refused:  # the local engine is not open to other local users
+        EngineClient(engine.base_url, token=None).info()
+    assert refused.value.status == 401
+
+
+def _run(runner, jobs, timeout=300):
+    runner.start(jobs)
+    assert runner.wait(timeout), "the job runner did not finish"
+    return runner.drain()
+
+
+def test_two_step_job_through_the_runner_and_fallback_reader(engine, vocabulary, tmp_path):
+    from XRealSlicerLib.jobs import DONE, RUNNING, JobRunner, JobSpec
+    from XRealSlicerLib.results import read_fallback_segments
+
+    info = engine.client().info()
+    size, fov = connection.model_geometry(info)
+    findings = connection.model_findings(info)
+    segments = _drawing(vocabulary, shape=(size, size), finding=findings[0])
+    canvas = CanvasGeometry((1, size, size), (fov / size, fov / size, 1.0))
+    inputs = build_inputs(segments, canvas, vocabulary, list(connection.model_anatomy_labels(info)), findings)
+    files = write_request_files(inputs, tmp_path / "request", {"seed": 5, "steps": 2, "anatomy_steps": 1})
+
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, [JobSpec(files, tmp_path / "result", "seed 5")])
+    states = [event.state for event in events]
+    assert states[-1] == DONE, [e.status_text() for e in events]
+    assert any(event.result is not None for event in events)
+    (result,) = runner.results
+    assert result.sc_path.is_file() and result.seg_path.is_file()
+    import pydicom
+
+    sc = pydicom.dcmread(str(result.sc_path), stop_before_pixels=True)
+    seg = pydicom.dcmread(str(result.seg_path), stop_before_pixels=True)
+    assert result.sc_series_uid == sc.SeriesInstanceUID and result.seg_series_uid == seg.SeriesInstanceUID
+    assert result.study_uid == sc.StudyInstanceUID
+    assert result.provenance["seed"] == 5 and result.provenance["steps"] == 2
+
+    rebuilt = read_fallback_segments(result.directory, vocabulary)
+    names = [s.name for s in rebuilt]
+    assert names == ["Left lung", "Right lung", "Heart", vocabulary.finding_display_name(findings[0])]
+    by_name = {s.name: s for s in rebuilt}
+    # the rebuilt masks are the drawn masks, on the SC grid, overlap kept
+    assert np.array_equal(by_name["Heart"].array[0] == 1, inputs.anatomy == 3)
+    assert np.array_equal(by_name[names[-1]].array[0] == 1, inputs.pathologies[0][0])
+    assert by_name["Heart"].array.shape == (1, sc.Rows, sc.Columns)
+    assert all(vocabulary.classify(s.name, s.terminology) is not None for s in rebuilt)
+    assert vocabulary.classify("x", by_name["Left lung"].terminology).label == 1
+
+
+def test_runner_reports_engine_refusal_and_cancel(engine, vocabulary, tmp_path):
+    from XRealSlicerLib.jobs import CANCELLED, FAILED, JobRunner, JobSpec
+
+    info = engine.client().info()
+    size, _ = connection.model_geometry(info)
+    labels = list(connection.model_anatomy_labels(info))
+    inputs = build_inputs(_drawing(vocabulary, (size, size), connection.model_findings(info)[0]),
+                          CanvasGeometry((1, size, size)), vocabulary, labels, connection.model_findings(info))
+    # the engine re-checks everything: a finding it does not know comes back as its own sentence
+    files = write_request_files(inputs, tmp_path / "bad", {"seed": 1, "steps": 2, "anatomy_steps": 1})
+    files.pathologies = [(files.pathologies[0][0], "not-a-finding")]
+    events = _run(JobRunner(engine.client(), poll_interval=0.1), [JobSpec(files, tmp_path / "r1")])
+    assert events[-1].state == FAILED and "not-a-finding" in events[-1].message
+
+    # cancel: the running job is cancelled on the engine, later jobs are never submitted
+    slow = write_request_files(inputs, tmp_path / "slow", {"seed": 2, "steps": 200, "anatomy_steps": 100})
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    runner.start([JobSpec(slow, tmp_path / "r2"), JobSpec(slow, tmp_path / "r3")])
+    import time
+
+    deadline = time.monotonic() + 120
+    while runner.current_job_id is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.cancel()
+    assert runner.wait(120)
+    events = runner.drain()
+    assert events[-1].state == CANCELLED and not (tmp_path / "r3").exists()
+    assert engine.client().status(runner.current_job_id)["state"] == "cancelled"
+
+
+def test_engine_that_disappears_mid_job_is_a_clear_message(tiny_model, vocabulary, tmp_path, monkeypatch):
+    from XRealSlicerLib import jobs as jobs_module
+    from XRealSlicerLib.jobs import FAILED, JobRunner, JobSpec
+    from XRealSlicerLib.launcher import EngineLauncher
+
+    monkeypatch.setattr(jobs_module, "UNREACHABLE_GRACE_SECONDS", 1.0)
+    launcher = EngineLauncher(sys.executable, str(tiny_model), tmp_path / "data", device="cpu")
+    launcher.start(timeout=240)
+    try:
+        info = launcher.client().info()
+        size, _ = connection.model_geometry(info)
+        inputs = build_inputs(_drawing(vocabulary, (size, size), connection.model_findings(info)[0]),
+                              CanvasGeometry((1, size, size)), vocabulary, list(connection.model_anatomy_labels(info)),
+                              connection.model_findings(info))
+        files = write_request_files(inputs, tmp_path / "req", {"seed": 3, "steps": 500, "anatomy_steps": 10})
+        client = launcher.client()
+        client.retries = 1
+        runner = JobRunner(client, poll_interval=0.1, describe_engine="The local engine")
+        runner.start([JobSpec(files, tmp_path / "res")])
+        import time
+
+        deadline = time.monotonic() + 120
+        while runner.current_job_id is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.process.kill()  # the engine crashes
+        assert runner.wait(60)
+        events = runner.drain()
+        assert events[-1].state == FAILED and "stopped answering" in events[-1].message
+    finally:
+        launcher.stop()
+    assert launcher.process is None

@@ -59,36 +59,39 @@ def updated_history(history: Sequence[str], url: str, length: int = HISTORY_LENG
 def status_line(info: dict, url: str) -> str:
     """'Connected to URL: model M on DEVICE (engine V)' from ``/info``."""
     model = info.get("model") or {}
-    model_id = model.get("model_id") or info.get("model_id") or "unknown model"
-    device = info.get("device") or model.get("device") or "unknown device"
-    version = info.get("engine_version") or info.get("version")
+    model_id = model.get("id") or model.get("model_id") or "unknown model"
+    device = info.get("device") or "unknown device"
+    version = info.get("engine_version")
+    state = info.get("model_state")
     text = f"Connected to {url}: {model_id} on {device}"
-    return text + (f" (engine {version})" if version else "")
+    if version:
+        text += f" (engine {version})"
+    if state and state not in ("ready", "loaded"):
+        text += f", model {state}"
+    return text
 
 
 def model_findings(info: dict) -> List[str]:
-    model = info.get("model") or {}
-    return list(model.get("findings") or info.get("findings") or [])
+    """Finding names the model knows (``/info`` lists them as objects with codes)."""
+    return [str(f["name"]) if isinstance(f, dict) else str(f) for f in info.get("findings") or []]
 
 
 def model_anatomy_labels(info: dict) -> Dict[int, str]:
-    model = info.get("model") or {}
-    labels = model.get("anatomy_labels") or info.get("anatomy_labels") or {}
+    labels = info.get("anatomy_labels") or {}
     if isinstance(labels, list):
-        return {int(entry["label"]): str(entry.get("name", "")) for entry in labels}
+        return {int(entry.get("value", entry.get("label"))): str(entry.get("name", "")) for entry in labels}
     return {int(k): str(v) for k, v in labels.items()}
 
 
 def model_defaults(info: dict) -> dict:
-    model = info.get("model") or {}
-    return dict(model.get("defaults") or info.get("defaults") or {})
+    return dict(info.get("defaults") or {})
 
 
 def model_geometry(info: dict) -> Tuple[int, float]:
     """(image size in pixels, field of view in mm) for a blank canvas at the model's geometry."""
     model = info.get("model") or {}
-    size = int(model.get("image_size") or info.get("image_size") or 256)
-    fov = float(model.get("field_of_view_mm") or info.get("field_of_view_mm") or 400.0)
+    size = int(model.get("image_size") or 256)
+    fov = float(model.get("field_of_view_mm") or 400.0)
     return size, fov
 
 

@@ -27,6 +27,7 @@ IDLE, SUBMITTING, QUEUED, RUNNING, DOWNLOADING = "idle", "submitting", "queued",
 DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
 FINAL = (DONE, FAILED, CANCELLED)
 UNREACHABLE_GRACE_SECONDS = 10.0  # an engine restart or a slow poll is not yet "gone"
+CANCEL_WAIT_SECONDS = 30.0  # a running job stops within one diffusion step
 
 
 @dataclass
@@ -79,25 +80,19 @@ def format_duration(seconds: float) -> str:
 
 
 def job_progress(job: dict):
-    """(state, stage, step, total, fraction of this job, eta seconds, error message) from a status response."""
-    state = str(job.get("state") or job.get("status") or "")
-    progress = job.get("progress") or {}
-    stage = str(progress.get("stage") or "")
-    step = int(progress.get("step") or 0)
-    total = int(progress.get("total") or 0)
-    fraction = progress.get("fraction")
+    """(state, stage, step, total, fraction of this job, eta seconds, error message) from a job status."""
+    state = str(job.get("state") or "")
+    stage = str(job.get("stage") or "")
+    step = int(job.get("step") or 0)
+    total = int(job.get("total") or 0)
+    fraction = job.get("progress")
     if fraction is None:
         fraction = (step / total) if total else 0.0
     if state == "succeeded":
         fraction = 1.0
-    eta = progress.get("eta_seconds", job.get("eta_seconds"))
+    eta = job.get("eta_seconds")
     error = job.get("error")
-    message = ""
-    if isinstance(error, dict):
-        message = str(error.get("message") or "")
-    elif error:
-        message = str(error)
-    message = message or str(job.get("error_message") or "")
+    message = str(error.get("message") or "") if isinstance(error, dict) else str(error or "")
     return state, stage, step, total, float(fraction), (float(eta) if eta is not None else None), message
 
 
@@ -198,10 +193,9 @@ class JobRunner:
         unreachable_since = None
         while True:
             if self._cancel.is_set():
-                try:
-                    self.client.cancel(job_id)
-                except (EngineError, EngineUnreachable):
-                    pass
+                self._emit(JobEvent(RUNNING, index, count, label=spec.label,
+                                    message="Cancelling ..."))
+                self._cancel_on_engine(job_id)
                 self._emit(JobEvent(CANCELLED, index, count, label=spec.label, message="Cancelled."))
                 return None
             try:
@@ -249,6 +243,21 @@ class JobRunner:
         return read_result(spec.result_dir, job)
 
 
+    def _cancel_on_engine(self, job_id: str, timeout: float = CANCEL_WAIT_SECONDS) -> None:
+        """Cancel the job and wait (briefly) until the engine confirms, so the engine is free again."""
+        from xreal_engine.client import EngineError, EngineUnreachable
+
+        deadline = time.monotonic() + timeout
+        try:
+            self.client.cancel(job_id)
+            while time.monotonic() < deadline:
+                if self.client.status(job_id).get("state") in ("cancelled", "failed", "succeeded"):
+                    return
+                time.sleep(self.poll_interval)
+        except (EngineError, EngineUnreachable):
+            pass  # already finished, or the engine is gone: nothing left to stop
+
+
 def error_text(error: Exception) -> str:
     """The engine's own message (one sentence) rather than the exception's repr."""
     message = getattr(error, "message", None)
@@ -256,11 +265,14 @@ def error_text(error: Exception) -> str:
 
 
 def submit_request(client, files: RequestFiles) -> dict:
-    """Upload one request with the engine client (anatomy, pathology masks + findings, edit image, parameters)."""
-    parameters = {k: v for k, v in files.parameters.items() if v is not None}
+    """Upload one request (anatomy, pathology masks + findings, edit image or PACS source, parameters)."""
+    allowed = ("seed", "steps", "anatomy_steps", "guidance", "eta")
+    parameters = {k: v for k, v in files.parameters.items() if k in allowed and v is not None}
     return client.submit(
-        anatomy=files.anatomy_path,
-        pathologies=[(Path(path), finding) for path, finding in files.pathologies],
-        image=files.image_path,
+        files.anatomy_path,
+        [(Path(path), finding) for path, finding in files.pathologies],
+        files.image_path,
+        push_to=files.push_to or None,
+        source=files.source or None,
         **parameters,
     )

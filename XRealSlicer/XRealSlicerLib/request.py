@@ -57,7 +57,9 @@ class RequestFiles:
     anatomy_path: Optional[Path]
     pathologies: List[Tuple[Path, str]]  # (mask file, finding)
     image_path: Optional[Path] = None  # edit mode source
-    parameters: Dict[str, object] = field(default_factory=dict)
+    parameters: Dict[str, object] = field(default_factory=dict)  # seed, steps, anatomy_steps, guidance, eta
+    push_to: Optional[str] = None  # a PACS destination configured in the engine
+    source: Optional[Dict[str, str]] = None  # edit an image the engine fetches: {"source", "study", "series", "instance"}
 
 
 def canvas_rows_columns(canvas: CanvasGeometry) -> Tuple[int, int]:
