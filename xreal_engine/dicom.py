@@ -103,7 +103,7 @@ class SegmentSpec:
 
 def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
     """Range of the values apply_voi_lut produces (PS3.3 C.11.2), used to map them to [0, 1]."""
-    if "VOILUTSequence" in ds and not ("WindowCenter" in ds and "WindowWidth" in ds):
+    if "VOILUTSequence" in ds:  # apply_voi_lut prefers the LUT over a window
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2**bits - 1)
     if ds.get("ModalityLUTSequence"):
@@ -169,8 +169,14 @@ def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
         raise InputError(f"{name}: {rows}x{cols} pixels cannot be a chest X-ray (each side must be {MIN_SIDE}..{MAX_SIDE}).")
 
     values = apply_modality_lut(stored, ds)
+    if values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
+        values = values.astype(np.int64)  # integer rescale results: VOI LUT tables are indexed by integers
     has_voi = ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
     if has_voi:
+        if "VOILUTSequence" in ds:
+            # Clamp to the LUT's input range first: pydicom indexes in the LUT's own (8/16-bit) type, which wraps.
+            first, entries = int(ds.VOILUTSequence[0].LUTDescriptor[1]), int(ds.VOILUTSequence[0].LUTDescriptor[0]) or 65536
+            values = np.clip(values, first, first + entries - 1)
         values = apply_voi_lut(values, ds)
         low, high = _voi_output_range(ds)
     else:
