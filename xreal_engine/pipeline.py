@@ -303,7 +303,9 @@ class XRealPipeline(DiffusionPipeline):
     def _settings(self, num_inference_steps, anatomy_steps, eta, guidance_scale, soft_mask_value, rng):
         defaults = self.model_info.defaults
         steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        anatomy_steps = defaults["anatomy_steps"] if anatomy_steps is None else anatomy_steps
+        if anatomy_steps is None:  # keep the model's anatomy fraction (50 of 100) for any number of steps
+            fraction = defaults["anatomy_steps"] / defaults["num_inference_steps"]
+            anatomy_steps = int(round(steps * fraction)) if isinstance(steps, (int, np.integer)) else 0
         eta = defaults["eta"] if eta is None else eta
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         soft_mask_value = defaults["soft_mask_value"] if soft_mask_value is None else soft_mask_value
@@ -346,6 +348,7 @@ class XRealPipeline(DiffusionPipeline):
         (image_size, image_size) image in [0, 1] replaces the anatomy controller and anatomy stage; finding
         "" removes a finding. ``callback(stage, step, total)`` runs before and after every step and may
         raise ``errors.Cancelled``. Stages are "anatomy", then "pathology" (or "pathology k/n").
+        Without ``anatomy_steps``, the model's default fraction of the steps is used (50 of 100).
         """
         info = self.model_info
         steps, anatomy_steps, eta, guidance_scale, soft_mask_value = self._settings(

@@ -1,0 +1,230 @@
+"""XRealPipeline behaviour on a tiny random model: round trip, stages, callback/cancel, edit mode, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from xreal_engine.errors import Cancelled, InputError
+from xreal_engine.models import ModelInfo, create_random_model, weights_hash
+from xreal_engine.pipeline import XRealPipeline
+
+SIZE, LATENT = 64, 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("pipeline") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return XRealPipeline.from_pretrained(model_dir)
+
+
+def chest_labels():
+    """Two lungs, a heart overlapping them, a small aorta: labels 0..4 in a PA layout."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    labels = np.zeros((SIZE, SIZE), np.int64)
+    labels[((xx - 20) / 10) ** 2 + ((yy - 32) / 22) ** 2 <= 1] = 2  # right lung on image left
+    labels[((xx - 44) / 10) ** 2 + ((yy - 32) / 22) ** 2 <= 1] = 1
+    labels[((xx - 36) / 9) ** 2 + ((yy - 42) / 8) ** 2 <= 1] = 3
+    labels[(xx - 34) ** 2 + (yy - 18) ** 2 <= 9] = 4
+    return labels
+
+
+def region(top, left, size=4):
+    mask = np.zeros((LATENT, LATENT), np.uint8)
+    mask[top:top + size, left:left + size] = 1
+    return mask
+
+
+def run(pipe, seed=0, **kwargs):
+    kwargs.setdefault("pathologies", [(region(8, 8), "cardiomegaly")])
+    kwargs.setdefault("num_inference_steps", 2)
+    kwargs.setdefault("anatomy_steps", 1)
+    return pipe(chest_labels() if "image" not in kwargs else None,
+                generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_generates_in_two_steps_deterministically(pipe):
+    out = run(pipe)
+    assert out.image.shape == (SIZE, SIZE) and out.image.dtype == np.float32
+    assert out.anatomy_image.shape == out.x_hat.shape == (SIZE, SIZE)
+    assert out.x_p_gen_hwc.shape == (SIZE, SIZE, 3)
+    assert 0 <= out.image.min() and out.image.max() <= 1 and out.image.std() > 0
+    np.testing.assert_array_equal(out.image, out.x_p_gen_hwc.mean(axis=2))
+    np.testing.assert_array_equal(run(pipe).image, out.image)
+    assert not np.array_equal(run(pipe, seed=1).image, out.image)
+
+
+def test_save_load_round_trip(pipe, model_dir, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    reloaded = XRealPipeline.from_pretrained(tmp_path / "copy")
+    assert reloaded.model_info == pipe.model_info == ModelInfo.load(model_dir)
+    assert weights_hash(tmp_path / "copy") == weights_hash(model_dir)
+    assert type(reloaded.text_encoder).__name__ == "LDMBertModel"
+    assert torch.equal(reloaded.scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+    np.testing.assert_array_equal(run(reloaded).image, run(pipe).image)
+
+
+def test_defaults_come_from_the_model(pipe):
+    stages = []
+    run(pipe, num_inference_steps=None, anatomy_steps=None, callback=lambda *a: stages.append(a))
+    steps = pipe.model_info.defaults["num_inference_steps"]
+    assert stages[-1] == ("pathology", steps, steps)
+
+
+def test_callback_reports_every_step_and_cancel_propagates(pipe):
+    seen = []
+    run(pipe, num_inference_steps=3, callback=lambda *a: seen.append(a))
+    assert seen == [("anatomy", i, 3) for i in range(4)] + [("pathology", i, 3) for i in range(4)]
+
+    def cancel_at_second_step(stage, step, total):
+        seen.append((stage, step))
+        if step == 2:
+            raise Cancelled("The generation was cancelled.")
+
+    seen.clear()
+    with pytest.raises(Cancelled):
+        run(pipe, num_inference_steps=3, callback=cancel_at_second_step)
+    assert seen == [("anatomy", 0), ("anatomy", 1), ("anatomy", 2)]
+
+
+def test_several_pathologies_run_in_order_and_encode_each_prompt_once(pipe, monkeypatch):
+    prompts = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda p: prompts.append(p) or encode(p))
+    stages = []
+    pathologies = [(region(2, 2), "cardiomegaly"), (region(10, 10), "pneumonia"), (region(6, 6), "cardiomegaly")]
+    several = run(pipe, pathologies=pathologies, callback=lambda s, i, n: stages.append(s))
+    assert sorted(prompts) == ["", "cardiomegaly", "pneumonia"]
+    assert list(dict.fromkeys(stages)) == ["anatomy", "pathology 1/3", "pathology 2/3", "pathology 3/3"]
+    assert not np.array_equal(several.image, run(pipe, pathologies=pathologies[:1]).image)
+
+
+def capture_latents(pipe, monkeypatch):
+    """Record every stage's encoded x0 and final latent (the two ends of the known-region blend)."""
+    captured = {"x0": [], "final": []}
+    encode, decode = pipe._encode_to_latent, pipe._decode
+    monkeypatch.setattr(pipe, "_encode_to_latent", lambda *a: captured["x0"].append(encode(*a)) or captured["x0"][-1])
+    monkeypatch.setattr(pipe, "_decode", lambda z: captured["final"].append(z) or decode(z))
+    return captured
+
+
+def test_edit_mode_keeps_the_known_region(pipe, monkeypatch):
+    captured = capture_latents(pipe, monkeypatch)
+    source = np.clip(np.linspace(0, 1, SIZE)[None, :] * np.ones((SIZE, 1)), 0, 1)
+    stages = []
+    out = run(pipe, image=source, pathologies=[(region(6, 6, 5), "pneumonia")], num_inference_steps=4,
+              callback=lambda s, i, n: stages.append(s))
+    assert set(stages) == {"pathology"} and out.anatomy_image is None and out.x_hat is None
+    (x0,), (final,) = captured["x0"], captured["final"]
+    inside = torch.from_numpy(region(6, 6, 5)).bool().expand_as(x0[0])[None]
+    # The known region is re-noised to t=1 before the last step (noise std sqrt(1 - alphas_cumprod[1]) = 0.055).
+    known_error = (final - x0)[~inside].abs()
+    assert known_error.max() < 0.4 and known_error.mean() < 0.1
+    assert (final - x0)[inside].abs().mean() > 5 * known_error.mean()
+
+
+def test_edit_mode_removal_uses_the_empty_prompt_without_guidance(pipe, monkeypatch):
+    prompts = []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda p: prompts.append(p) or encode(p))
+    calls = []
+    unet_forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or unet_forward(x, *a, **k))
+    run(pipe, image=np.full((SIZE, SIZE), 0.5), pathologies=[(region(4, 4), "")], num_inference_steps=2)
+    assert prompts == [""] and calls == [1, 1]
+
+
+def test_anatomy_stage_holds_the_organs(pipe, monkeypatch):
+    captured = capture_latents(pipe, monkeypatch)
+    run(pipe, num_inference_steps=4, anatomy_steps=4, soft_mask_value=0.0, pathologies=[])
+    x0, final = captured["x0"][0], captured["final"][0]
+    _, resized = pipe.anatomy_masks(torch.from_numpy(chest_labels()))
+    organs = resized > 0
+    assert (final - x0)[organs].abs().mean() < 0.1 < (final - x0)[~organs].abs().mean()
+
+
+def test_batched_guidance_equals_two_sequential_passes(pipe):
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn((1, 3, LATENT, LATENT), generator=generator)
+    cond, uncond = pipe.encode_prompt("cardiomegaly"), pipe.encode_prompt("")
+    t = torch.tensor(501)
+    with torch.inference_mode():
+        batched = pipe._predict_noise(latents, t, cond, uncond, 7.0)
+        eps_uncond = pipe.unet(latents, t, encoder_hidden_states=uncond).sample
+        eps_cond = pipe.unet(latents, t, encoder_hidden_states=cond).sample
+    sequential = eps_uncond + 7.0 * (eps_cond - eps_uncond)
+    assert (batched - sequential).abs().max() < 1e-5
+    assert (eps_cond - eps_uncond).abs().max() > 1e-3  # the prompts really differ
+
+
+def test_original_rng_follows_the_global_seed(pipe):
+    def original(seed):
+        torch.manual_seed(seed)
+        return pipe(chest_labels(), [(region(8, 8), "cardiomegaly")], num_inference_steps=2, rng="original").image
+
+    np.testing.assert_array_equal(original(5), original(5))
+    assert not np.array_equal(original(5), original(6))
+
+
+def test_image_sized_pathology_mask_is_pooled_to_the_latent_grid(pipe):
+    full = np.kron(region(8, 8), np.ones((4, 4), np.uint8))
+    np.testing.assert_array_equal(run(pipe, pathologies=[(full, "cardiomegaly")]).image, run(pipe).image)
+
+
+def test_labels_the_model_ignores_are_background(model_dir):
+    pipe = XRealPipeline.from_pretrained(model_dir)
+    pipe.model_info.anatomy_labels.pop("4")
+    pipe.model_info.label_warnings["4"] = "This model was trained without aorta masks."
+    without_aorta = chest_labels()
+    without_aorta[without_aorta == 4] = 0
+    np.testing.assert_array_equal(run(pipe).image, pipe(without_aorta, [(region(8, 8), "cardiomegaly")],
+                                                         num_inference_steps=2, anatomy_steps=1,
+                                                         generator=torch.Generator().manual_seed(0)).image)
+
+
+def test_bfloat16_runs(model_dir):
+    pipe = XRealPipeline.from_pretrained(model_dir, torch_dtype=torch.bfloat16)
+    out = run(pipe)
+    reference = run(XRealPipeline.from_pretrained(model_dir))
+    assert np.isfinite(out.image).all() and out.image.dtype == np.float32
+    assert np.abs(out.x_hat - reference.x_hat).mean() < 0.05
+
+
+def bad_labels(value):
+    labels = chest_labels().astype(np.float64)
+    labels[0, 0] = value
+    return labels
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(anatomy=np.zeros((32, 32))), "shape (32, 32)"),
+        (dict(anatomy=np.zeros((SIZE, SIZE, 3))), "shape (64, 64, 3)"),
+        (dict(anatomy=bad_labels(7)), "values 7"),
+        (dict(anatomy=bad_labels(0.5)), "values 0.5"),
+        (dict(anatomy=bad_labels(np.nan)), "NaN"),
+        (dict(pathologies=[(region(2, 2) * 2, "cardiomegaly")]), "binary"),
+        (dict(pathologies=[(np.zeros((LATENT, LATENT)), "cardiomegaly")]), "empty"),
+        (dict(pathologies=[(np.ones((20, 20)), "cardiomegaly")]), "pathology mask 1 has shape"),
+        (dict(pathologies=[(region(2, 2), "broken leg")]), "'broken leg'"),
+        (dict(num_inference_steps=0), "number of steps"),
+        (dict(num_inference_steps=2, anatomy_steps=3), "anatomy steps"),
+        (dict(guidance_scale=float("nan")), "guidance scale"),
+        (dict(eta=-1.0), "eta"),
+        (dict(soft_mask_value=2.0), "soft mask value"),
+        (dict(rng="numpy"), "rng"),
+        (dict(anatomy=None), "anatomy label map is required"),
+        (dict(anatomy=None, image=np.full((SIZE, SIZE), 2.0)), "[0, 1]"),
+        (dict(anatomy=None, image=np.full((SIZE, SIZE), 0.5), pathologies=[]), "at least one pathology"),
+    ],
+)
+def test_bad_input_is_refused_with_one_sentence(pipe, kwargs, message):
+    kwargs = {"anatomy": chest_labels(), "pathologies": [(region(2, 2), "cardiomegaly")],
+              "num_inference_steps": 2, "anatomy_steps": 1, **kwargs}
+    with pytest.raises(InputError) as error:
+        pipe(generator=torch.Generator().manual_seed(0), **kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value)
