@@ -299,6 +299,7 @@ def test_refusals_are_clear_and_not_retried(orthanc, tmp_path):
         with pytest.raises(pacs.PacsError, match=message) as caught:
             pacs.push_files(name, files, config=config, retries=3, backoff_s=2.0)
         assert caught.value.attempts == 1, f"{name}: a permanent refusal must not be retried"
+        assert not isinstance(caught.value, pacs.TransientPacsError)
         assert time.monotonic() - started < 2.0
         assert "\n" not in str(caught.value)
         assert [item["status"] for item in caught.value.report["instances"]] == ["failed", "failed"]
@@ -322,6 +323,7 @@ def test_unreachable_destination_is_retried_then_reported(tmp_path, capsys):
         with pytest.raises(pacs.PacsError, match=f"failed after 4 attempts: .*{message}") as caught:
             pacs.push_files(name, files, config=config, **FAST)
         assert caught.value.attempts == 4
+        assert isinstance(caught.value, pacs.TransientPacsError)  # an outage, not the request's fault
         assert caught.value.report["instances"][0]["attempts"] == 4
     exit_code = cli.main(["push", "--to", "web-down", "--pacs-config", str(config_file), "--retries", "1", str(result)])
     captured = capsys.readouterr()

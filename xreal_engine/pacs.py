@@ -83,7 +83,8 @@ class PacsError(XRealError):
 
 
 class TransientPacsError(PacsError):
-    """A failure that may pass (network, timeout, busy server): worth another attempt."""
+    """A failure that may pass (network, timeout, busy server): retried; raised to the caller
+    once the retries are used up, so that a service can answer "PACS unavailable" (502)."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -285,8 +286,8 @@ def with_retries(operation: Callable, description: str, retries: int = 3, backof
             return operation(), attempts
         except TransientPacsError as error:
             if attempts > retries:
-                raise PacsError(f"{description} failed after {attempts} attempts: {error}", attempts=attempts,
-                                instance_level=error.instance_level) from None
+                raise TransientPacsError(f"{description} failed after {attempts} attempts: {error}",
+                                         attempts=attempts, instance_level=error.instance_level) from None
             delay = backoff_s * 2 ** (attempts - 1)
             LOGGER.info("%s: attempt %d failed (%s); retrying in %.1f s", description, attempts, error, delay)
             sleep(delay)
