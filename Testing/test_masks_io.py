@@ -1,0 +1,296 @@
+"""load_masks: every input format, mapping of segments to labels, each validation refusal; resample_to_grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from xreal_engine.dicom import SegmentSpec, write_dicom_pair
+from xreal_engine.errors import InputError
+from xreal_engine.masks import load_masks, read_pathology_mask, resample_to_grid
+from xreal_engine.vocabulary import anatomy_entry, finding_entry
+
+KNOWN = {1, 2, 3, 4}
+SHAPE = (128, 96)  # non-square on purpose: catches row/column swaps
+
+
+def ellipse(shape, centre, radii) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return ((rows - centre[0]) / radii[0]) ** 2 + ((cols - centre[1]) / radii[1]) ** 2 <= 1.0
+
+
+def anatomy_map(shape=SHAPE, with_aorta=False) -> np.ndarray:
+    r, c = shape
+    labels = np.zeros(shape, np.uint8)
+    labels[ellipse(shape, (0.5 * r, 0.3 * c), (0.3 * r, 0.14 * c))] = 2
+    labels[ellipse(shape, (0.5 * r, 0.7 * c), (0.3 * r, 0.14 * c))] = 1
+    labels[ellipse(shape, (0.62 * r, 0.52 * c), (0.14 * r, 0.12 * c))] = 3
+    if with_aorta:
+        labels[ellipse(shape, (0.3 * r, 0.52 * c), (0.06 * r, 0.03 * c))] = 4
+    return labels
+
+
+def nodule(shape=SHAPE) -> np.ndarray:
+    return ellipse(shape, (0.45 * shape[0], 0.7 * shape[1]), (5, 5))
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def save_itk(path, array, spacing=(1.0, 1.0), slice_axis=False):
+    """Write with SimpleITK; spacing is (row, column)."""
+    image = sitk.GetImageFromArray(array[np.newaxis] if slice_axis else array)
+    image.SetSpacing((spacing[1], spacing[0], 1.0) if slice_axis else (spacing[1], spacing[0]))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def terminology(entry: dict) -> str:
+    return "TerminologyEntry:" + entry["slicer_terminology_entry"] + "|"
+
+
+def save_seg_nrrd(path, layers: np.ndarray, segments: list[dict], spacing=(0.5, 0.5)):
+    """A Slicer-style .seg.nrrd: layers (rows, cols, n_layers) of label values, Segment<i>_* header fields."""
+    image = sitk.GetImageFromArray(layers[np.newaxis], isVector=True)
+    image.SetSpacing((spacing[1], spacing[0], 1.0))
+    for index, segment in enumerate(segments):
+        image.SetMetaData(f"Segment{index}_ID", f"Segment_{index + 1}")
+        image.SetMetaData(f"Segment{index}_Name", segment["name"])
+        image.SetMetaData(f"Segment{index}_LabelValue", str(segment["value"]))
+        image.SetMetaData(f"Segment{index}_Layer", str(segment.get("layer", 0)))
+        image.SetMetaData(f"Segment{index}_Tags", segment.get("tags", ""))
+    image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_png_label_map_and_binary_pathology(tmp_path):
+    labels = anatomy_map()
+    anatomy = save_png(tmp_path / "anatomy.png", labels)
+    region = save_png(tmp_path / "nodule.png", nodule().astype(np.uint8) * 255)
+    result = load_masks(anatomy, [(region, "Nodule")], known_labels=KNOWN, known_findings=["nodule", "cardiomegaly"])
+    np.testing.assert_array_equal(result.anatomy, labels)
+    assert result.anatomy.dtype == np.uint8
+    assert len(result.pathologies) == 1
+    assert result.pathologies[0].finding == "nodule" and result.pathologies[0].name == "Nodule"
+    np.testing.assert_array_equal(result.pathologies[0].mask, nodule())
+    # PNG records no spacing: the default field of view spreads over the grid.
+    assert result.pixel_spacing_mm == pytest.approx((400.0 / 128, 400.0 / 96))
+    assert result.warnings == []
+
+
+def test_16bit_png_and_label_warning(tmp_path):
+    labels = anatomy_map(with_aorta=True).astype(np.uint16)
+    anatomy = save_png(tmp_path / "anatomy16.png", labels)
+    result = load_masks(anatomy, [], known_labels=KNOWN, label_warnings={4: "No aorta in training; ignored."}, default_field_of_view_mm=300)
+    np.testing.assert_array_equal(result.anatomy, labels)
+    assert result.warnings == ["No aorta in training; ignored."]
+    assert result.pixel_spacing_mm == pytest.approx((300 / 128, 300 / 96))
+
+
+@pytest.mark.parametrize("suffix, slice_axis", [(".nrrd", False), (".nii.gz", False), (".nii.gz", True), (".nrrd", True)])
+def test_nrrd_and_nifti_with_spacing(tmp_path, suffix, slice_axis):
+    labels = anatomy_map()
+    anatomy = save_itk(tmp_path / f"anatomy{suffix}", labels, spacing=(0.7, 0.4), slice_axis=slice_axis)
+    region = save_itk(tmp_path / f"region{suffix}", nodule().astype(np.uint8), spacing=(0.7, 0.4), slice_axis=slice_axis)
+    result = load_masks(anatomy, [(region, "nodule")], known_labels=KNOWN)
+    np.testing.assert_array_equal(result.anatomy, labels)
+    np.testing.assert_array_equal(result.pathologies[0].mask, nodule())
+    assert result.pixel_spacing_mm == pytest.approx((0.7, 0.4))
+
+
+def test_seg_nrrd_terminology_first_then_name_with_overlapping_layers(tmp_path):
+    labels = anatomy_map()
+    layers = np.zeros((*SHAPE, 2), np.uint8)
+    layers[..., 0][labels == 1] = 1
+    layers[..., 0][labels == 2] = 2
+    layers[..., 1][labels == 3] = 1
+    layers[..., 1][nodule()] = 2  # overlaps the left lung in another layer
+    segments = [
+        # Named misleadingly: the terminology (left lung) must win over the name.
+        {"name": "Segment_1", "value": 1, "tags": terminology(anatomy_entry(1))},
+        {"name": "Right Lung", "value": 2},  # no terminology: the name decides
+        {"name": "heart", "value": 1, "layer": 1},
+        {"name": "Nodule", "value": 2, "layer": 1, "tags": terminology(finding_entry("nodule"))},
+    ]
+    anatomy = save_seg_nrrd(tmp_path / "anatomy.seg.nrrd", layers, segments)
+    result = load_masks(anatomy, [(anatomy, "nodule")], known_labels=KNOWN)
+    expected = labels.copy()
+    np.testing.assert_array_equal(result.anatomy, expected)
+    assert any("Nodule" in w and "ignored" in w for w in result.warnings)
+    # As a pathology input a segmentation gives the union of its segments.
+    union = (labels > 0) | nodule()
+    np.testing.assert_array_equal(result.pathologies[0].mask, union)
+    assert result.pixel_spacing_mm == pytest.approx((0.5, 0.5))
+
+    single = save_seg_nrrd(tmp_path / "nodule.seg.nrrd", (nodule().astype(np.uint8))[..., np.newaxis], [{"name": "Nodule", "value": 1}])
+    np.testing.assert_array_equal(read_pathology_mask(single), nodule())
+
+
+def test_seg_nrrd_unknown_segment_is_refused(tmp_path):
+    layers = (anatomy_map() > 0).astype(np.uint8)[..., np.newaxis]
+    path = save_seg_nrrd(tmp_path / "odd.seg.nrrd", layers, [{"name": "spleen", "value": 1}])
+    with pytest.raises(InputError, match="Segment 'spleen' in odd.seg.nrrd is not an anatomy structure the engine knows"):
+        load_masks(path, [], known_labels=KNOWN)
+
+
+def test_dicom_seg_as_anatomy_and_as_pathology(tmp_path):
+    labels = anatomy_map(with_aorta=True)
+    specs = [SegmentSpec(labels == value, label=value) for value in (1, 2, 3, 4)] + [SegmentSpec(nodule(), finding="nodule")]
+    image = np.zeros(SHAPE, np.float32)
+    write_dicom_pair(tmp_path / "anatomy", image, (0.6, 0.45), specs, {"model_id": "m"})
+    write_dicom_pair(tmp_path / "region", image, (0.6, 0.45), [SegmentSpec(nodule(), finding="nodule")], {"model_id": "m"})
+    result = load_masks(tmp_path / "anatomy" / "seg.dcm", [(tmp_path / "region" / "seg.dcm", "nodule")], known_labels=KNOWN)
+    np.testing.assert_array_equal(result.anatomy, labels)
+    np.testing.assert_array_equal(result.pathologies[0].mask, nodule())
+    assert result.pixel_spacing_mm == pytest.approx((0.6, 0.45))
+    assert any("Nodule" in w for w in result.warnings)
+    with pytest.raises(InputError, match="sc.dcm is a DICOM image, not a DICOM Segmentation"):
+        load_masks(tmp_path / "anatomy" / "sc.dcm", [], known_labels=KNOWN)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_unreadable_files_are_refused(tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG but not really" * 10)
+    with pytest.raises(InputError, match=r"^garbage.png is not a readable mask"):
+        load_masks(garbage, [], known_labels=KNOWN)
+    text = tmp_path / "notes.txt"
+    text.write_text("left lung here")
+    with pytest.raises(InputError, match=r"^notes.txt is not a readable mask"):
+        load_masks(text, [], known_labels=KNOWN)
+    with pytest.raises(InputError, match="missing.png does not exist"):
+        load_masks(tmp_path / "missing.png", [], known_labels=KNOWN)
+
+
+def test_volume_rgb_and_float_are_refused(tmp_path):
+    volume = np.stack([anatomy_map()] * 3)
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "volume.nrrd"))
+    with pytest.raises(InputError, match="volume.nrrd is a 3D volume with 3 slices"):
+        load_masks(tmp_path / "volume.nrrd", [], known_labels=KNOWN)
+    rgb = np.stack([anatomy_map()] * 3, axis=-1)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.png")
+    with pytest.raises(InputError, match="rgb.png is a colour"):
+        load_masks(tmp_path / "rgb.png", [], known_labels=KNOWN)
+    save_itk(tmp_path / "soft.nrrd", anatomy_map().astype(np.float32) * 0.5)
+    with pytest.raises(InputError, match="soft.nrrd holds non-integer values"):
+        load_masks(tmp_path / "soft.nrrd", [], known_labels=KNOWN)
+
+
+def test_empty_anatomy_and_unknown_labels_are_refused(tmp_path):
+    empty = save_png(tmp_path / "empty.png", np.zeros(SHAPE, np.uint8))
+    with pytest.raises(InputError, match="empty.png is empty"):
+        load_masks(empty, [], known_labels=KNOWN)
+    labels = anatomy_map()
+    labels[:5, :5] = 7
+    odd = save_png(tmp_path / "odd.png", labels)
+    with pytest.raises(InputError, match=r"odd.png contains label values \[7\] that the model does not know"):
+        load_masks(odd, [], known_labels=KNOWN)
+    aorta = save_png(tmp_path / "aorta.png", anatomy_map(with_aorta=True))
+    with pytest.raises(InputError, match=r"label values \[4\]"):
+        load_masks(aorta, [], known_labels={1, 2, 3})
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((20, 20), "20x20 pixels, which cannot be a chest image"), ((64, 200), "aspect ratio beyond 1:2"), ((4100, 2100), "each side must be 32 to 4096")],
+)
+def test_impossible_sizes_are_refused(tmp_path, shape, message):
+    labels = np.zeros(shape, np.uint8)
+    labels[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] = 1
+    path = save_itk(tmp_path / "size.nrrd", labels)
+    with pytest.raises(InputError, match=message):
+        load_masks(path, [], known_labels=KNOWN)
+
+
+def test_pathology_refusals(tmp_path):
+    anatomy = save_png(tmp_path / "anatomy.png", anatomy_map())
+    empty = save_png(tmp_path / "empty_region.png", np.zeros(SHAPE, np.uint8))
+    with pytest.raises(InputError, match="empty_region.png is empty"):
+        load_masks(anatomy, [(empty, "nodule")], known_labels=KNOWN)
+    outside = np.zeros(SHAPE, np.uint8)
+    outside[:4, :4] = 255  # a corner, far from every organ
+    corner = save_png(tmp_path / "corner.png", outside)
+    with pytest.raises(InputError, match="corner.png lies entirely outside the body"):
+        load_masks(anatomy, [(corner, "nodule")], known_labels=KNOWN)
+    small = save_png(tmp_path / "small.png", np.full((64, 64), 255, np.uint8))
+    with pytest.raises(InputError, match="small.png is 64x64 pixels but the anatomy anatomy.png is 96x128"):
+        load_masks(anatomy, [(small, "nodule")], known_labels=KNOWN)
+    region = save_png(tmp_path / "region.png", nodule().astype(np.uint8) * 255)
+    with pytest.raises(InputError, match="The finding 'pneumonia' for region.png is not known to the model; it knows: nodule"):
+        load_masks(anatomy, [(region, "pneumonia")], known_labels=KNOWN, known_findings=["nodule"])
+    # A region just outside an organ (within the small margin) is accepted: masks are drawn by hand.
+    near = np.zeros(SHAPE, np.uint8)
+    lung_cols = np.nonzero(anatomy_map()[64] == 1)[0]
+    near[62:66, lung_cols.max() + 2 : lung_cols.max() + 4] = 255
+    accepted = load_masks(anatomy, [(save_png(tmp_path / "near.png", near), "")], known_labels=KNOWN, known_findings=["nodule", ""])
+    assert accepted.pathologies[0].name == "removed finding"
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def test_resample_labels_and_masks_nearest_and_exact_on_blocks():
+    blocks = np.kron(np.arange(1, 5, dtype=np.uint8).reshape(2, 2), np.ones((64, 48), np.uint8))  # 128x96
+    down = resample_to_grid(blocks, (32, 24), "labels")
+    assert down.dtype == np.uint8 and down.shape == (32, 24)
+    np.testing.assert_array_equal(down, np.kron(np.arange(1, 5, dtype=np.uint8).reshape(2, 2), np.ones((16, 12), np.uint8)))
+    up = resample_to_grid(down, (128, 96), "labels")
+    np.testing.assert_array_equal(up, blocks)
+    mask = resample_to_grid(nodule(), (256, 192), "mask")
+    assert mask.dtype == bool and set(np.unique(mask)) == {False, True}
+    assert abs(int(mask.sum()) - 4 * int(nodule().sum())) < 0.15 * 4 * nodule().sum()
+
+
+def test_resample_image_linear_keeps_mean_and_range():
+    rows, cols = np.mgrid[:300, :200]
+    image = (0.5 + 0.4 * np.sin(rows / 20.0) * np.cos(cols / 15.0)).astype(np.float32)
+    small = resample_to_grid(image, (64, 64), "image")
+    assert small.dtype == np.float32 and small.shape == (64, 64)
+    assert abs(float(small.mean()) - float(image.mean())) < 0.01
+    assert small.min() >= image.min() - 1e-4 and small.max() <= image.max() + 1e-4
+    back = resample_to_grid(small, (300, 200), "image")
+    assert np.abs(back - image).mean() < 0.03
+    with pytest.raises(ValueError):
+        resample_to_grid(image, (64, 64), "cubic")
+
+
+# ----------------------------------------------------------------------------- real chest X-ray masks
+
+
+def test_real_label_maps_and_pathology_masks(shared_dir, tmp_path):
+    """Real annotations (../shared/data/cxr): wingspan maps load as they are; real GGO regions lie inside the body;
+    covid_seg_nc's cardiomediastinum (label 5) is not a label the model knows."""
+    cxr = shared_dir / "data" / "cxr"
+    for label_png in sorted((cxr / "wingspan" / "labels").glob("*.png"))[:5]:
+        result = load_masks(label_png, [], known_labels=KNOWN)
+        assert result.anatomy.shape == (256, 256)
+        assert {1, 2, 3} <= set(np.unique(result.anatomy).tolist())
+    covid_ids = sorted(p.stem for p in (cxr / "covid_seg_nc" / "pathology_bits").glob("*.png"))
+    checked = 0
+    for image_id in covid_ids:
+        bits = np.asarray(Image.open(cxr / "covid_seg_nc" / "pathology_bits" / f"{image_id}.png"))
+        ggo = (bits & 1) > 0
+        if not ggo.any():
+            continue
+        labels = np.asarray(Image.open(cxr / "covid_seg_nc" / "labels" / f"{image_id}.png"))
+        with pytest.raises(InputError, match=r"label values \[5\]"):
+            load_masks(cxr / "covid_seg_nc" / "labels" / f"{image_id}.png", [], known_labels=KNOWN)
+        lungs_only = save_png(tmp_path / f"{image_id}_lungs.png", np.where(labels == 5, 0, labels).astype(np.uint8))
+        region = save_png(tmp_path / f"{image_id}_ggo.png", ggo.astype(np.uint8) * 255)
+        result = load_masks(lungs_only, [(region, "ground-glass opacity")], known_labels=KNOWN)
+        np.testing.assert_array_equal(result.pathologies[0].mask, ggo)
+        assert result.pathologies[0].name == "Ground-glass opacity"
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
