@@ -67,6 +67,12 @@ def test_cr_monochrome1_inverted_imager_pixel_spacing(tmp_path):
     assert xray.pixel_spacing_mm == (0.15, 0.15)
 
 
+def test_monochrome1_with_inverse_presentation_lut_is_inverted_once(tmp_path):
+    stored = gradient()
+    path = make_xray(tmp_path / "dx1.dcm", stored, photometric="MONOCHROME1", PresentationLUTShape="INVERSE")
+    np.testing.assert_allclose(read_xray(path).pixels, 1.0 - stored / stored.max(), atol=1e-6)
+
+
 def test_rescale_and_voi_lut_sequence(tmp_path):
     stored = gradient(high=1023)
     lut = pydicom.Dataset()

@@ -137,6 +137,20 @@ def test_dcmqi_masks_equal_inputs_on_the_sc_grid(written, tmp_path):
         assert attributes["recommendedDisplayRGBValue"] == pytest.approx(entry["color"], abs=1)
 
 
+def test_gdcm_reads_the_sc_on_the_same_grid_as_the_seg(written):
+    """Slicer's scalar-volume loader reads an SC through GDCM: it must land at origin 0, identity, (column, row) spacing."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(written["dir"] / "sc.dcm"))
+    image = reader.Execute()
+    row_spacing, col_spacing = written["spacing"]
+    assert image.GetOrigin() == pytest.approx((0.0, 0.0, 0.0))
+    assert image.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert image.GetSpacing()[:2] == pytest.approx((col_spacing, row_spacing))
+    expected = np.round(written["image"].astype(np.float64) * 65535).astype(np.uint16)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image).reshape(written["shape"]), expected)
+
+
 @pytest.mark.skipif(DCMDUMP is None, reason="dcmdump (Debian dcmtk) is not installed")
 def test_dcmdump_prints_without_complaint(written):
     for name in ("sc.dcm", "seg.dcm"):

@@ -187,7 +187,8 @@ def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     else:
         pixels = np.zeros_like(values)
     pixels = np.clip(pixels, 0.0, 1.0).astype(np.float32)
-    if photometric == "MONOCHROME1":
+    # MONOCHROME1 (and a MONOCHROME2 image with an INVERSE presentation LUT) displays low values as white.
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         pixels = 1.0 - pixels
     header = ds.copy()
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
