@@ -122,7 +122,7 @@ def source_series(orthanc, shared_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------- configuration
 
 
-def test_config_files_env_and_refusals(tmp_path, monkeypatch):
+def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PACS_TOKEN", "secret-token")
     yaml_file = tmp_path / "pacs.yaml"
     yaml_file.write_text("destinations:\n  web:\n    type: dicomweb\n    url: http://127.0.0.1:8042/dicom-web/\n"
@@ -169,6 +169,13 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch):
             pacs.load_config(json_file)
     with pytest.raises(pacs.PacsError, match="does not exist"):
         pacs.load_config(tmp_path / "missing.json")
+
+    assert cli.main(["push", "--list", "--pacs-config", str(yaml_file)]) == 0
+    listing = capsys.readouterr().out
+    assert "archive\tdimse\tfetch\tARCHIVE@pacs.local:104" in listing and "web\tdicomweb\tpush" in listing
+    assert "secret-token" not in listing
+    assert cli.main(["push", "--to", "nope", "--pacs-config", str(yaml_file), str(tmp_path)]) == 2
+    assert "Unknown PACS destination 'nope'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- push
@@ -258,7 +265,7 @@ def _variant(source: Path, out: Path, sop_class: str | None = None, drop: str | 
     return out
 
 
-def test_instance_refusals_fail_that_instance_only(orthanc, config, tmp_path):
+def test_instance_refusals_fail_that_instance_only(orthanc, config, tmp_path, capsys):
     result = make_result(tmp_path / "result", seed=9)
     no_study = _variant(result / "sc.dcm", tmp_path / "no-study.dcm", drop="StudyInstanceUID")
     private = _variant(result / "sc.dcm", tmp_path / "private.dcm", sop_class="1.2.826.0.1.3680043.10.1234.1")
@@ -277,6 +284,14 @@ def test_instance_refusals_fail_that_instance_only(orthanc, config, tmp_path):
     with pytest.raises(pacs.PacsError, match="accepts none of the proposed SOP classes") as caught:
         pacs.push_files("orthanc-dimse", [private], config=config, **FAST)
     assert caught.value.attempts == 1
+
+    config_file = tmp_path / "pacs.json"
+    config_file.write_text(json.dumps({"destinations": {"pacs": {
+        "type": "dicomweb", "url": orthanc.dicomweb_url, "headers": {"Authorization": orthanc.authorization_header}}}}))
+    exit_code = cli.main(["push", "--to", "pacs", "--pacs-config", str(config_file), str(no_study), str(result / "sc.dcm")])
+    table = capsys.readouterr().out
+    assert exit_code == 1, "a push with a failed instance must exit non-zero"
+    assert "1 accepted, 1 failed" in table and "0xC000" in table
 
 
 
@@ -439,6 +454,11 @@ def test_fetch_source_refusals(orthanc, config, source_series, tmp_path):
         with pytest.raises(pacs.PacsError, match="was not found"):
             pacs.fetch_source(source, source_series["study"], source_series["series"], instance=generate_uid(),
                               dest_dir=tmp_path, config=config)
+    stranger = pacs.parse_config({"sources": {"pacs": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                                                       "called_aet": orthanc.aet, "calling_aet": "STRANGER"}}})
+    with pytest.raises(pacs.TransientPacsError, match="after 2 attempts.*calling AE title STRANGER"):
+        pacs.fetch_source("pacs", source_series["study"], source_series["series"], dest_dir=tmp_path, config=stranger,
+                          retries=1, backoff_s=0.05)
     with pytest.raises(InputError, match="study UID.*must be a DICOM UID"):
         pacs.fetch_source("orthanc-web", "1.2.3/../x", source_series["series"], dest_dir=tmp_path, config=config)
     assert not list(tmp_path.glob("*.dcm"))

@@ -286,7 +286,8 @@ def with_retries(operation: Callable, description: str, retries: int = 3, backof
             return operation(), attempts
         except TransientPacsError as error:
             if attempts > retries:
-                raise TransientPacsError(f"{description} failed after {attempts} attempts: {error}",
+                tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+                raise TransientPacsError(f"{description} failed after {tries}: {error}",
                                          attempts=attempts, instance_level=error.instance_level) from None
             delay = backoff_s * 2 ** (attempts - 1)
             LOGGER.info("%s: attempt %d failed (%s); retrying in %.1f s", description, attempts, error, delay)
@@ -675,7 +676,8 @@ def _fetch_dimse(node: PacsNode, study: str, series: str, instance, dest_dir: Pa
         finally:
             association.release()
         if final_status is None:
-            raise TransientPacsError(f"{node.address} gave no C-FIND answer (association aborted or timed out).")
+            raise TransientPacsError(f"{node.address} gave no C-FIND answer, the association was aborted or timed out "
+                                     f"(does the PACS know calling AE title {node.calling_aet}?).")
         if code_to_category(final_status) not in ("Success", "Pending"):
             raise PacsError(f"PACS '{node.name}' refused the C-FIND query with status 0x{final_status:04X}.")
         return matches
@@ -708,7 +710,8 @@ def _fetch_dimse(node: PacsNode, study: str, series: str, instance, dest_dir: Pa
         if chosen["sop_instance_uid"] in received:
             return received[chosen["sop_instance_uid"]]
         if final_status is None:
-            raise TransientPacsError(f"{node.address} gave no C-GET answer (association aborted or timed out).")
+            raise TransientPacsError(f"{node.address} gave no C-GET answer, the association was aborted or timed out "
+                                     f"(does the PACS know calling AE title {node.calling_aet}?).")
         raise PacsError(f"PACS '{node.name}' did not send the instance on C-GET (status 0x{final_status:04X}).")
 
     data, _ = with_retries(get, f"Retrieving from PACS '{node.name}'", retries, backoff_s)
@@ -804,6 +807,7 @@ def run(args) -> int:
         raise InputError("Give at least one result directory or DICOM file to push.")
     if args.retries < 0:
         raise InputError("--retries must be 0 or more.")
+    config.node(args.destination, "destination")  # an unknown name is the first thing to report
     try:
         report = push_files(args.destination, _expand_push_paths(args.paths), config, retries=args.retries)
     except PacsError as error:
