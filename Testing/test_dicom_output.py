@@ -72,7 +72,7 @@ def synthetic_image(shape) -> np.ndarray:
 # name: (shape, number of segments, pixel spacing (row, col))
 CASES = {
     "square256_1seg_no_pathology": ((256, 256), 1, (1.5625, 1.5625)),
-    "nonsquare_6seg_overlap": ((256, 192), 6, (0.8, 0.6)),
+    "nonsquare_6seg_overlap": ((256, 192), 6, (400 / 256, 400 / 192)),  # spacing that needs DS rounding
     "wide_3seg_empty_skipped": ((200, 320), 3, (1.0, 1.0)),
     "square1024_5seg": ((1024, 1024), 5, (0.39, 0.39)),
 }

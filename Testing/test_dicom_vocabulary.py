@@ -29,6 +29,10 @@ def test_anatomy_labels_and_slicer_codes():
     # Colours of Slicer's "DICOM master list" terminology for these structures.
     assert left["color"] == right["color"] == [197, 165, 145]
     assert heart["color"] == [206, 110, 84] and aorta["color"] == [224, 97, 76]
+    # Recognised by type + laterality whatever category code the writing tool used (Slicer's or current DICOM's).
+    lung, left_code = left["type"], left["type_modifier"]
+    assert vocabulary.anatomy_label_for_codes({"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"}, lung, left_code) == 1
+    assert vocabulary.anatomy_label_for_codes(left["category"], lung, None) is None
     with pytest.raises(InputError, match="Anatomy label 9 is not in the vocabulary"):
         vocabulary.anatomy_entry(9)
 

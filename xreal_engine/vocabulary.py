@@ -81,13 +81,13 @@ def _same_code(a: dict | None, b: dict | None) -> bool:
 
 
 def anatomy_label_for_codes(category: dict | None, type_: dict | None, type_modifier: dict | None = None) -> int | None:
-    """The label whose category/type/modifier codes equal the given ones (scheme and value), else None."""
+    """The label whose type and type modifier codes equal the given ones (scheme and value), else None.
+
+    The category is not compared: tools disagree on it (SCT 123037004 in Slicer, 91723000 in
+    current DICOM) while type + laterality already identify the structure. Same rule as the Slicer side.
+    """
     for entry in _parsed()["anatomy"]:
-        if (
-            _same_code(entry["category"], category)
-            and _same_code(entry["type"], type_)
-            and _same_code(entry.get("type_modifier"), type_modifier)
-        ):
+        if _same_code(entry["type"], type_) and _same_code(entry.get("type_modifier"), type_modifier):
             return entry["label"]
     return None
 
