@@ -314,11 +314,10 @@ def _http_message(response) -> str:
     return f"{reason}: {detail}" if detail else reason
 
 
-def _dicomweb_client(node: PacsNode):
-    import requests
+def _dicomweb_client(node: PacsNode, session):
+    """A dicomweb-client for ``node`` on ``session`` (a requests.Session the caller closes)."""
     from dicomweb_client.api import DICOMwebClient
 
-    session = requests.Session()
     session.verify = node.verify_tls
     client = DICOMwebClient(url=node.url, session=session, headers=dict(node.headers), timeout=node.timeout_s)
     client.set_http_retry_params(retry=False)  # we retry ourselves, counting attempts and covering network errors
@@ -375,8 +374,11 @@ class _DicomwebSender:
     """STOW-RS, one instance per request so that every instance gets its own status and retries."""
 
     def __init__(self, node: PacsNode, datasets):
+        import requests
+
         self.node = node
-        self.client = _dicomweb_client(node)
+        self.session = requests.Session()
+        self.client = _dicomweb_client(node, self.session)
 
     def send(self, dataset) -> tuple[str, str]:
         import pydicom
@@ -385,6 +387,8 @@ class _DicomwebSender:
         uid = str(dataset.SOPInstanceUID)
         try:
             response = _call_dicomweb(self.node, "STOW-RS", lambda: self.client.store_instances([dataset]))
+            if "ReferencedSOPSequence" not in response and "FailedSOPSequence" not in response:
+                return "accepted", "HTTP 200; the PACS returned no per-instance status"
             return _stow_outcome(response, uid, 200)
         except PacsError as error:
             # An instance-level refusal (e.g. 409 with a FailedSOPSequence) fails this instance only.
@@ -400,7 +404,7 @@ class _DicomwebSender:
                 return "failed", _http_message(response)
 
     def close(self) -> None:
-        self.client._session.close()
+        self.session.close()
 
 
 # --------------------------------------------------------------------------- DIMSE
@@ -616,8 +620,10 @@ def _qido_value(item: dict, tag: str):
 
 
 def _fetch_dicomweb(node: PacsNode, study: str, series: str, instance, dest_dir: Path, retries, backoff_s) -> Path:
-    client = _dicomweb_client(node)
-    try:
+    import requests
+
+    with requests.Session() as session:
+        client = _dicomweb_client(node, session)
         search_filters = {"SOPInstanceUID": instance} if instance else None
         found, _ = with_retries(lambda: _call_dicomweb(node, "QIDO-RS", lambda: client.search_for_instances(
             study_instance_uid=study, series_instance_uid=series, search_filters=search_filters,
@@ -633,8 +639,6 @@ def _fetch_dicomweb(node: PacsNode, study: str, series: str, instance, dest_dir:
         chosen = _pick_xray(candidates, node, study, series, instance)
         dataset, _ = with_retries(lambda: _call_dicomweb(node, "WADO-RS", lambda: client.retrieve_instance(
             study, series, chosen["sop_instance_uid"])), f"Retrieving from PACS '{node.name}'", retries, backoff_s)
-    finally:
-        client._session.close()
 
     def write(path: Path) -> None:
         dataset.save_as(path, enforce_file_format=True)
