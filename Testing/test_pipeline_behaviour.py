@@ -160,6 +160,13 @@ def test_batched_guidance_equals_two_sequential_passes(pipe):
     assert (eps_cond - eps_uncond).abs().max() > 1e-3  # the prompts really differ
 
 
+def test_unet_uses_scaled_dot_product_attention(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processors = pipe.unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
 def test_original_rng_follows_the_global_seed(pipe):
     def original(seed):
         torch.manual_seed(seed)

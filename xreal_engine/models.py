@@ -157,6 +157,8 @@ class ModelInfo:
             raise ModelError(f"{path} cannot be read as JSON ({error}).") from None
         return cls.from_dict(data, source=str(path))
 
+    from_dir = load  # the name generate.py uses
+
 
 def check_model_dir(model_dir: str | Path) -> Path:
     """A directory with metadata, ``model_index.json`` and every component folder, else ModelError."""

@@ -199,7 +199,11 @@ class XRealPipeline(DiffusionPipeline):
 
     def _run_stage(self, stage, image, known_mask, mask_steps, cond, uncond, guidance_scale, steps, eta, draw,
                    callback):
-        """XReal's ``sample_spatial_input``: encode, DDIM from noise, hold the known region, decode."""
+        """XReal's ``sample_spatial_input``: encode, DDIM from noise, hold the known region, decode.
+
+        Timesteps are diffusers' 'leading' spacing + offset 1 (991, 981, ..., 1 for 100 steps), exactly
+        ``steps`` of them; for step counts that do not divide 1000 the original ran one step more.
+        """
         if callback is not None:
             callback(stage, 0, steps)
         x0 = self._encode_to_latent(image, draw)
