@@ -118,6 +118,8 @@ def test_dcmqi_masks_equal_inputs_on_the_sc_grid(written, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    complaints = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith(("W:", "E:", "F:"))]
+    assert complaints == []
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert len(meta["segmentAttributes"]) == len(written["segments"])
     row_spacing, col_spacing = written["spacing"]

@@ -408,6 +408,8 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
         content_creator_name=None,
         omit_empty_frames=False,
     )
+    if "ContentCreatorName" not in seg:
+        seg.ContentCreatorName = None  # Type 2 in the Content Identification Macro: present, empty (dcmqi checks it)
     seg.SyntheticData = "YES"
     seg.SeriesDescription = f"SYNTHETIC masks (XReal {provenance.get('model_id', 'model')})"[:64]
     seg.BodyPartExamined = "CHEST"
