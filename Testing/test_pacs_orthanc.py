@@ -479,7 +479,7 @@ def test_generate_from_pacs_source_joins_the_source_study(orthanc, config, web_c
     out = tmp_path / "result"
     exit_code = cli.main(["generate", "--model", str(model), "--source", "dicomweb:orthanc", "--study", study,
                           "--series", series, "--pathology-mask", str(tmp_path / "region.png"), "--finding", "cardiomegaly",
-                          "--steps", "2", "--seed", "0", "--device", "cpu", "--pacs-config", str(config_file),
+                          "--steps", "2", "--anatomy-steps", "1", "--seed", "0", "--device", "cpu", "--pacs-config", str(config_file),
                           "--out", str(out)])
     assert exit_code == 0, capsys.readouterr().err
     sc, seg = pydicom.dcmread(out / "sc.dcm"), pydicom.dcmread(out / "seg.dcm")
