@@ -8,6 +8,7 @@ The engine itself (torch, diffusers) always runs in a separate process.
 
 import logging
 import os
+import queue
 import random
 import shutil
 import sys
@@ -38,6 +39,7 @@ from XRealSlicerLib.jobs import CANCELLED, DONE, FAILED, FINAL, JobRunner, JobSp
 from XRealSlicerLib.launcher import (
     EngineLauncher,
     create_venv_command,
+    make_spawn,
     install_requirements_command,
     requirements_installed,
     venv_python,
@@ -252,7 +254,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None and not self._task.done:
             slicer.util.showStatusMessage(_("XReal: still busy with the engine, please wait."), 3000)
             return
-        self._task = BackgroundCall(lambda: function(self._task, *args))
+        self.logic.prepareSpawn()
+        self._task = BackgroundCall(function, *args)
         self._taskDone = onDone
         self._timer.start()
 
@@ -264,7 +267,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not python:
             python = str(venv_python(self.logic.defaultEnvironmentDir()))
         self.ui.engineStatusLabel.text = _("Checking the engine's Python ...")
-        self.runInBackground(lambda task: requirements_installed(python), lambda task: self._afterCheck(task, python, model))
+        self.runInBackground(lambda task, path: requirements_installed(path),
+                             lambda task: self._afterCheck(task, python, model), python)
 
     def _afterCheck(self, task, python, model):
         if not task.ok or not task.value:
@@ -294,8 +298,12 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runInBackground(self.logic.startLocalEngine, self._afterConnect, python, model)
 
     def onStopEngine(self):
-        self.logic.stopLocalEngine()
-        self.ui.engineStatusLabel.text = _("Local engine stopped.")
+        """Shut the engine down through its API (in the background: it may finish a diffusion step first)."""
+        self.ui.engineStatusLabel.text = _("Stopping the local engine ...")
+        self.runInBackground(lambda task: self.logic.stopLocalEngine(), self._afterStop)
+
+    def _afterStop(self, task):
+        self.ui.engineStatusLabel.text = _("Local engine stopped.") if task.ok else _("Stopping failed.")
         self.updateEngineDependentWidgets()
 
     def onConnect(self):
@@ -520,8 +528,6 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Main thread: deliver finished background calls and job events (the only place MRML/Qt change)."""
         if self._task is not None:
             self.appendLog(self._task.new_lines())
-            if self.logic.launcher is not None:
-                self.appendLog(self.logic.drainEngineLog())
             finished = self._task.poll()
             if finished is not None:
                 done, self._taskDone = self._taskDone, None
@@ -530,6 +536,9 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._runner is not None:
             for event in self._runner.drain():
                 self.onJobEvent(event)
+        if self.logic.launcher is not None:
+            self.appendLog(self.logic.drainEngineLog())
+            return  # keep showing the local engine's output while it runs
         if (self._task is None or self._task.done) and (self._runner is None or not self._runner.busy) \
                 and self._runner_events_empty():
             self._timer.stop()
@@ -580,7 +589,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.client = None
         self.info = None
         self.engineUrl = None
-        self._engineLogSeen = 0
+        self.engineLog = queue.Queue()
+        self._spawn = None
 
     def getParameterNode(self):
         return XRealSlicerParameterNode(super().getParameterNode())
@@ -601,9 +611,14 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         return Path(slicer.app.temporaryPath) / "XRealSlicer" / "engine-data"
 
     def spawn(self, args, environment, cwd):
-        """Start a process in Slicer's startup environment (not Slicer's own PYTHONPATH)."""
-        return slicer.util.launchConsoleProcess(args, useStartupEnvironment=True, updateEnvironment=environment,
-                                                cwd=cwd)
+        """Start a process in Slicer's startup environment (not Slicer's own PYTHONPATH); thread-safe."""
+        if self._spawn is None:
+            self._spawn = make_spawn(slicer.util.startupEnvironment())
+        return self._spawn(args, environment, cwd)
+
+    def prepareSpawn(self):
+        """Read Slicer's startup environment on the main thread, before any worker thread needs it."""
+        self._spawn = make_spawn(slicer.util.startupEnvironment())
 
     def installRequirements(self, task, python):
         """First use: create the private environment if needed, then pip install the engine's requirements."""
@@ -623,8 +638,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         """Worker thread: start the bundled engine and read its info (no MRML/Qt here)."""
         self.stopLocalEngine()
         self.launcher = EngineLauncher(python, model, self.dataDirectory(), spawn=self.spawn)
-        self._engineLogSeen = 0
-        url = self.launcher.start(timeout=300)
+        url = self.launcher.start(timeout=300, progress=self.engineLog.put)
         self._setClient(url, self.launcher.token)
 
     def connectRemote(self, task, url, token):
@@ -637,10 +651,11 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.client, self.info, self.engineUrl = client, info, url
 
     def drainEngineLog(self):
-        lines = list(self.launcher.log_lines) if self.launcher else []
-        new = lines[self._engineLogSeen:] if len(lines) >= self._engineLogSeen else lines
-        self._engineLogSeen = len(lines)
-        return new
+        """Engine output lines received since the last call (the launcher's reader thread queues them)."""
+        lines = []
+        while not self.engineLog.empty():
+            lines.append(self.engineLog.get_nowait())
+        return lines
 
     def stopLocalEngine(self):
         if self.launcher is not None:
@@ -902,6 +917,7 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
             or str(venv_python(logic.defaultEnvironmentDir()))
         model = os.environ.get("XREALSLICER_TEST_MODEL", "demo")
         self.delayDisplay("Starting the local engine")
+        logic.prepareSpawn()
         logic.startLocalEngine(None, python, model)
         try:
             findings = connection.model_findings(logic.info)

@@ -7,9 +7,8 @@ the engine cannot take Slicer down). The engine binds an ephemeral loopback port
 for ``/health``, and stop it through the API (``shutdown``), falling back to
 terminate/kill so no orphan process is left behind.
 
-``spawn`` is injectable: inside Slicer the GUI passes a function that calls
-``slicer.util.launchConsoleProcess`` (clean startup environment); tests and
-scripts use :func:`default_spawn` (``subprocess.Popen``).
+``spawn`` is injectable: inside Slicer the GUI passes ``make_spawn(startup environment)``
+so the engine does not inherit Slicer's PYTHONPATH and library paths.
 """
 
 from __future__ import annotations
@@ -69,15 +68,28 @@ def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0
     return command
 
 
-def default_spawn(args: List[str], env_update: Dict[str, str], cwd: Optional[str]):
-    """Start ``args`` with stdout+stderr merged into one text pipe (what launchConsoleProcess does too)."""
-    env = dict(os.environ)
-    env.update(env_update)
-    kwargs = {}
-    if os.name == "nt":
-        kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            universal_newlines=True, bufsize=1, env=env, cwd=cwd, **kwargs)
+def make_spawn(base_environment: Optional[Dict[str, str]] = None) -> Callable:
+    """A spawn function: ``args`` with stdout+stderr merged into one text pipe, in ``base_environment``.
+
+    Inside Slicer the base is ``slicer.util.startupEnvironment()`` (read on the main thread),
+    i.e. the environment Slicer was started from, without Slicer's own PYTHONPATH and
+    library paths -- what ``launchConsoleProcess(useStartupEnvironment=True)`` uses, but safe
+    to call from a worker thread and the same in every Slicer version.
+    """
+
+    def spawn(args: List[str], env_update: Dict[str, str], cwd: Optional[str]):
+        env = dict(os.environ if base_environment is None else base_environment)
+        env.update(env_update)
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                universal_newlines=True, bufsize=1, env=env, cwd=cwd, **kwargs)
+
+    return spawn
+
+
+default_spawn = make_spawn()
 
 
 class EngineLauncher:
@@ -109,9 +121,7 @@ class EngineLauncher:
 
     def environment(self) -> Dict[str, str]:
         """PYTHONPATH points at the bundled engine; nothing of Slicer's own environment is needed."""
-        existing = os.environ.get("PYTHONPATH", "") if self.spawn is default_spawn else ""
-        path = str(self.engine_root) + (os.pathsep + existing if existing else "")
-        return {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1"}
+        return {"PYTHONPATH": str(self.engine_root), "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1"}
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -1,6 +1,7 @@
 """Blocking work (engine start, connection checks, installs) off the GUI thread.
 
-``BackgroundCall(fn)`` runs ``fn`` in a daemon thread; the GUI's ``QTimer`` calls
+``BackgroundCall(fn, *args)`` runs ``fn(call, *args)`` in a daemon thread (``call`` is the
+BackgroundCall itself, so ``fn`` can ``call.report(line)``); the GUI's ``QTimer`` calls
 ``poll()`` on the main thread, which returns None while running and the finished
 call (``.ok``, ``.value`` or ``.error``) exactly once. Lines a task wants shown
 (e.g. pip's output) go through ``report(line)`` into ``lines``, a queue drained
@@ -19,6 +20,7 @@ class BackgroundCall:
     """One function call in a worker thread, with its outcome handed back to the main thread."""
 
     def __init__(self, function: Callable, *args, name: str = "xreal-task", **kwargs):
+        """Start ``function(self, *args, **kwargs)`` in a thread (the attributes exist before it runs)."""
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.ok: Optional[bool] = None
         self.value = None
@@ -33,7 +35,7 @@ class BackgroundCall:
 
     def _run(self, function, args, kwargs) -> None:
         try:
-            self.value = function(*args, **kwargs)
+            self.value = function(self, *args, **kwargs)
             self.ok = True
         except BaseException as error:  # handed to the GUI, which shows it
             self.error = error
