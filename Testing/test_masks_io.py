@@ -134,6 +134,52 @@ def test_seg_nrrd_terminology_first_then_name_with_overlapping_layers(tmp_path):
     np.testing.assert_array_equal(read_pathology_mask(single), nodule())
 
 
+def write_slicer_seg_nrrd(path, layers: np.ndarray, header_fields: list[str], spacing=0.5):
+    """Byte-for-byte the layout Slicer's segmentation storage node writes: 4D, 'list' axis first, key:=value fields."""
+    rows, cols, n_layers = layers.shape
+    header = "\n".join(
+        [
+            "NRRD0004",
+            "type: unsigned char",
+            "dimension: 4",
+            "space: left-posterior-superior",
+            f"sizes: {n_layers} {cols} {rows} 1",
+            f"space directions: none ({spacing},0,0) (0,{spacing},0) (0,0,1)",
+            "kinds: list domain domain domain",
+            "encoding: raw",
+            "space origin: (0,0,0)",
+            "Segmentation_MasterRepresentation:=Binary labelmap",
+            "Segmentation_ReferenceImageExtentOffset:=0 0 0",
+            *header_fields,
+        ]
+    )
+    path.write_bytes((header + "\n\n").encode() + np.ascontiguousarray(layers, dtype=np.uint8).tobytes())
+    return path
+
+
+def test_seg_nrrd_in_slicer_layout(tmp_path):
+    labels = anatomy_map()
+    layers = np.zeros((*SHAPE, 2), np.uint8)
+    layers[..., 0][labels == 1] = 1
+    layers[..., 0][labels == 2] = 2
+    layers[..., 0][labels == 3] = 3
+    layers[..., 1][nodule()] = 1
+    fields = []
+    for index, (name, value, layer, entry) in enumerate(
+        [("Left lung", 1, 0, anatomy_entry(1)), ("Right lung", 2, 0, anatomy_entry(2)), ("Heart", 3, 0, anatomy_entry(3)), ("Nodule", 1, 1, finding_entry("nodule"))]
+    ):
+        fields += [f"Segment{index}_ID:=Segment_{index + 1}", f"Segment{index}_Name:={name}", f"Segment{index}_LabelValue:={value}",
+                   f"Segment{index}_Layer:={layer}", f"Segment{index}_Tags:={terminology(entry)}"]
+    path = write_slicer_seg_nrrd(tmp_path / "drawing.seg.nrrd", layers, fields)
+    result = load_masks(path, [], known_labels=KNOWN)
+    np.testing.assert_array_equal(result.anatomy, labels)
+    assert result.pixel_spacing_mm == pytest.approx((0.5, 0.5))
+    cropped = write_slicer_seg_nrrd(tmp_path / "cropped.seg.nrrd", layers, fields)
+    cropped.write_bytes(cropped.read_bytes().replace(b"ExtentOffset:=0 0 0", b"ExtentOffset:=5 7 0"))
+    with pytest.raises(InputError, match="cropped.seg.nrrd was saved cropped to its segments"):
+        load_masks(cropped, [], known_labels=KNOWN)
+
+
 def test_seg_nrrd_unknown_segment_is_refused(tmp_path):
     layers = (anatomy_map() > 0).astype(np.uint8)[..., np.newaxis]
     path = save_seg_nrrd(tmp_path / "odd.seg.nrrd", layers, [{"name": "spleen", "value": 1}])
