@@ -222,6 +222,10 @@ def _image_side_lengths(path: Path, fmt: str) -> list[int]:
 
 def _store_upload(upload: UploadFile, what: str, stem: str, folder: Path) -> str:
     """Copy one upload to ``folder/<stem><suffix>`` after checking type, format and size; return the name."""
+    client_name = upload.filename or ""
+    if any(bad in client_name for bad in ("/", "\\", "\x00")) or client_name in (".", ".."):
+        raise ApiError(400, "bad_filename",
+                       f"The {what} has a file name with folders or control characters; send a plain file name.")
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_CONTENT_TYPES:
         raise ApiError(415, "unsupported_media_type",
@@ -872,6 +876,7 @@ def run(args) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-object chatter, UIDs only
     app = create_app(settings)  # resolves the model directory: a wrong --model fails here
     sock = _listen(args.host, args.port)
     port = sock.getsockname()[1]
