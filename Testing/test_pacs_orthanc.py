@@ -38,9 +38,10 @@ FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
 @pytest.fixture(scope="module")
 def orthanc():
     server = OrthancServer(modalities={"xreal": (CALLING_AET, "127.0.0.1", free_port())})
-    server.start()
-    yield server
-    server.cleanup()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()  # also after a failed start: no process or storage left behind
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,7 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
         '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 70000, "called_aet": "A"}}}': "port",
         '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 104, "called_aet": "WAY-TOO-LONG-AE-TITLE"}}}': "AE title",
         '{"nodes": {"x": {"type": "dicomweb", "url": "ftp://x"}}}': "http",
+        '{"nodes": {"x": {"type": "dicomweb", "url": "http://user:pw@x/dicom-web"}}}': "Authorization header",
         '{"nodes": {"x": {"type": "dicomweb", "url": "http://x", "passwd": 1}}}': "unknown settings.*passwd",
         '{"nodes": {"x": {"type": "dicomweb", "url": "http://x", "headers": {"A": "${NOT_SET_ANYWHERE}"}}}}': "NOT_SET",
         '{"targets": {}}': "unknown sections",

@@ -176,6 +176,8 @@ def _parse_node(name: str, entry, can_push: bool, can_fetch: bool, origin: str) 
         url = entry.get("url")
         if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
             raise PacsError(f"{where} needs a \"url\" starting with http:// or https://.")
+        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            raise PacsError(f"{where} has credentials in its url; give them as an Authorization header instead.")
         headers = entry.get("headers", {})
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise PacsError(f"{where}: headers must map header names to text values.")
