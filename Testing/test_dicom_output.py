@@ -244,7 +244,8 @@ def real_source_dataset() -> pydicom.Dataset:
     ds.SOPInstanceUID = hd.UID()
     ds.SeriesInstanceUID = hd.UID()
     ds.StudyInstanceUID = hd.UID()
-    ds.PatientName = "Doe^Jane"
+    ds.SpecificCharacterSet = "ISO_IR 100"  # Latin-1 source: the name must survive into the UTF-8 result
+    ds.PatientName = "Müller^Jürgen"
     ds.PatientID = "MRN-12345"
     ds.IssuerOfPatientID = "HOSPITAL"
     ds.PatientBirthDate = "19700101"

@@ -290,6 +290,8 @@ def build_secondary_capture(image, pixel_spacing_mm, provenance: dict, source: p
         pixel_spacing=(spacing[0], spacing[1]),
         patient_orientation=PATIENT_ORIENTATION,
     )
+    # UTF-8, so that names copied from a source in any character set are stored faithfully.
+    sc.SpecificCharacterSet = "ISO_IR 192"
     for keyword in ("IssuerOfPatientID", "StudyDescription"):
         if attributes.get(keyword):
             setattr(sc, keyword, attributes[keyword])
