@@ -185,7 +185,7 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
             raise InputError("An anatomy label map is required to generate an image.")
         anatomy = None
         pathologies = [
-            mask_io.Pathology(mask=_read_edit_region(Path(path), source_pixels.shape), finding=finding, name=_finding_name(finding))
+            mask_io.Pathology(mask=_read_edit_region(Path(path), source_pixels.shape), finding=finding, name=finding or "removed finding")
             for path, finding in request.pathologies
         ]
         warnings = []
@@ -220,10 +220,6 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
     )
 
 
-def _finding_name(finding: str) -> str:
-    return finding if finding else "removed finding"
-
-
 def _check_finding(finding: str, known_findings: list, edit_mode: bool) -> None:
     if finding == "" and edit_mode:
         return  # edit mode: remove whatever is in the region
@@ -234,15 +230,16 @@ def _check_finding(finding: str, known_findings: list, edit_mode: bool) -> None:
 
 def _read_edit_region(path: Path, shape: tuple) -> np.ndarray:
     """A pathology region for edit mode without an anatomy map: a binary mask on the image grid."""
-    from . import masks as mask_io
+    from .masks import read_pathology_mask
 
-    mask_set = mask_io.load_masks(path, [], known_labels=set(range(256)), known_findings=None)
-    region = mask_set.anatomy > 0
+    region = read_pathology_mask(path)
     if region.shape != tuple(shape):
         raise InputError(
             f"The pathology mask {path.name} is {region.shape[1]}x{region.shape[0]} pixels but the image to edit is "
-            f"{shape[1]}x{shape[0]}."
+            f"{shape[1]}x{shape[0]}; draw the region on the image itself."
         )
+    if not region.any():
+        raise InputError(f"The pathology mask {path.name} is empty; draw the region to edit.")
     return region
 
 
@@ -513,7 +510,7 @@ def run(args) -> int:
         )
         from .models import ModelInfo, resolve_model
 
-        model_info = ModelInfo.from_dir(resolve_model(args.model))
+        model_info = ModelInfo.load(resolve_model(args.model))
         prepared = prepare_request(request, model_info)
         for warning in prepared.warnings:
             print(f"warning: {warning}", file=sys.stderr)
