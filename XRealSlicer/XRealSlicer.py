@@ -125,6 +125,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runner = None
         self._runDir = None
         self._timer = None
+        self._sendDialog = None
 
     # ------------------------------------------------------------------ setup
 
@@ -173,6 +174,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.randomSeedButton.connect("clicked()", self.onRandomSeed)
         self.ui.generateButton.connect("clicked()", self.onGenerateOrCancel)
         self.ui.showResultButton.connect("clicked()", self.onShowResult)
+        self.ui.sendWithSlicerButton.connect("clicked()", self.onSendWithSlicer)
         self.ui.resultsListWidget.connect("itemDoubleClicked(QListWidgetItem*)", lambda item: self.onShowResult())
         self.ui.progressBar.setRange(0, 100)
 
@@ -554,6 +556,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 nodes = self.logic.loadResult(event.result)
                 item = qt.QListWidgetItem(f"{event.label or 'result'} ({event.result.provenance.get('model_id', '')})")
                 item.setData(qt.Qt.UserRole, nodes["volume"].GetID())
+                item.setData(qt.Qt.UserRole + 1, [str(path) for path in event.result.dicom_files])
                 self.ui.resultsListWidget.addItem(item)
                 for warning in event.result.warnings:
                     self.appendLog([warning])
@@ -577,6 +580,17 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
         if volume is not None:
             self.logic.showVolume(volume)
+
+
+    def onSendWithSlicer(self):
+        """Slicer's own DICOM send (the user's configured PACS), for setups without engine destinations."""
+        item = self.ui.resultsListWidget.currentItem()
+        if item is None:
+            slicer.util.errorDisplay(_("Select a result first."))
+            return
+        import DICOMLib
+
+        self._sendDialog = DICOMLib.DICOMSendDialog(list(item.data(qt.Qt.UserRole + 1)))
 
 
 class XRealSlicerLogic(ScriptedLoadableModuleLogic):
