@@ -378,11 +378,13 @@ class JobService:
         log.info("job %s deleted", job_id)
         return True
 
-    def purge_expired(self) -> int:
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete finished jobs older than the retention period (``now`` defaults to the clock)."""
         self._last_purge = time.monotonic()
         if self.retention_hours <= 0:
             return 0
-        expired = self.store.expired(time.time() - self.retention_hours * 3600)
+        now = time.time() if now is None else now
+        expired = self.store.expired(now - self.retention_hours * 3600)
         for job_id in expired:
             self.store.delete(job_id)
         if expired:
