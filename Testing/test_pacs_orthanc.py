@@ -26,8 +26,6 @@ from orthanc import OrthancServer, free_port, orthanc_available
 from xreal_engine import cli, pacs
 from xreal_engine.errors import InputError
 
-pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed (make system-deps)")
-
 CALLING_AET = "XREALTEST"
 FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
 
@@ -37,6 +35,8 @@ FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
 
 @pytest.fixture(scope="module")
 def orthanc():
+    if not orthanc_available():
+        pytest.skip("Orthanc and its DICOMweb plugin are not installed (make system-deps)")
     server = OrthancServer(modalities={"xreal": (CALLING_AET, "127.0.0.1", free_port())})
     try:
         yield server.start()
