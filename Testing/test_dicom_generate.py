@@ -1,0 +1,97 @@
+"""`xreal-engine generate` writes a DICOM pair that independent readers accept, in both modes (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from xreal_engine.cli import main
+from xreal_engine.dicom import PROVENANCE_PREFIX
+
+SEGIMAGE2ITKIMAGE = shutil.which("segimage2itkimage") or str(Path(sys.executable).parent / "segimage2itkimage")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from xreal_engine.models import create_random_model
+
+    return create_random_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    labels = np.asarray(Image.open(shared_dir / "data" / "cxr" / "wingspan" / "labels" / "ws_0001.png"))
+    anatomy = folder / "anatomy.png"
+    Image.fromarray(labels).save(anatomy)
+    rows, cols = np.nonzero(labels == 1)  # a nodule inside the left lung
+    region = np.zeros(labels.shape, np.uint8)
+    r, c = int(rows.mean()), int(cols.mean())
+    region[r - 8 : r + 8, c - 8 : c + 8] = 255
+    Image.fromarray(region).save(folder / "nodule.png")
+
+    image = np.asarray(Image.open(shared_dir / "data" / "cxr" / "wingspan" / "images" / "ws_0001.png").convert("L"))
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality, ds.InstitutionName = "Doe^John", "MRN-1", "DX", "Hospital"
+    ds.set_pixel_data(image.astype(np.uint16) * 16, "MONOCHROME2", 12)
+    ds.ImagerPixelSpacing = [1.4, 1.4]
+    ds.save_as(folder / "dx.dcm", enforce_file_format=True)
+    return {"anatomy": anatomy, "nodule": folder / "nodule.png", "dx": folder / "dx.dcm", "labels": labels, "region": region > 0}
+
+
+def dcmqi_masks(seg_path: Path, out_dir: Path) -> list[np.ndarray]:
+    import SimpleITK as sitk
+
+    out_dir.mkdir()
+    run = subprocess.run([SEGIMAGE2ITKIMAGE, "--inputDICOM", str(seg_path), "--outputDirectory", str(out_dir)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    count = len(json.loads((out_dir / "meta.json").read_text())["segmentAttributes"])
+    return [sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / f"{n}.nrrd")))[0] != 0 for n in range(1, count + 1)]
+
+
+@pytest.mark.skipif(not Path(SEGIMAGE2ITKIMAGE).exists(), reason="dcmqi is not installed")
+def test_generate_writes_a_pair_on_the_input_grid(tiny_model, inputs, tmp_path):
+    out = tmp_path / "result"
+    code = main(["generate", "--model", str(tiny_model), "--anatomy", str(inputs["anatomy"]), "--pathology-mask", str(inputs["nodule"]),
+                 "--finding", "nodule", "--seed", "3", "--out", str(out)])
+    assert code == 0
+    sc = pydicom.dcmread(out / "sc.dcm")
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert (sc.Rows, sc.Columns) == inputs["labels"].shape
+    assert sc.SOPInstanceUID == provenance["dicom"]["sc_sop_instance_uid"]
+    recorded = json.loads(sc.ImageComments[len(PROVENANCE_PREFIX):])
+    assert recorded["seed"] == 3 and recorded["model_id"] == provenance["model_id"] and recorded["findings"] == ["nodule"]
+    masks = dcmqi_masks(out / "seg.dcm", tmp_path / "dcmqi")
+    expected = [inputs["labels"] == label for label in (1, 2, 3)] + [inputs["region"]]
+    assert len(masks) == len(expected)
+    for got, want in zip(masks, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_generate_edit_mode_joins_the_source_study(tiny_model, inputs, tmp_path):
+    out = tmp_path / "edited"
+    code = main(["generate", "--model", str(tiny_model), "--image", str(inputs["dx"]), "--pathology-mask", str(inputs["nodule"]),
+                 "--finding", "nodule", "--seed", "0", "--out", str(out)])
+    assert code == 0
+    source = pydicom.dcmread(inputs["dx"])
+    sc = pydicom.dcmread(out / "sc.dcm")
+    seg = pydicom.dcmread(out / "seg.dcm")
+    assert sc.StudyInstanceUID == seg.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.PatientID == source.PatientID and sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert "InstitutionName" not in sc and sc.SyntheticData == "YES"
+    assert [float(v) for v in sc.PixelSpacing] == [1.4, 1.4]  # the source's field of view is carried over
