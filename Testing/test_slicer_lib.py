@@ -182,6 +182,31 @@ def test_connection_rules():
     assert history[0] == "http://h5" and len(history) == 10 and history.count("http://h5") == 1
 
 
+def test_background_call_and_logged_commands():
+    import time
+
+    from XRealSlicerLib.launcher import check_requirements_command, requirements_installed, venv_python
+    from XRealSlicerLib.tasks import BackgroundCall, run_logged
+
+    code = "import sys; print('one'); print('two', file=sys.stderr); sys.exit(3)"
+    call = BackgroundCall(lambda task: run_logged([sys.executable, "-c", code], task.report))
+    assert call.wait(30)
+    finished = call.poll()
+    assert finished is call and call.ok and call.value == 3
+    assert call.poll() is None  # delivered once
+    assert sorted(call.new_lines()) == ["one", "two"]
+    failing = BackgroundCall(lambda task: 1 / 0)
+    failing.wait(10)
+    assert failing.poll() is failing and failing.ok is False and isinstance(failing.error, ZeroDivisionError)
+    # the engine's requirements import in this environment, and a missing interpreter is "not installed"
+    started = time.monotonic()
+    assert requirements_installed(sys.executable)
+    assert not requirements_installed("/nonexistent/python")
+    assert "torch" in check_requirements_command("py")[-1]
+    assert venv_python(Path("/v")).as_posix() in ("/v/bin/python", "/v/Scripts/python.exe")
+    assert time.monotonic() - started < 120
+
+
 def test_launcher_port_line_parsing():
     from XRealSlicerLib.launcher import engine_command, parse_port_line
 
@@ -211,7 +236,10 @@ def engine(tiny_model, tmp_path_factory):
     launcher = EngineLauncher(sys.executable, str(tiny_model), tmp_path_factory.mktemp("engine-data"), device="cpu")
     launcher.start(timeout=240)
     yield launcher
+    process = launcher.process
     launcher.stop()
+    # stopped through the API (uvicorn exits 0), not terminated or killed; no process left behind
+    assert process.returncode == 0 and launcher.process is None
 
 
 def test_launcher_starts_a_healthy_engine_with_a_token(engine):
