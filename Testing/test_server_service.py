@@ -473,6 +473,27 @@ def test_a_finished_job_cannot_be_cancelled_and_unlisted_files_are_refused(engin
     assert not_listed.value.status == 404
 
 
+def test_submit_command_runs_a_job_and_writes_the_result(engine, inputs, tmp_path):
+    out_dir = tmp_path / "result"
+    env = dict(os.environ, XREAL_ENGINE_TOKEN=TOKEN)
+    result = subprocess.run(
+        [sys.executable, "-m", "xreal_engine.cli", "submit", "--url", engine["url"], "--anatomy", str(inputs["anatomy"]),
+         "--pathology-mask", str(inputs["region"]), "--finding", "pneumothorax", "--steps", "2", "--seed", "5",
+         "--out", str(out_dir)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert {"sc.dcm", "seg.dcm", "preview.png", "provenance.json", "segments.json"} <= {
+        p.name for p in out_dir.iterdir()}
+    assert json.loads((out_dir / "provenance.json").read_text())["findings"] == ["pneumothorax"]
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "xreal_engine.cli", "submit", "--url", engine["url"], "--anatomy", str(inputs["anatomy"]),
+         "--pathology-mask", str(inputs["region"]), "--finding", "unicorn", "--out", str(tmp_path / "never")],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2 and "unicorn" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "never").exists()
+
+
 def test_shutdown_endpoint_stops_the_engine(engine):
     """Runs last in this file: the Slicer launcher stops a local engine this way."""
     assert engine["client"].shutdown()["status"] == "shutting down"
