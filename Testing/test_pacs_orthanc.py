@@ -51,6 +51,9 @@ def config(orthanc):
                         "headers": {"Authorization": orthanc.authorization_header}, "timeout_s": 10},
         "orthanc-dimse": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
                           "called_aet": orthanc.aet, "calling_aet": CALLING_AET, "timeout_s": 10},
+        "orthanc-move": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port, "called_aet": orthanc.aet,
+                         "calling_aet": CALLING_AET, "retrieve": "c-move", "move_port": orthanc.modalities["xreal"][2],
+                         "move_bind_address": "127.0.0.1", "timeout_s": 10},
     }})
 
 
@@ -163,6 +166,8 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
         '{"nodes": {"x": {"type": "dicomweb", "url": "http://x", "passwd": 1}}}': "unknown settings.*passwd",
         '{"nodes": {"x": {"type": "dicomweb", "url": "http://x", "headers": {"A": "${NOT_SET_ANYWHERE}"}}}}': "NOT_SET",
         '{"targets": {}}': "unknown sections",
+        '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 104, "called_aet": "A", "retrieve": "c-move"}}}': "move_port",
+        '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 104, "called_aet": "A", "retrieve": "wado"}}}': "c-get",
         '{"nodes": ': "not valid JSON",
     }
     for text, message in bad_entries.items():
@@ -437,8 +442,9 @@ def test_fetch_source_dicomweb_picks_first_image_and_writes_it(orthanc, config, 
     assert pydicom.dcmread(path).SOPInstanceUID == second.SOPInstanceUID
 
 
-def test_fetch_source_dimse_cfind_cget(orthanc, config, source_series, tmp_path):
-    path = pacs.fetch_source("orthanc-dimse", source_series["study"], source_series["series"], dest_dir=tmp_path,
+@pytest.mark.parametrize("source", ["orthanc-dimse", "orthanc-move"])
+def test_fetch_source_dimse_cfind_then_cget_or_cmove(orthanc, config, source_series, tmp_path, source):
+    path = pacs.fetch_source(source, source_series["study"], source_series["series"], dest_dir=tmp_path,
                              config=config, **FAST)
     fetched, first = pydicom.dcmread(path), source_series["first"]
     assert fetched.SOPInstanceUID == first.SOPInstanceUID and fetched.PixelData == first.PixelData

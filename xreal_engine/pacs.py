@@ -19,8 +19,10 @@ Configuration (``--pacs-config FILE``, else ``$XREAL_ENGINE_PACS_CONFIG``, else
 both. Optional per node: ``timeout_s`` (30), ``verify_tls`` (true, or a CA bundle
 path; DICOMweb only). ``${VAR}`` in header values is read from the environment so
 that secrets need not sit in the file. A DIMSE source must know our calling AE
-title (C-FIND and C-GET are used; the retrieved objects come back on the same
-association).
+title: it is queried with C-FIND and retrieved from with C-GET (the image comes
+back on the same association), or, with ``"retrieve": "c-move"``, with C-MOVE
+to our calling AE title, for which the engine listens on ``move_port`` (bound to
+``move_bind_address``, default 0.0.0.0) only while it fetches.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ NODE_TYPES = ("dicomweb", "dimse")
 SECTION_ROLES = {"destinations": (True, False), "sources": (False, True), "nodes": (True, True)}
 NODE_KEYS = {
     "dicomweb": {"type", "url", "headers", "timeout_s", "verify_tls"},
-    "dimse": {"type", "host", "port", "called_aet", "calling_aet", "timeout_s"},
+    "dimse": {"type", "host", "port", "called_aet", "calling_aet", "timeout_s", "retrieve", "move_port",
+              "move_bind_address"},
 }
+RETRIEVE_METHODS = ("c-get", "c-move")
 DEFAULT_CALLING_AET = "XREAL"
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -105,6 +109,9 @@ class PacsNode:
     port: int | None = None
     called_aet: str | None = None
     calling_aet: str = DEFAULT_CALLING_AET
+    retrieve: str = "c-get"  # DIMSE sources: C-GET, or C-MOVE to our own storage SCP on move_port
+    move_port: int | None = None
+    move_bind_address: str = "0.0.0.0"
     timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
@@ -194,8 +201,20 @@ def _parse_node(name: str, entry, can_push: bool, can_fetch: bool, origin: str) 
         raise PacsError(f"{where} needs a \"port\" between 1 and 65535.")
     called_aet = _check_aet(entry.get("called_aet"), f"{where} called_aet")
     calling_aet = _check_aet(entry.get("calling_aet", DEFAULT_CALLING_AET), f"{where} calling_aet")
+    retrieve = entry.get("retrieve", "c-get")
+    if retrieve not in RETRIEVE_METHODS:
+        raise PacsError(f"{where}: retrieve must be \"c-get\" or \"c-move\", not {retrieve!r}.")
+    move_port = entry.get("move_port")
+    if retrieve == "c-move" and (not isinstance(move_port, int) or isinstance(move_port, bool)
+                                 or not 1 <= move_port <= 65535):
+        raise PacsError(f"{where} retrieves with C-MOVE and needs the \"move_port\" (1-65535) on which this engine "
+                        "receives the images; the PACS must know it under the calling AE title.")
+    move_bind_address = entry.get("move_bind_address", "0.0.0.0")
+    if not isinstance(move_bind_address, str) or not move_bind_address:
+        raise PacsError(f"{where}: move_bind_address must be an IP address to listen on.")
     return PacsNode(name, node_type, can_push, can_fetch, host=host, port=port, called_aet=called_aet,
-                    calling_aet=calling_aet, timeout_s=float(timeout_s))
+                    calling_aet=calling_aet, retrieve=retrieve, move_port=move_port,
+                    move_bind_address=move_bind_address, timeout_s=float(timeout_s))
 
 
 def parse_config(data, origin: str = "the PACS configuration", path: Path | None = None) -> PacsConfig:
@@ -650,9 +669,10 @@ def _fetch_dicomweb(node: PacsNode, study: str, series: str, instance, dest_dir:
 
 def _fetch_dimse(node: PacsNode, study: str, series: str, instance, dest_dir: Path, retries, backoff_s) -> Path:
     from pydicom import Dataset
-    from pynetdicom import build_context, build_role, evt
+    from pynetdicom import AE, build_context, build_role, evt
     from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
-                                      StudyRootQueryRetrieveInformationModelGet)
+                                      StudyRootQueryRetrieveInformationModelGet,
+                                      StudyRootQueryRetrieveInformationModelMove)
     from pynetdicom.status import code_to_category
 
     query = Dataset()
@@ -691,36 +711,68 @@ def _fetch_dimse(node: PacsNode, study: str, series: str, instance, dest_dir: Pa
     candidates, _ = with_retries(find, f"Searching PACS '{node.name}'", retries, backoff_s)
     chosen = _pick_xray(candidates, node, study, series, instance)
     sop_class = chosen["sop_class_uid"]
-    received: dict[str, bytes] = {}
 
-    def store(event) -> int:  # the PACS sends the instance back on our own association (C-GET)
-        received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset()
+    wanted = chosen["sop_instance_uid"]
+    received: dict[str, bytes] = {}
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID, identifier.SeriesInstanceUID, identifier.SOPInstanceUID = study, series, wanted
+
+    def store(event) -> int:
+        """The PACS's C-STORE sub-operation: keep the bytes of the instance we asked for."""
+        if str(event.request.AffectedSOPInstanceUID) == wanted:
+            received[wanted] = event.encoded_dataset()
         return 0x0000
 
-    def get() -> bytes:
-        retrieve = Dataset()
-        retrieve.QueryRetrieveLevel = "IMAGE"
-        retrieve.StudyInstanceUID, retrieve.SeriesInstanceUID = study, series
-        retrieve.SOPInstanceUID = chosen["sop_instance_uid"]
+    def final_status_of(responses) -> int | None:
+        final_status = None
+        for status, _identifier in responses:
+            if status and "Status" in status:
+                final_status = int(status.Status)
+        return final_status
+
+    def get() -> int | None:
         contexts = [build_context(StudyRootQueryRetrieveInformationModelGet),
                     build_context(sop_class, list(RETRIEVE_TRANSFER_SYNTAXES))]
         association = _associate(node, contexts, "C-GET", ext_neg=[build_role(sop_class, scp_role=True)],
                                  evt_handlers=[(evt.EVT_C_STORE, store)])
-        final_status = None
         try:
-            for status, _identifier in association.send_c_get(retrieve, StudyRootQueryRetrieveInformationModelGet):
-                if status and "Status" in status:
-                    final_status = int(status.Status)
+            return final_status_of(association.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet))
         finally:
             association.release()
-        if chosen["sop_instance_uid"] in received:
-            return received[chosen["sop_instance_uid"]]
-        if final_status is None:
-            raise TransientPacsError(f"{node.address} gave no C-GET answer, the association was aborted or timed out "
-                                     f"(does the PACS know calling AE title {node.calling_aet}?).")
-        raise PacsError(f"PACS '{node.name}' did not send the instance on C-GET (status 0x{final_status:04X}).")
 
-    data, _ = with_retries(get, f"Retrieving from PACS '{node.name}'", retries, backoff_s)
+    def move() -> int | None:
+        receiver = AE(ae_title=node.calling_aet)
+        receiver.add_supported_context(sop_class, list(RETRIEVE_TRANSFER_SYNTAXES))
+        for timeout_name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            setattr(receiver, timeout_name, node.timeout_s)
+        try:
+            server = receiver.start_server((node.move_bind_address, node.move_port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, store)])
+        except OSError as error:
+            raise PacsError(f"Cannot listen on {node.move_bind_address}:{node.move_port} for the C-MOVE from PACS "
+                            f"'{node.name}' ({error.strerror or error}).") from None
+        try:
+            association = _associate(node, [build_context(StudyRootQueryRetrieveInformationModelMove)], "C-MOVE")
+            try:
+                return final_status_of(association.send_c_move(identifier, node.calling_aet,
+                                                               StudyRootQueryRetrieveInformationModelMove))
+            finally:
+                association.release()
+        finally:
+            server.shutdown()
+
+    def retrieve() -> bytes:
+        action = node.retrieve.upper()
+        final_status = move() if node.retrieve == "c-move" else get()
+        if wanted in received:
+            return received[wanted]
+        if final_status is None:
+            raise TransientPacsError(f"{node.address} gave no {action} answer, the association was aborted or timed "
+                                     f"out (does the PACS know calling AE title {node.calling_aet}?).")
+        raise PacsError(f"PACS '{node.name}' did not send the instance on {action} (status 0x{final_status:04X}).")
+
+    data, _ = with_retries(retrieve, f"Retrieving from PACS '{node.name}'", retries, backoff_s)
     return _write_atomically(dest_dir, chosen["sop_instance_uid"], lambda path: path.write_bytes(data))
 
 
