@@ -123,7 +123,6 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None  # BackgroundCall for engine start / connect / install
         self._taskDone = None  # main-thread continuation of self._task
         self._runner = None
-        self._runDir = None
         self._timer = None
         self._sendDialog = None
 
@@ -198,6 +197,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
+        self.updatePathologySegmentList()  # segments may have been added in the Segment Editor
 
     def exit(self):
         if self._parameterNode:
@@ -230,7 +230,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             message = error_text(error)
         else:
             message = _("Unexpected problem: {error}").format(error=error)
-            logging.error("XReal: %s", traceback.format_exc())
+            logging.error("XReal: %s", "".join(traceback.format_exception(type(error), error, error.__traceback__)))
         slicer.util.errorDisplay((context + " " if context else "") + message, windowTitle=_("XReal"))
 
     def setStatus(self, text):
@@ -426,17 +426,20 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updatePathologySegmentList(self, *args):
         combo = self.ui.pathologySegmentComboBox
+        selectedId = combo.currentData
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        segmentation = self._parameterNode.segmentation if self._parameterNode else None
+        segmentation = self.ui.segmentationSelector.currentNode()
         if segmentation is not None:
             for segmentId, name in self.logic.pathologySegments(segmentation):
                 combo.addItem(name, segmentId)
+        if selectedId and combo.findData(selectedId) >= 0:
+            combo.setCurrentIndex(combo.findData(selectedId))
         combo.blockSignals(wasBlocked)
         self.onPathologySegmentSelected()
 
     def onPathologySegmentSelected(self, *args):
-        segmentation = self._parameterNode.segmentation if self._parameterNode else None
+        segmentation = self.ui.segmentationSelector.currentNode()
         segmentId = self.ui.pathologySegmentComboBox.currentData
         if segmentation is None or not segmentId:
             return
@@ -445,7 +448,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.findingComboBox.setCurrentIndex(index)
 
     def onFindingChosen(self, index):
-        segmentation = self._parameterNode.segmentation
+        segmentation = self.ui.segmentationSelector.currentNode()
         segmentId = self.ui.pathologySegmentComboBox.currentData
         finding = self.ui.findingComboBox.itemData(index)
         if segmentation is None or not segmentId or not finding:
@@ -708,12 +711,19 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             spacing = (spacingRowColumn[1], spacingRowColumn[0], 1.0)
         volume = slicer.util.addVolumeFromArray(np.zeros((1, rows, columns), np.float32),
                                                 ijkToRAS=canvas_ijk_to_ras(spacing), name=f"XReal canvas {path.stem}")
-        segmentation = self.createSegmentation(volume, findings, withAnatomy=True)
-        for label, mask in template_segments(labels).items():
-            for template in self.vocabulary.anatomy_templates([label]):
-                segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName(template.name)
-                if segmentId:
-                    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segmentId, volume)
+        segmentation = None
+        try:
+            segmentation = self.createSegmentation(volume, findings, withAnatomy=True)
+            for label, mask in template_segments(labels).items():
+                for template in self.vocabulary.anatomy_templates([label]):
+                    segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName(template.name)
+                    if segmentId:
+                        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segmentId, volume)
+        except Exception:
+            for node in (segmentation, volume):  # leave the scene as it was
+                if node is not None:
+                    slicer.mrmlScene.RemoveNode(node)
+            raise
         self.showVolume(volume)
         return volume, segmentation
 
