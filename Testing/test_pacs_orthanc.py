@@ -193,7 +193,7 @@ def test_stow_push_then_qido_finds_and_wado_returns_identical_pixels(orthanc, co
     files = [result / "sc.dcm", result / "seg.dcm"]
     before = file_digests(files)
     report = pacs.push_result("orthanc-web", result, config=config, **FAST)
-    assert report["accepted"] == 2 and report["failed"] == 0, report
+    assert report["accepted"] == 2 and report["failed"] == 0 and report["ok"], report
     assert [item["status"] for item in report["instances"]] == ["accepted", "accepted"]
     assert all(item["detail"].startswith("HTTP 200") and item["attempts"] == 1 for item in report["instances"])
     assert file_digests(files) == before  # local copy untouched
@@ -278,7 +278,7 @@ def test_instance_refusals_fail_that_instance_only(orthanc, config, tmp_path, ca
     private = _variant(result / "sc.dcm", tmp_path / "private.dcm", sop_class="1.2.826.0.1.3680043.10.1234.1")
 
     report = pacs.push_files("orthanc-web", [no_study, result / "sc.dcm"], config=config, **FAST)
-    assert [item["status"] for item in report["instances"]] == ["failed", "accepted"]
+    assert [item["status"] for item in report["instances"]] == ["failed", "accepted"] and not report["ok"]
     assert report["instances"][0]["detail"].startswith("HTTP 400; failure reason 0xC000")  # STOW FailedSOPSequence
     assert report["instances"][0]["attempts"] == 1
 

@@ -540,7 +540,7 @@ def push_files(name, files: Iterable, config=None, retries: int = 3, backoff_s: 
     """Send DICOM files to destination ``name``; returns a per-instance report.
 
     ``{"destination", "type", "instances": [{"sop_instance_uid", "file", "status":
-    "accepted"|"failed", "detail", "attempts"}], "accepted", "failed"}``. Every file is
+    "accepted"|"failed", "detail", "attempts"}], "accepted", "failed", "ok"}``. Every file is
     read and checked before anything is sent. An instance the PACS refuses is
     reported as failed and the push goes on; when the destination itself cannot be
     used (unreachable after all retries, wrong URL or credentials) a PacsError is
@@ -580,6 +580,7 @@ def push_files(name, files: Iterable, config=None, retries: int = 3, backoff_s: 
 def _count(report: dict) -> None:
     report["accepted"] = sum(item["status"] == "accepted" for item in report["instances"])
     report["failed"] = len(report["instances"]) - report["accepted"]
+    report["ok"] = report["failed"] == 0
 
 
 RESULT_FILES = ("sc.dcm", "seg.dcm")  # SC first: the SEG references it
