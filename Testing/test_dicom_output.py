@@ -222,6 +222,7 @@ def test_pydicom_round_trip_and_synthetic_markings(written):
 
     seg = pydicom.dcmread(written["dir"] / "seg.dcm")
     assert seg.SyntheticData == "YES" and seg.SeriesDescription.startswith("SYNTHETIC")
+    assert seg.ImageComments == sc.ImageComments
     assert seg.StudyInstanceUID == sc.StudyInstanceUID and seg.PatientID == sc.PatientID
     assert written["uids"] == {
         "study_instance_uid": sc.StudyInstanceUID,

@@ -24,8 +24,8 @@ the reader treats SC geometry. Image pixel (row r, column c) therefore sits at L
 Provenance is recorded in the SC's Image Comments as ``XREAL-PROVENANCE <json>``
 (the full ``provenance`` dict, JSON, sorted keys) and summarised in Derivation
 Description; both are standard General Image module attributes, no private tags.
-The SEG IOD has no General Image module: it carries the model id (Device Serial
-Number) and seed (Content Description) and references the SC, which holds the rest.
+The SEG carries the same Image Comments, the model id as Device Serial Number and
+the seed in Content Description, and references the SC.
 """
 
 from __future__ import annotations
@@ -413,6 +413,7 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
     if "ContentCreatorName" not in seg:
         seg.ContentCreatorName = None  # Type 2 in the Content Identification Macro: present, empty (dcmqi checks it)
     seg.SyntheticData = "YES"
+    seg.ImageComments = sc.ImageComments  # the same provenance JSON as the SC (General Image module, in the SEG IOD too)
     seg.SeriesDescription = f"SYNTHETIC masks (XReal {provenance.get('model_id', 'model')})"[:64]
     seg.BodyPartExamined = "CHEST"
     return seg
