@@ -469,7 +469,10 @@ class JobService:
         self._live[job_id].update("pushing", 0, 1)
         try:
             report = dict(self._push(destination, self.store.result_dir(job_id)))
-            report.setdefault("ok", True)
+            report.setdefault("ok", not report.get("failed"))
+            for instance in report.get("instances", []):  # file names only: no server paths in the API
+                if isinstance(instance, dict) and instance.get("file"):
+                    instance["file"] = Path(str(instance["file"])).name
         except Exception as error:  # noqa: BLE001 - a failed push is reported, the result stays
             log.warning("job %s: push to a PACS destination failed", job_id)
             report = {"ok": False, "message": _readable(error, "The result could not be sent")}

@@ -1,0 +1,107 @@
+"""The service's PACS hooks against a real Orthanc on loopback: ``push_to`` sends the
+result after success (and reports it in the job), ``source`` fetches the X-ray to edit,
+unknown names are refused with a 4xx before anything is queued.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from orthanc import OrthancServer, orthanc_available
+from test_server_service import final, inputs, save_png, start_engine, stop_engine, tiny_model, wait_until_ready  # noqa: F401
+from xreal_engine.client import EngineClient, EngineError
+
+pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    server = OrthancServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def pacs_engine(orthanc, tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pacs-engine")
+    config = folder / "pacs.json"
+    config.write_text(json.dumps({"nodes": {"orthanc": {
+        "type": "dicomweb", "url": orthanc.dicomweb_url,
+        "headers": {"Authorization": orthanc.authorization_header}, "timeout_s": 10}}}))
+    process, url = start_engine(tiny_model, folder / "data", "--pacs-config", str(config))
+    client = EngineClient(url, timeout=60)
+    try:
+        wait_until_ready(client)
+        yield client
+    finally:
+        stop_engine(process)
+
+
+def make_dx(path, size: int) -> pydicom.Dataset:
+    """A small 12-bit DX image, as a modality would store it."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    pixels = (2000 + 1500 * np.sin(xx / 7.0) * np.cos(yy / 9.0)).astype(np.uint16)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Pacs", "PACS-TEST-1", "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DX", 1, 1
+    ds.Manufacturer, ds.PatientOrientation, ds.BodyPartExamined = "test", ["L", "F"], "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType, ds.BurnedInAnnotation = "FOR PRESENTATION", "NO"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = ds.ImagerPixelSpacing = [6.0, 6.0]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_push_to_sends_the_result_and_reports_it(pacs_engine, orthanc, inputs):
+    job = pacs_engine.submit(inputs["anatomy"], [(inputs["region"], "cardiomegaly")], steps=2, push_to="orthanc")
+    done = final(pacs_engine, job["id"])
+    assert done["state"] == "succeeded", done
+    report = done["push"]
+    assert report["ok"] is True and report["destination"] == "orthanc" and report["accepted"] == 2, report
+    assert all("/" not in instance["file"] for instance in report["instances"])
+    web = DICOMwebClient(url=orthanc.dicomweb_url, headers={"Authorization": orthanc.authorization_header})
+    found = web.search_for_instances(search_filters={"SOPInstanceUID": done["dicom"]["sc_sop_instance_uid"]})
+    assert len(found) == 1
+
+
+def test_source_fetches_the_image_to_edit_from_the_pacs(pacs_engine, orthanc, inputs, tmp_path):
+    source = make_dx(tmp_path / "dx.dcm", inputs["size"])
+    orthanc.upload(tmp_path / "dx.dcm")
+    job = pacs_engine.submit(None, [(inputs["region"], "pneumonia")], steps=2, source={
+        "source": "orthanc", "study": source.StudyInstanceUID, "series": source.SeriesInstanceUID})
+    done = final(pacs_engine, job["id"])
+    assert done["state"] == "succeeded" and done["mode"] == "edit", done
+    sc = pydicom.dcmread(pacs_engine.download(done["id"], "sc.dcm", tmp_path))
+    assert sc.StudyInstanceUID == source.StudyInstanceUID, "an edited image joins the source study"
+
+
+def test_unknown_pacs_names_are_refused_before_queueing(pacs_engine, inputs):
+    with pytest.raises(EngineError) as destination:
+        pacs_engine.submit(inputs["anatomy"], [(inputs["region"], "cardiomegaly")], push_to="nowhere")
+    assert destination.value.status == 422 and "nowhere" in destination.value.message
+    with pytest.raises(EngineError) as source:
+        pacs_engine.submit(None, [(inputs["region"], "pneumonia")], source={
+            "source": "nowhere", "study": generate_uid(), "series": generate_uid()})
+    assert source.value.status == 422 and "nowhere" in source.value.message
+    assert [node["name"] for node in pacs_engine.info()["pacs"]] == ["orthanc"]
