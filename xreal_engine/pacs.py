@@ -186,7 +186,8 @@ def _parse_node(name: str, entry, can_push: bool, can_fetch: bool, origin: str) 
         if "@" in url.split("://", 1)[1].split("/", 1)[0]:
             raise PacsError(f"{where} has credentials in its url; give them as an Authorization header instead.")
         headers = entry.get("headers", {})
-        if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        if not isinstance(headers, dict) or not all(isinstance(key, str) and isinstance(value, str)
+                                                    for key, value in headers.items()):
             raise PacsError(f"{where}: headers must map header names to text values.")
         headers = {key: _expand_environment(value, f"{where} header {key}") for key, value in headers.items()}
         verify_tls = entry.get("verify_tls", True)
@@ -267,8 +268,8 @@ def load_config(path=None) -> PacsConfig:
             data = json.loads(text)
     except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PacsError(f"PACS configuration file {config_path} is not valid {config_path.suffix.lstrip('.').upper() or 'JSON'} "
-                        f"({first_line}).") from None
+        file_format = "YAML" if config_path.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise PacsError(f"PACS configuration file {config_path} is not valid {file_format} ({first_line}).") from None
     return parse_config(data, origin=str(config_path), path=config_path)
 
 
@@ -560,7 +561,8 @@ def push_files(name, files: Iterable, config=None, retries: int = 3, backoff_s: 
                 (status, detail), attempts = with_retries(
                     lambda: sender.send(dataset), f"Pushing {path.name} to PACS '{node.name}'", retries, backoff_s)
             except PacsError as error:
-                report["instances"].append({**entry, "status": "failed", "detail": str(error), "attempts": error.attempts})
+                report["instances"].append({**entry, "status": "failed", "detail": str(error),
+                                            "attempts": error.attempts})
                 if error.instance_level:  # the PACS is there but refused this object: go on with the next one
                     continue
                 for later_path, later in zip(paths[index + 1:], datasets[index + 1:]):
