@@ -159,8 +159,6 @@ def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | N
             stack = seg.get_pixels_by_source_instance(instances, combine_segments=False)
         else:
             stack = seg.get_volume(combine_segments=False).array
-    except InputError:
-        raise
     except Exception as error:
         raise InputError(f"{path.name}: the DICOM-SEG cannot be decoded as a single 2D plane ({type(error).__name__}).") from None
     if stack.shape[0] != 1:
@@ -175,7 +173,7 @@ def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | N
             modifier = {"scheme": item.CodingSchemeDesignator, "value": item.CodeValue, "meaning": item.CodeMeaning}
         segments.append(
             _Segment(
-                mask=np.asarray(stack[0, ..., position]) > 0,
+                mask=np.asarray(stack[0, ..., position]) > 0.5,  # binary 0/1, or fractional rescaled to [0, 1]
                 name=str(description.SegmentLabel),
                 category=_code_dict(description.segmented_property_category),
                 type=_code_dict(description.segmented_property_type),
