@@ -340,3 +340,47 @@ def test_real_label_maps_and_pathology_masks(shared_dir, tmp_path):
         if checked == 3:
             break
     assert checked == 3
+
+
+def _seg_from(sources, pixel_array, segmentation_type, path):
+    import highdicom as hd
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Nodule",
+        segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure"),
+        segmented_property_type=hd.sr.CodedConcept("27925004", "SCT", "Nodule"),
+        algorithm_type="MANUAL",
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixel_array, segmentation_type=segmentation_type, segment_descriptions=[description],
+        series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="other tool",
+        manufacturer_model_name="x", software_versions="1", device_serial_number="1",
+    )
+    seg.save_as(path)
+    return path
+
+
+def _geometry_sc(z: float, frame_of_reference: str):
+    from xreal_engine.dicom import build_secondary_capture
+
+    sc = build_secondary_capture(np.zeros(SHAPE, np.float32), (1.0, 1.0), {})
+    sc.ImagePositionPatient = [0.0, 0.0, z]
+    sc.FrameOfReferenceUID = frame_of_reference
+    sc.SliceThickness = 1.0
+    return sc
+
+
+def test_dicom_seg_fractional_and_3d(tmp_path):
+    import highdicom as hd
+
+    frame_of_reference = hd.UID()
+    core, ring = nodule(), ellipse(SHAPE, (0.45 * SHAPE[0], 0.7 * SHAPE[1]), (9, 9))
+    probability = np.where(core, 0.9, np.where(ring, 0.3, 0.0)).astype(np.float32)
+    fractional = _seg_from([_geometry_sc(0.0, frame_of_reference)], probability[np.newaxis], "FRACTIONAL", tmp_path / "fractional.dcm")
+    np.testing.assert_array_equal(read_pathology_mask(fractional), core)
+
+    sources = [_geometry_sc(z, frame_of_reference) for z in (0.0, 1.0)]
+    sources[1].StudyInstanceUID, sources[1].SeriesInstanceUID = sources[0].StudyInstanceUID, sources[0].SeriesInstanceUID
+    volume = _seg_from(sources, np.stack([core, core]).astype(np.uint8), "BINARY", tmp_path / "volume.dcm")
+    with pytest.raises(InputError, match="volume.dcm is a 3D segmentation with 2 planes"):
+        read_pathology_mask(volume)
