@@ -86,6 +86,14 @@ def test_png_label_map_and_binary_pathology(tmp_path):
     assert result.warnings == []
 
 
+def test_palette_png_labels_are_its_indices(tmp_path):
+    labels = anatomy_map()
+    image = Image.fromarray(labels, mode="L").convert("P")
+    image.putpalette([0, 0, 0, 197, 165, 145, 190, 160, 140, 206, 110, 84] + [0] * 756)
+    image.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(load_masks(tmp_path / "palette.png", [], known_labels=KNOWN).anatomy, labels)
+
+
 def test_16bit_png_and_label_warning(tmp_path):
     labels = anatomy_map(with_aorta=True).astype(np.uint16)
     anatomy = save_png(tmp_path / "anatomy16.png", labels)
@@ -225,7 +233,7 @@ def test_volume_rgb_and_float_are_refused(tmp_path):
         load_masks(tmp_path / "volume.nrrd", [], known_labels=KNOWN)
     rgb = np.stack([anatomy_map()] * 3, axis=-1)
     Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.png")
-    with pytest.raises(InputError, match="rgb.png is a colour"):
+    with pytest.raises(InputError, match=r"rgb.png is a colour \(RGB\) image"):
         load_masks(tmp_path / "rgb.png", [], known_labels=KNOWN)
     save_itk(tmp_path / "soft.nrrd", anatomy_map().astype(np.float32) * 0.5)
     with pytest.raises(InputError, match="soft.nrrd holds non-integer values"):

@@ -196,9 +196,10 @@ def _read_source(path: Path) -> tuple[np.ndarray | None, list[_Segment] | None, 
     if _is_dicom(path):
         segments, spacing = _read_dicom_seg(path)
         return None, segments, spacing
+    if path.suffix.lower() == ".png":
+        return _read_png(path), None, None  # PNG records no spacing
     image = _read_itk(path)
-    is_png = path.suffix.lower() == ".png"
-    spacing = None if is_png else _spacing_row_col(image)
+    spacing = _spacing_row_col(image)
     if path.name.lower().endswith(".seg.nrrd") or "Segment0_ID" in image.GetMetaDataKeys():
         return None, _read_seg_nrrd(path, image), spacing
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -208,6 +209,23 @@ def _read_source(path: Path) -> tuple[np.ndarray | None, list[_Segment] | None, 
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             raise InputError(f"{path.name} holds non-integer values; masks must hold integer labels.")
     return array, None, spacing
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """PNG through Pillow, so that palette PNGs give their indices (the labels), not expanded colours."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise InputError(f"{path.name} is a colour ({mode}) image; save masks as single-channel label images.")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(
+            f"{path.name} is not a readable mask (expected PNG, NRRD, NIfTI, Slicer .seg.nrrd or DICOM-SEG)."
+        ) from None
 
 
 def _check_size(shape: tuple[int, int], name: str) -> None:
