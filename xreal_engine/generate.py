@@ -152,8 +152,12 @@ def read_source_image(path: Path):
         array = array[0]
     if array.ndim != 2:
         raise InputError(f"The image file {path.name} is not a 2D image.")
+    stored = array.dtype
     array = array.astype(np.float64)
-    if np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer) and array.max() > 1:
+    if stored == np.uint8:
+        array = array / 255.0  # an 8-bit picture: keep its grey levels exactly
+    elif np.issubdtype(stored, np.integer) and array.max() > 1:
+        # 16-bit or signed data of unknown bit depth: stretch to the range it uses
         low, high = float(array.min()), float(array.max())
         array = (array - low) / (high - low) if high > low else np.zeros_like(array)
     array = np.clip(array, 0.0, 1.0).astype(np.float32)
@@ -480,6 +484,7 @@ def run(args) -> int:
         )
     if args.image is not None and args.source is not None:
         raise InputError("Use either --image or --source, not both.")
+    select_device(args.device, args.dtype)  # refuse a bad --device/--dtype before any work
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     out_dir = args.out
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
