@@ -142,6 +142,14 @@ def test_edit_mode_needs_a_pathology_but_no_anatomy(vocabulary):
     inputs = build_inputs([pathology], CanvasGeometry((1, 64, 64)), vocabulary, MODEL_LABELS, MODEL_FINDINGS,
                           edit_mode=True)
     assert inputs.anatomy is None and inputs.pathologies[0][1] == "pneumonia"
+    # "No finding" removes a finding inside the region: edit mode only, sent to the engine as ''
+    removal = vocabulary.finding_template("no finding", "Remove")
+    inputs = build_inputs([SegmentInput("Remove", pathology.array, removal.terminology)], CanvasGeometry((1, 64, 64)),
+                          vocabulary, MODEL_LABELS, MODEL_FINDINGS, edit_mode=True)
+    assert inputs.pathologies[0][1] == ""
+    with pytest.raises(InputError, match="works only when editing"):
+        build_inputs(_drawing(vocabulary)[:3] + [SegmentInput("Remove", pathology.array, removal.terminology)],
+                     CanvasGeometry((1, 64, 64)), vocabulary, MODEL_LABELS, MODEL_FINDINGS)
     with pytest.raises(InputError, match="needs at least one painted pathology"):
         build_inputs([], CanvasGeometry((1, 64, 64)), vocabulary, MODEL_LABELS, MODEL_FINDINGS, edit_mode=True)
 
@@ -361,3 +369,30 @@ def test_engine_that_disappears_mid_job_is_a_clear_message(tiny_model, vocabular
     finally:
         launcher.stop()
     assert launcher.process is None
+
+
+def test_edit_mode_job_keeps_the_image_outside_the_region(engine, vocabulary, tmp_path):
+    """Paper Fig. 3 editing: a loaded X-ray as canvas, only a pathology region drawn, the rest kept."""
+    import pydicom
+
+    from XRealSlicerLib.jobs import DONE, JobRunner, JobSpec
+
+    info = engine.client().info()
+    finding = connection.model_findings(info)[0]
+    rows, columns = 96, 80  # the X-ray's own grid, not the model's
+    xray = np.tile(np.linspace(0, 1000, columns), (rows, 1))[np.newaxis]  # as arrayFromVolume gives it
+    region = SegmentInput("Pathology", _disc((rows, columns), (40, 40), 8), finding=finding)
+    inputs = build_inputs([region], CanvasGeometry(xray.shape, (0.5, 0.5, 1.0)), vocabulary,
+                          list(connection.model_anatomy_labels(info)), connection.model_findings(info), edit_mode=True)
+    files = write_request_files(inputs, tmp_path / "request", {"seed": 1, "steps": 2, "anatomy_steps": 0},
+                                edit_image=xray)
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, [JobSpec(files, tmp_path / "result")])
+    assert events[-1].state == DONE, events[-1].message
+    sc = pydicom.dcmread(str(runner.results[0].sc_path))
+    assert (sc.Rows, sc.Columns) == (rows, columns)
+    pixels = sc.pixel_array.astype(np.float64) / float(2 ** int(sc.BitsStored) - 1)
+    far = np.ones((rows, columns), bool)
+    far[20:61, 20:61] = False  # well outside the region and its blended seam
+    assert np.abs(pixels[far] - xray[0][far] / 1000.0).max() < 0.02
+    assert runner.results[0].provenance["mode"] == "edit"

@@ -45,6 +45,7 @@ from XRealSlicerLib.launcher import (
     venv_python,
 )
 from XRealSlicerLib.request import (
+    REMOVE_FINDING,
     CanvasGeometry,
     SegmentInput,
     blank_canvas,
@@ -266,6 +267,10 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.ui.modelLineEdit.text.strip() or "demo"
         setSettingsValue("enginePython", python)
         setSettingsValue("model", model)
+        if python and not Path(python).is_file():
+            slicer.util.errorDisplay(_("The engine Python '{python}' does not exist; choose a Python interpreter "
+                                       "or leave the field empty to use a private environment.").format(python=python))
+            return
         if not python:
             python = str(venv_python(self.logic.defaultEnvironmentDir()))
         self.ui.engineStatusLabel.text = _("Checking the engine's Python ...")
@@ -344,8 +349,11 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.anatomySteps = int(defaults.get("anatomy_steps", self._parameterNode.anatomySteps))
             self._parameterNode.guidance = float(defaults.get("guidance_scale", self._parameterNode.guidance))
         self.ui.findingComboBox.clear()
-        for finding in connection.model_findings(self.logic.info):
+        findings = connection.model_findings(self.logic.info)
+        for finding in findings:
             self.ui.findingComboBox.addItem(self.logic.vocabulary.finding_display_name(finding), finding)
+        if REMOVE_FINDING not in findings:  # edit mode: inpaint the region without a finding
+            self.ui.findingComboBox.addItem(_("No finding (remove, edit mode)"), REMOVE_FINDING)
         destinations, sources = connection.pacs_nodes(self.logic.info)
         self.ui.pushDestinationComboBox.clear()
         self.ui.pushDestinationComboBox.addItem(NO_PUSH, "")
@@ -563,7 +571,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.resultsListWidget.addItem(item)
                 for warning in event.result.warnings:
                     self.appendLog([warning])
-                push = event.result.provenance.get("push")
+                push = event.result.job.get("push")
                 if push:
                     self.appendLog([_("PACS: {report}").format(report=push)])
             except Exception as error:
@@ -583,7 +591,6 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
         if volume is not None:
             self.logic.showVolume(volume)
-
 
     def onSendWithSlicer(self):
         """Slicer's own DICOM send (the user's configured PACS), for setups without engine destinations."""
@@ -639,8 +646,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
 
     def installRequirements(self, task, python):
         """First use: create the private environment if needed, then pip install the engine's requirements."""
-        if not Path(python).exists():
-            venvDir = self.defaultEnvironmentDir()
+        venvDir = self.defaultEnvironmentDir()
+        if not Path(python).exists() and Path(python) == venv_python(venvDir):
             basePython = shutil.which("PythonSlicer") or sys.executable
             if run_logged(create_venv_command(basePython, venvDir), task.report, self.spawn) != 0:
                 raise XRealError(_("Could not create the engine environment in {dir}.").format(dir=venvDir))

@@ -20,6 +20,8 @@ from xreal_engine.errors import InputError
 
 from .vocabulary import ANATOMY, PATHOLOGY, Vocabulary
 
+REMOVE_FINDING = "no finding"  # vocabulary entry (SNOMED "Normal"): in edit mode, remove what is in the region
+
 
 @dataclass
 class SegmentInput:
@@ -114,22 +116,12 @@ def build_inputs(
                 raise InputError(f"The pathology segment '{segment.name}' has no finding; choose one in the Finding list.")
             entry = vocabulary.finding_entry(chosen)
             finding = entry["name"] if entry else chosen
-            if finding.lower() not in known_findings:
-                known = ", ".join(model_findings) or "none"
-                raise InputError(
-                    f"The finding '{chosen}' of segment '{segment.name}' is not known to this model; it knows: {known}."
-                )
-            if not mask.any():
-                warnings.append(f"The pathology segment '{segment.name}' is empty and was left out.")
-                continue
-            pathologies.append((mask, known_findings[finding.lower()], segment.name))
-            continue
-        if meaning is None:
+        elif meaning is None:
             raise InputError(
                 f"The segment '{segment.name}' is neither an anatomy structure nor a pathology with a finding; "
                 "choose its finding in the panel, or delete it."
             )
-        if meaning.kind == ANATOMY:
+        elif meaning.kind == ANATOMY:
             if meaning.label not in known_labels:
                 if mask.any():
                     warnings.append(f"This model has no label for '{segment.name}'; that segment is ignored.")
@@ -137,17 +129,24 @@ def build_inputs(
             previous = anatomy_masks.get(meaning.label)
             anatomy_masks[meaning.label] = mask if previous is None else (previous | mask)
             continue
-        finding = meaning.finding or ""
-        if finding.lower() not in known_findings:
+        else:
+            finding = meaning.finding or ""
+        if finding.lower() == REMOVE_FINDING and finding.lower() not in known_findings:
+            if not edit_mode:
+                raise InputError(f"The segment '{segment.name}' is marked '{finding}', which removes a finding; "
+                                 "that works only when editing an X-ray.")
+            model_finding = ""  # edit mode: inpaint the region without a finding (the engine's removal)
+        elif finding.lower() in known_findings:
+            model_finding = known_findings[finding.lower()]
+        else:
             known = ", ".join(model_findings) or "none"
             raise InputError(
-                f"The segment '{segment.name}' is marked '{finding}', which this model does not know; "
-                f"choose one of: {known}."
+                f"The finding '{finding}' of segment '{segment.name}' is not known to this model; it knows: {known}."
             )
         if not mask.any():
             warnings.append(f"The pathology segment '{segment.name}' is empty and was left out.")
             continue
-        pathologies.append((mask, known_findings[finding.lower()], segment.name))
+        pathologies.append((mask, model_finding, segment.name))
 
     anatomy = None
     if any(m.any() for m in anatomy_masks.values()):

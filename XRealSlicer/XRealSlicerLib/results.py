@@ -53,6 +53,7 @@ class GenerationResult:
     seg_series_uid: Optional[str]
     study_uid: Optional[str]
     warnings: List[str] = field(default_factory=list)
+    job: dict = field(default_factory=dict)  # the engine's final job status (push report, warnings)
 
     @property
     def series_uids(self) -> List[str]:
@@ -125,6 +126,7 @@ def read_result(directory: Path, job: Optional[dict] = None) -> GenerationResult
         seg_series_uid=uids["seg_series"] if seg_path is not None else None,
         study_uid=uids["study"],
         warnings=list(provenance.get("warnings", [])),
+        job=dict(job or {}),
     )
 
 
