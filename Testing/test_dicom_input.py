@@ -97,6 +97,29 @@ def test_compressed_transfer_syntaxes_decode_losslessly(tmp_path, syntax):
     np.testing.assert_array_equal(read_xray(tmp_path / "compressed.dcm").pixels, read_xray(path).pixels)
 
 
+def test_jpeg_baseline_decodes(tmp_path):
+    """8-bit lossy JPEG, the commonest compressed CR/DX export; decoded by pylibjpeg, compared with Pillow's decoding."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    stored = (gradient(high=255)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95)
+    reference = np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64)
+    ds = pydicom.dcmread(make_xray(tmp_path / "plain.dcm", stored, bits_stored=8))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.LossyImageCompression = "01"
+    ds.save_as(tmp_path / "jpeg.dcm")
+    pixels = read_xray(tmp_path / "jpeg.dcm").pixels
+    expected = (reference - reference.min()) / (reference.max() - reference.min())
+    np.testing.assert_allclose(pixels, expected, atol=2 / 255)
+
+
 def test_our_own_secondary_capture_reads_back(tmp_path):
     image = np.linspace(0, 1, 200 * 160, dtype=np.float32).reshape(200, 160)
     build_secondary_capture(image, (0.7, 0.6), {"model_id": "m"}).save_as(tmp_path / "sc.dcm", enforce_file_format=True)
