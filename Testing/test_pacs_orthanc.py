@@ -488,8 +488,10 @@ def test_generate_from_pacs_source_joins_the_source_study(orthanc, config, web_c
     exit_code = cli.main(["generate", "--model", str(model), "--source", "dicomweb:orthanc", "--study", study,
                           "--series", series, "--pathology-mask", str(tmp_path / "region.png"), "--finding", "cardiomegaly",
                           "--steps", "2", "--anatomy-steps", "1", "--seed", "0", "--device", "cpu", "--pacs-config", str(config_file),
-                          "--out", str(out)])
-    assert exit_code == 0, capsys.readouterr().err
+                          "--push-to", "orthanc", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert exit_code == 0, printed.err
+    assert "2 accepted, 0 failed" in printed.out
     sc, seg = pydicom.dcmread(out / "sc.dcm"), pydicom.dcmread(out / "seg.dcm")
     assert sc.StudyInstanceUID == seg.StudyInstanceUID == study
     assert sc.PatientID == first.PatientID
@@ -497,7 +499,5 @@ def test_generate_from_pacs_source_joins_the_source_study(orthanc, config, web_c
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert sc.SyntheticData == "YES"
 
-    report = pacs.push_result("orthanc", out, config=str(config_file), **FAST)
-    assert report["accepted"] == 2
     in_study = {item["0020000E"]["Value"][0] for item in web_client.search_for_series(study)}
     assert in_study == {series, sc.SeriesInstanceUID, seg.SeriesInstanceUID}

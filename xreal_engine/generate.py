@@ -467,6 +467,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--series", metavar="UID", help="with --source: Series Instance UID")
     parser.add_argument("--instance", metavar="UID", help="with --source: SOP Instance UID (default: first image)")
     parser.add_argument("--pacs-config", type=Path, help="PACS configuration file (see xreal-engine push --help)")
+    parser.add_argument("--push-to", metavar="NAME", help="send sc.dcm + seg.dcm to this configured PACS destination when done")
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in provenance.json)")
     parser.add_argument("--steps", type=int, help="DDIM steps per stage (model default, usually 100)")
     parser.add_argument("--anatomy-steps", type=int, help="steps of the anatomy stage that follow the mask (default 50)")
@@ -490,6 +491,14 @@ def run(args) -> int:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
 
+    pacs_config = None
+    if args.source is not None or args.push_to is not None:
+        from .pacs import load_config
+
+        pacs_config = load_config(args.pacs_config)
+        if args.push_to is not None:
+            pacs_config.node(args.push_to, "destination")  # an unknown destination is refused before any work
+
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="xreal-source-") as fetch_dir:
@@ -497,11 +506,10 @@ def run(args) -> int:
         if args.source is not None:
             if not (args.study and args.series):
                 raise InputError("--source needs --study and --series (and optionally --instance).")
-            from .pacs import fetch_source, load_config
+            from .pacs import fetch_source
 
             image_path = fetch_source(
-                args.source, args.study, args.series, args.instance, dest_dir=Path(fetch_dir),
-                config=load_config(args.pacs_config),
+                args.source, args.study, args.series, args.instance, dest_dir=Path(fetch_dir), config=pacs_config
             )
         request = GenerationRequest(
             anatomy_path=args.anatomy,
@@ -526,7 +534,13 @@ def run(args) -> int:
             provenance = generate_to_directory(pipe, prepared, out_dir, progress=progress)
     print(f"Wrote {out_dir}/: sc.dcm, seg.dcm, preview.png, provenance.json, segments.json "
           f"({provenance['generation_seconds']:.1f} s)")
-    return 0
+    if args.push_to is None:
+        return 0
+    from .pacs import format_report, push_result
+
+    report = push_result(args.push_to, out_dir, config=pacs_config)  # the local result stays whatever happens
+    print(format_report(report))
+    return 0 if report["failed"] == 0 else 1
 
 
 class _ProgressBars:
