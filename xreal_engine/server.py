@@ -308,6 +308,8 @@ def describe_job(service: JobService, job: dict) -> dict:
         "progress": None,
         "eta_seconds": None,
         "queue_position": None,
+        "run_seconds": (round(job["finished_at"] - job["started_at"], 3)
+                        if job["finished_at"] is not None and job["started_at"] is not None else None),
         "created_at": _iso(job["created_at"]),
         "started_at": _iso(job["started_at"]),
         "finished_at": _iso(job["finished_at"]),
