@@ -219,6 +219,36 @@ def test_cancel_stops_a_running_job_within_a_step(engine, inputs):
     assert no_result.value.status == 409
 
 
+def test_delete_of_a_running_job_cancels_it_and_removes_everything(engine, inputs):
+    """The Slicer module's Cancel button may simply DELETE the job."""
+    client = engine["client"]
+    job = client.submit(inputs["anatomy"], [(inputs["region"], "atelectasis")], steps=400)
+    deadline = time.monotonic() + 120
+    while client.status(job["id"])["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    started = time.monotonic()
+    client.delete(job["id"])
+    assert time.monotonic() - started < 30
+    with pytest.raises(EngineError) as gone:
+        client.status(job["id"])
+    assert gone.value.status == 404
+    assert not (engine["data_dir"] / "jobs" / job["id"]).exists()
+
+
+def test_openapi_page_documents_every_endpoint(engine):
+    status, _, body = raw_request(engine["url"], "GET", "/openapi.json", token=None)
+    assert status == 200
+    paths = json.loads(body)["paths"]
+    for path in ("/api/v1/health", "/api/v1/info", "/api/v1/jobs", "/api/v1/jobs/{job_id}",
+                 "/api/v1/jobs/{job_id}/cancel", "/api/v1/jobs/{job_id}/files/{name}",
+                 "/api/v1/jobs/{job_id}/result.zip", "/api/v1/jobs/{job_id}/events", "/api/v1/shutdown"):
+        assert path in paths, path
+    form = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form
+    assert raw_request(engine["url"], "GET", "/docs", token=None)[0] == 200
+
+
 def test_fifty_concurrent_clients_every_job_completes_or_is_refused(engine, inputs):
     """Queue bound 4: each of 50 clients either gets a job that completes or a 429 with Retry-After."""
     url = engine["url"]
