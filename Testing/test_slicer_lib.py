@@ -215,6 +215,25 @@ def test_background_call_and_logged_commands():
     assert time.monotonic() - started < 120
 
 
+def test_pacs_lists_from_the_engine_configuration(tmp_path):
+    """Destinations and sources as the engine's PACS module lists them (real config file, no secrets)."""
+    from xreal_engine import pacs
+
+    config = tmp_path / "pacs.json"
+    config.write_text(json.dumps({
+        "destinations": {"orthanc": {"type": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web",
+                                     "headers": {"Authorization": "Bearer secret"}}},
+        "sources": {"archive": {"type": "dimse", "host": "127.0.0.1", "port": 104, "called_aet": "ARCHIVE"}},
+        "nodes": {"both": {"type": "dicomweb", "url": "http://127.0.0.1:8043/dicom-web"}},
+    }))
+    nodes = pacs.list_nodes(pacs.load_config(config))
+    assert "secret" not in json.dumps(nodes)
+    for shape in (nodes, {"nodes": nodes}, {"destinations": ["both", "orthanc"], "sources": ["archive", "both"]}):
+        destinations, sources = connection.pacs_nodes({"pacs": shape})
+        assert sorted(destinations) == ["both", "orthanc"] and sorted(sources) == ["archive", "both"]
+    assert connection.pacs_nodes({"pacs": {}}) == ([], [])  # nothing configured: the feature is hidden
+
+
 def test_launcher_port_line_parsing():
     from XRealSlicerLib.launcher import engine_command, parse_port_line
 
@@ -241,7 +260,11 @@ def engine(tiny_model, tmp_path_factory):
     """The bundled engine started the way the Slicer module starts it (own process, --port 0, token)."""
     from XRealSlicerLib.launcher import EngineLauncher
 
-    launcher = EngineLauncher(sys.executable, str(tiny_model), tmp_path_factory.mktemp("engine-data"), device="cpu")
+    data_dir = tmp_path_factory.mktemp("engine-data")
+    pacs_config = data_dir / "pacs.json"  # listed in /info only; nothing is sent to it here
+    pacs_config.write_text(json.dumps({"destinations": {"orthanc": {"type": "dicomweb",
+                                                                    "url": "http://127.0.0.1:9/dicom-web"}}}))
+    launcher = EngineLauncher(sys.executable, str(tiny_model), data_dir, device="cpu", pacs_config=pacs_config)
     launcher.start(timeout=240)
     yield launcher
     process = launcher.process
@@ -258,6 +281,7 @@ def test_launcher_starts_a_healthy_engine_with_a_token(engine):
     info = engine.client().info()
     assert connection.model_findings(info) and set(connection.model_anatomy_labels(info)) >= {1, 2, 3}
     assert "Connected to" in connection.status_line(info, engine.base_url)
+    assert connection.pacs_nodes(info) == (["orthanc"], [])  # "Send to PACS" offers the engine's destination
     with pytest.raises(EngineError) as refused:  # the local engine is not open to other local users
         EngineClient(engine.base_url, token=None).info()
     assert refused.value.status == 401

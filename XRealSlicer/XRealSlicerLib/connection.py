@@ -96,10 +96,24 @@ def model_geometry(info: dict) -> Tuple[int, float]:
 
 
 def pacs_nodes(info: dict) -> Tuple[List[str], List[str]]:
-    """(destinations, sources) configured in the engine; both empty hides the PACS feature."""
+    """(destinations, sources) configured in the engine; both empty hides the PACS feature.
+
+    Accepts ``{"destinations": [...], "sources": [...]}`` (names or node objects) and the
+    engine's node list (``xreal_engine.pacs.list_nodes``: ``name``, ``can_push``, ``can_fetch``),
+    either directly or under ``"nodes"``.
+    """
     pacs = info.get("pacs") or {}
-    destinations = pacs.get("destinations", info.get("destinations", []))
-    sources = pacs.get("sources", info.get("sources", []))
+    if isinstance(pacs, dict) and "nodes" in pacs and not ("destinations" in pacs or "sources" in pacs):
+        pacs = pacs["nodes"]
+    if isinstance(pacs, list):
+        destinations = [n for n in pacs if not isinstance(n, dict) or n.get("can_push", True)]
+        sources = [n for n in pacs if isinstance(n, dict) and n.get("can_fetch")]
+    else:
+        destinations, sources = pacs.get("destinations") or [], pacs.get("sources") or []
+        if isinstance(destinations, dict):
+            destinations = sorted(destinations)
+        if isinstance(sources, dict):
+            sources = sorted(sources)
     return [_node_name(n) for n in destinations], [_node_name(n) for n in sources]
 
 

@@ -57,7 +57,7 @@ def parse_port_line(line: str) -> Optional[int]:
 
 
 def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0.1", token: Optional[str] = None,
-                   device: str = "auto") -> List[str]:
+                   device: str = "auto", pacs_config: Optional[Path] = None) -> List[str]:
     """The command line that starts the bundled engine with ``python`` (the engine's own environment)."""
     command = [str(python), "-u", "-m", "xreal_engine.cli", "serve", "--host", host, "--port", "0",
                "--model", str(model), "--data-dir", str(data_dir)]
@@ -65,6 +65,8 @@ def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0
         command += ["--device", device]
     if token:
         command += ["--token", token]
+    if pacs_config:
+        command += ["--pacs-config", str(pacs_config)]
     return command
 
 
@@ -97,12 +99,13 @@ class EngineLauncher:
 
     def __init__(self, python: str, model: str, data_dir: Path, token: Optional[str] = None, device: str = "auto",
                  spawn: Callable = default_spawn, engine_root: Optional[Path] = None,
-                 client_factory: Optional[Callable] = None):
+                 client_factory: Optional[Callable] = None, pacs_config: Optional[Path] = None):
         self.python = str(python)
         self.model = model
         self.data_dir = Path(data_dir)
         self.token = token or secrets.token_urlsafe(24)  # loopback still gets a token: other local users
         self.device = device
+        self.pacs_config = pacs_config  # None: the engine's default (~/.config/xreal-engine/pacs.json)
         self.spawn = spawn
         self.engine_root = Path(engine_root) if engine_root else find_engine_root()
         self.client_factory = client_factory
@@ -117,7 +120,8 @@ class EngineLauncher:
         return f"http://127.0.0.1:{self.port}" if self.port else None
 
     def command(self) -> List[str]:
-        return engine_command(self.python, self.model, self.data_dir, token=self.token, device=self.device)
+        return engine_command(self.python, self.model, self.data_dir, token=self.token, device=self.device,
+                              pacs_config=self.pacs_config)
 
     def environment(self) -> Dict[str, str]:
         """PYTHONPATH points at the bundled engine; nothing of Slicer's own environment is needed."""
