@@ -137,6 +137,8 @@ def read_source_image(path: Path):
 
         xray = read_xray(path)
         return xray.pixels.astype(np.float32), tuple(xray.pixel_spacing_mm), xray.dataset
+    if path.suffix.lower() == ".png":
+        return _read_png_xray(path), None, None
     import SimpleITK as sitk
 
     try:
@@ -152,19 +154,38 @@ def read_source_image(path: Path):
         array = array[0]
     if array.ndim != 2:
         raise InputError(f"The image file {path.name} is not a 2D image.")
-    stored = array.dtype
-    array = array.astype(np.float64)
-    if stored == np.uint8:
-        array = array / 255.0  # an 8-bit picture: keep its grey levels exactly
-    elif np.issubdtype(stored, np.integer) and array.max() > 1:
-        # 16-bit or signed data of unknown bit depth: stretch to the range it uses
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    array = np.clip(array, 0.0, 1.0).astype(np.float32)
     spacing = image.GetSpacing()
-    # SimpleITK spacing is (x, y) = (column, row); PNG has no spacing (1, 1).
-    pixel_spacing = (float(spacing[1]), float(spacing[0])) if path.suffix.lower() != ".png" else None
-    return array, pixel_spacing, None
+    return _to_unit_range(array), (float(spacing[1]), float(spacing[0])), None  # SimpleITK spacing is (x, y)
+
+
+def _to_unit_range(array: np.ndarray) -> np.ndarray:
+    """Grey values to float32 [0,1]: 8-bit levels kept exactly, other integer depths stretched to the range used."""
+    if array.dtype == np.uint8:
+        return (array / 255.0).astype(np.float32)
+    if np.issubdtype(array.dtype, np.floating) and array.min() >= 0 and array.max() <= 1:
+        return array.astype(np.float32)
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    return ((array - low) / (high - low) if high > low else np.zeros_like(array)).astype(np.float32)
+
+
+def _read_png_xray(path: Path) -> np.ndarray:
+    """A PNG X-ray as float32 [0,1]: 8-bit grey levels kept exactly, 16-bit stretched, grey RGB/palette accepted."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            if picture.mode in ("P", "LA", "PA"):
+                picture = picture.convert("RGBA" if "A" in picture.mode else "RGB")
+            array = np.asarray(picture)
+    except (UnidentifiedImageError, OSError):
+        raise InputError(f"The image file {path.name} is not a readable PNG.") from None
+    if array.ndim == 3:
+        colour = array[..., :3].astype(np.int32)
+        if np.any(colour != colour[..., :1]):
+            raise InputError(f"The image file {path.name} is a colour image; give a grayscale X-ray.")
+        array = array[..., 0]
+    return _to_unit_range(array)
 
 
 def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
