@@ -256,14 +256,34 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model, tmp_path_factory):
+def orthanc():
+    """A real Orthanc on loopback (Debian orthanc + DICOMweb plugin) when installed, else None."""
+    from orthanc import OrthancServer, orthanc_available
+
+    if not orthanc_available():
+        yield None
+        return
+    server = OrthancServer()
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, orthanc, tmp_path_factory):
     """The bundled engine started the way the Slicer module starts it (own process, --port 0, token)."""
     from XRealSlicerLib.launcher import EngineLauncher
 
     data_dir = tmp_path_factory.mktemp("engine-data")
-    pacs_config = data_dir / "pacs.json"  # listed in /info only; nothing is sent to it here
-    pacs_config.write_text(json.dumps({"destinations": {"orthanc": {"type": "dicomweb",
-                                                                    "url": "http://127.0.0.1:9/dicom-web"}}}))
+    pacs_config = data_dir / "pacs.json"
+    if orthanc is not None:  # destination and source
+        node = {"type": "dicomweb", "url": orthanc.dicomweb_url, "timeout_s": 10,
+                "headers": {"Authorization": orthanc.authorization_header}}
+        pacs_config.write_text(json.dumps({"nodes": {"orthanc": node}}))
+    else:  # listed in /info only
+        pacs_config.write_text(json.dumps({"destinations": {"orthanc": {"type": "dicomweb",
+                                                                        "url": "http://127.0.0.1:9/dicom-web"}}}))
     launcher = EngineLauncher(sys.executable, str(tiny_model), data_dir, device="cpu", pacs_config=pacs_config)
     launcher.start(timeout=240)
     yield launcher
@@ -281,7 +301,8 @@ def test_launcher_starts_a_healthy_engine_with_a_token(engine):
     info = engine.client().info()
     assert connection.model_findings(info) and set(connection.model_anatomy_labels(info)) >= {1, 2, 3}
     assert "Connected to" in connection.status_line(info, engine.base_url)
-    assert connection.pacs_nodes(info) == (["orthanc"], [])  # "Send to PACS" offers the engine's destination
+    destinations, _sources = connection.pacs_nodes(info)
+    assert destinations == ["orthanc"]  # "Send to PACS" offers the engine's destination
     with pytest.raises(EngineError) as refused:  # the local engine is not open to other local users
         EngineClient(engine.base_url, token=None).info()
     assert refused.value.status == 401
@@ -420,3 +441,43 @@ def test_edit_mode_job_keeps_the_image_outside_the_region(engine, vocabulary, tm
     far[20:61, 20:61] = False  # well outside the region and its blended seam
     assert np.abs(pixels[far] - xray[0][far] / 1000.0).max() < 0.02
     assert runner.results[0].provenance["mode"] == "edit"
+
+
+def test_send_to_pacs_and_edit_an_xray_from_a_pacs_source(engine, orthanc, vocabulary, tmp_path):
+    """Issue 7 item 3, Slicer side: results go to the engine's PACS destination; edit mode can name a source."""
+    if orthanc is None:
+        pytest.skip("Orthanc + DICOMweb plugin not installed")
+    import pydicom
+    from test_server_pacs import make_dx
+
+    from XRealSlicerLib.jobs import DONE, JobRunner, JobSpec
+
+    info = engine.client().info()
+    assert connection.pacs_nodes(info) == (["orthanc"], ["orthanc"])
+    size, _ = connection.model_geometry(info)
+    findings = connection.model_findings(info)
+    inputs = build_inputs(_drawing(vocabulary, (size, size), findings[0]), CanvasGeometry((1, size, size)), vocabulary,
+                          list(connection.model_anatomy_labels(info)), findings)
+    files = write_request_files(inputs, tmp_path / "gen", {"seed": 4, "steps": 2, "anatomy_steps": 1})
+    files.push_to = "orthanc"
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, [JobSpec(files, tmp_path / "gen-result")])
+    assert events[-1].state == DONE, events[-1].message
+    report = runner.results[0].job["push"]
+    assert report["ok"] and report["accepted"] == 2 and orthanc.instance_count() == 2
+
+    # edit mode with the original fetched by the engine from the PACS (the canvas came from that series)
+    source = make_dx(tmp_path / "dx.dcm", 48)
+    orthanc.upload(tmp_path / "dx.dcm")
+    region = SegmentInput("Pathology", _disc((48, 48), (20, 24), 6), finding=findings[0])
+    edit = build_inputs([region], CanvasGeometry((1, 48, 48), (6.0, 6.0, 1.0)), vocabulary,
+                        list(connection.model_anatomy_labels(info)), findings, edit_mode=True)
+    files = write_request_files(edit, tmp_path / "edit", {"seed": 4, "steps": 2, "anatomy_steps": 0})
+    files.source = {"source": "orthanc", "study": source.StudyInstanceUID, "series": source.SeriesInstanceUID,
+                    "instance": source.SOPInstanceUID}
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, [JobSpec(files, tmp_path / "edit-result")])
+    assert events[-1].state == DONE, events[-1].message
+    result = runner.results[0]
+    assert result.study_uid == source.StudyInstanceUID  # the edited image joins the source's study
+    assert pydicom.dcmread(str(result.sc_path), stop_before_pixels=True).StudyInstanceUID == source.StudyInstanceUID
