@@ -193,7 +193,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._runner.wait(5.0)
         if self._timer is not None:
             self._timer.stop()
-        self.logic.stopLocalEngine()
+        if self.logic is not None:
+            self.logic.stopLocalEngine()
         self.removeObservers()
 
     def enter(self):
