@@ -234,6 +234,37 @@ def test_pacs_lists_from_the_engine_configuration(tmp_path):
     assert connection.pacs_nodes({"pacs": {}}) == ([], [])  # nothing configured: the feature is hidden
 
 
+def test_templates_split_into_segments(tmp_path, repo_dir):
+    """An anatomy template label map -> one mask per label present; shipped templates when there are some."""
+    import SimpleITK as sitk
+
+    from XRealSlicerLib.enginepath import templates_dir
+    from XRealSlicerLib.request import read_template, template_segments
+
+    labels = np.zeros((40, 30), np.uint8)
+    labels[5:20, 2:12], labels[5:20, 18:28], labels[15:30, 10:20] = 2, 1, 3
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "anatomy_test.png"))
+    read, spacing = read_template(tmp_path / "anatomy_test.png")
+    assert spacing is None and np.array_equal(read, labels)  # a PNG has no spacing: the model's field of view is used
+    masks = template_segments(read)
+    assert sorted(masks) == [1, 2, 3] and masks[3].shape == (1, 40, 30) and masks[3].sum() == 150
+    shipped = templates_dir(repo_dir / "XRealSlicer")
+    for path in sorted(shipped.glob("anatomy*.png")) if shipped else []:
+        values = set(template_segments(read_template(path)[0]))
+        assert values and values <= {1, 2, 3, 4}, f"{path.name} has labels {values}"
+    with pytest.raises(InputError, match="not a readable image"):
+        (tmp_path / "broken.png").write_bytes(b"nope")
+        read_template(tmp_path / "broken.png")
+
+
+def test_status_text_for_the_panel():
+    from XRealSlicerLib.jobs import RUNNING, JobEvent, format_duration
+
+    assert format_duration(42) == "42 s" and format_duration(125) == "2 min 05 s" and format_duration(7300) == "2 h 01 min"
+    event = JobEvent(RUNNING, 1, 3, stage="pathology", step=12, total=50, eta_seconds=90)
+    assert event.status_text() == "[2/3] Running: pathology 12/50, about 1 min 30 s left"
+
+
 def test_launcher_port_line_parsing():
     from XRealSlicerLib.launcher import engine_command, parse_port_line
 
