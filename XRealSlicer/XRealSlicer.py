@@ -1000,6 +1000,13 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
             self.assertEqual(loadedHeart.shape, scArray.shape)
             overlap = np.logical_and(loadedHeart[0] > 0, inputs.anatomy == 3).sum() / max(1, (inputs.anatomy == 3).sum())
             self.assertGreater(overlap, 0.95)
+
+            # the fallback reader (Slicer without a DICOM-SEG loader) rebuilds the same segments on the same pixels
+            fallback = logic.loadFallbackSegments(result, sc)
+            self.assertEqual(sorted(name for _id, name, _t in logic.segments(fallback)), sorted(loadedNames))
+            fallbackHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
+                fallback, fallback.GetSegmentation().GetSegmentIdBySegmentName("Heart"), sc)
+            self.assertTrue(np.array_equal(fallbackHeart > 0, loadedHeart > 0))
             self.delayDisplay("Test passed")
         finally:
             logic.stopLocalEngine()
