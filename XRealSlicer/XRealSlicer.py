@@ -565,10 +565,12 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setStatus(event.status_text())
         if event.result is not None:
             try:
-                nodes = self.logic.loadResult(event.result)
+                nodes = self.logic.loadResult(event.result, self._parameterNode.canvasVolume,
+                                              self._parameterNode.segmentation)
                 item = qt.QListWidgetItem(f"{event.label or 'result'} ({event.result.provenance.get('model_id', '')})")
                 item.setData(qt.Qt.UserRole, nodes["volume"].GetID())
                 item.setData(qt.Qt.UserRole + 1, [str(path) for path in event.result.dicom_files])
+                item.setData(qt.Qt.UserRole + 2, nodes["segmentation"].GetID())
                 self.ui.resultsListWidget.addItem(item)
                 for warning in event.result.warnings:
                     self.appendLog([warning])
@@ -590,8 +592,10 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if item is None:
             return
         volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
+        segmentation = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole + 2) or "")
         if volume is not None:
-            self.logic.showVolume(volume)
+            self.logic.showSideBySide(volume, segmentation, self._parameterNode.canvasVolume,
+                                      self._parameterNode.segmentation)
 
     def onSendWithSlicer(self):
         """Slicer's own DICOM send (the user's configured PACS), for setups without engine destinations."""
@@ -745,8 +749,34 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         return slicer.util.arrayFromVTKMatrix(matrix)
 
     def showVolume(self, volume, segmentation=None):
-        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:  # no main window (e.g. --no-main-window tests)
+            return
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
+
+    def showSideBySide(self, resultVolume, resultSegmentation, canvas=None, canvasSegmentation=None):
+        """Result (SC with its SEG) in Red, the canvas with the drawn masks in Yellow, both axial and fitted."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        if canvas is None:
+            self.showVolume(resultVolume)
+            return
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        for viewName, volume, segmentation in (("Red", resultVolume, resultSegmentation),
+                                               ("Yellow", canvas, canvasSegmentation)):
+            sliceWidget = layoutManager.sliceWidget(viewName)
+            if sliceWidget is None:
+                continue
+            sliceNode = sliceWidget.mrmlSliceNode()
+            sliceNode.SetOrientationToAxial()
+            sliceWidget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+            displayNode = segmentation.GetDisplayNode() if segmentation is not None else None
+            if displayNode is not None:  # each segmentation only over its own image
+                displayNode.RemoveAllViewNodeIDs()
+                displayNode.AddViewNodeID(sliceNode.GetID())
+            sliceWidget.sliceLogic().FitSliceToAll()
 
     # ------------------------------------------------------------------ segments
 
@@ -831,6 +861,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         editor = slicer.util.getModuleWidget("SegmentEditor").editor
         editor.setSegmentationNode(segmentation)
         editor.setSourceVolumeNode(canvas)
+        if segmentation.GetDisplayNode() is not None:  # visible in every view again (side-by-side limits it)
+            segmentation.GetDisplayNode().RemoveAllViewNodeIDs()
         self.showVolume(canvas)
 
     # ------------------------------------------------------------------ edit mode sources
@@ -877,7 +909,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
     def hasSegLoader(self):
         return "DICOMSegmentationPlugin" in slicer.modules.dicomPlugins
 
-    def loadResult(self, result):
+    def loadResult(self, result, canvas=None, canvasSegmentation=None):
         """Import SC + SEG into the DICOM database and load them; SEG over SC. On failure the scene is unchanged."""
         from DICOMLib import DICOMUtils
 
@@ -904,8 +936,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             else:
                 segmentation = self.loadFallbackSegments(result, volume)
                 loadedIds.append(segmentation.GetID())
-            self.showVolume(volume)
             segmentation.SetDisplayVisibility(True)
+            self.showSideBySide(volume, segmentation, canvas, canvasSegmentation)
             return {"volume": volume, "segmentation": segmentation}
         except Exception:
             for nodeId in loadedIds:  # leave the scene as it was
