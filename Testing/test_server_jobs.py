@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from xreal_engine.errors import ModelError

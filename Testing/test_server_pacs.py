@@ -14,7 +14,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from orthanc import OrthancServer, orthanc_available
-from test_server_service import final, inputs, save_png, start_engine, stop_engine, tiny_model, wait_until_ready  # noqa: F401
+from test_server_service import final, inputs, start_engine, stop_engine, tiny_model, wait_until_ready  # noqa: F401
 from xreal_engine.client import EngineClient, EngineError
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")

@@ -491,6 +491,19 @@ def test_token_is_required_everywhere_but_health(engine):
     assert engine["process"].poll() is None, "a refused shutdown does not stop the engine"
 
 
+def test_client_refuses_an_upload_over_the_engine_limit_with_413(engine, tmp_path):
+    """Without the client's check the engine would cut the connection mid-upload (no readable answer)."""
+    big = tmp_path / "anatomy.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(1_500_000))
+    with pytest.raises(EngineError) as too_large:
+        engine["client"].submit(big, [], steps=1)
+    assert too_large.value.status == 413 and "1000000" in too_large.value.message
+    wrong_token = EngineClient(engine["url"], token="a-wrong-token-123")
+    with pytest.raises(EngineError) as unauthorized:
+        wrong_token.submit(big, [], steps=1)
+    assert unauthorized.value.status == 401
+
+
 def test_a_finished_job_cannot_be_cancelled_and_unlisted_files_are_refused(engine, inputs):
     client = engine["client"]
     job = final(client, client.submit(inputs["anatomy"], [], steps=1)["id"])

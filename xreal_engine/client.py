@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 API_PREFIX = "/api/v1"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRY_STATUSES = (502, 503, 504)
+SMALL_UPLOAD_BYTES = 256 * 1024
 
 
 class EngineError(Exception):
@@ -67,6 +68,7 @@ class EngineClient:
         self.timeout = timeout
         self.retries = max(1, retries)
         self.retry_delay = retry_delay
+        self._max_upload_bytes: int | None = None  # from info(), fetched on the first large upload
 
     # -- low level --------------------------------------------------------------------------
     def _headers(self, extra: dict | None = None) -> dict:
@@ -141,7 +143,23 @@ class EngineClient:
         parameters.update(source or {})
         fields.extend((name, str(value)) for name, value in parameters.items() if value is not None)
         with MultipartBody(fields, files) as body:
+            self._check_upload_size(body.length)
             return self._json("POST", "/jobs", body.stream, body.headers(), retry=True)
+
+    def _check_upload_size(self, length: int) -> None:
+        """Refuse a too-large upload before sending it: the engine would cut the connection mid-upload.
+
+        Small bodies skip the check (the engine reads them and answers properly); larger ones
+        cost one ``info`` request per client, which also surfaces a wrong token before the upload.
+        """
+        if length <= SMALL_UPLOAD_BYTES:
+            return
+        if self._max_upload_bytes is None:
+            self._max_upload_bytes = int(self.info().get("limits", {}).get("max_upload_bytes") or 0)
+        if self._max_upload_bytes and length > self._max_upload_bytes:
+            raise EngineError(413, "too_large",
+                              f"The upload is {length} bytes; this engine accepts at most "
+                              f"{self._max_upload_bytes} bytes per job. Use smaller or compressed files.")
 
     def status(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{_quote(job_id)}", retry=True)

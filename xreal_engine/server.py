@@ -77,7 +77,7 @@ ACCEPTED_CONTENT_TYPES = {
     "application/x-nifti-gz",
 }
 RESULT_MEDIA_TYPES = {".dcm": "application/dicom", ".png": "image/png", ".json": "application/json"}
-SSE_HEARTBEAT_SECONDS = 10.0
+SSE_REPEAT_SECONDS = 1.0
 
 
 @dataclass
@@ -456,8 +456,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                     "Results are DICOM Secondary Capture + Segmentation objects marked synthetic.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.model_info = model_info
     app.state.request_shutdown = lambda: None
     app.state.exiting = lambda: False
     app.add_middleware(GuardMiddleware, settings=settings)
@@ -712,11 +710,9 @@ def _api_router(settings: ServiceSettings, model_info, data_dir: Path, pacs, pac
                 if view["state"] in FINAL_STATES:
                     yield _sse("end", view)
                     return
-                if key != last_key or now - last_sent > 1.0:
+                if key != last_key or now - last_sent > SSE_REPEAT_SECONDS:  # the repeat doubles as keep-alive
                     yield _sse("progress", view)
                     last_key, last_sent = key, now
-                elif now - last_sent > SSE_HEARTBEAT_SECONDS:
-                    yield ": keep-alive\n\n"
                 if exiting():
                     return
                 await asyncio.sleep(0.2)
