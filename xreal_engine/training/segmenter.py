@@ -255,6 +255,27 @@ def load_arrays(samples: list[AnatomySample], size: int) -> tuple[np.ndarray, np
     return images, labels
 
 
+def save_segmenter(network: torch.nn.Module, config: dict, out_dir: Path) -> Path:
+    """Write weights (float16 safetensors) + config via a temporary sibling: never a half-written segmenter."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    state = {name: tensor.detach().cpu().to(torch.float16).contiguous() for name, tensor in network.state_dict().items()}
+    save_file(state, str(staging / WEIGHTS_FILE))
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        (staging / name).chmod(0o644)
+    if out_dir.is_dir():  # empty, or an older segmenter being replaced file by file
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            (staging / name).replace(out_dir / name)
+        staging.rmdir()
+    else:
+        staging.rename(out_dir)
+    return out_dir
+
+
 def train_segmenter(
     data_dir: Path,
     out_dir: Path,
@@ -275,7 +296,6 @@ def train_segmenter(
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -346,20 +366,7 @@ def train_segmenter(
         config["test_dice_real"] = mean_dice(segmenter, *load_arrays(test_samples, size))
         config["test_images"] = len(test_samples)
 
-    # Written into a temporary sibling, then moved into place: never a half-written segmenter.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    state = {name: tensor.detach().cpu().to(torch.float16).contiguous() for name, tensor in network.state_dict().items()}
-    save_file(state, str(staging / WEIGHTS_FILE))
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        (staging / name).chmod(0o644)
-    if out_dir.is_dir():  # empty, or an older segmenter being replaced file by file
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            (staging / name).replace(out_dir / name)
-        staging.rmdir()
-    else:
-        staging.rename(out_dir)
+    save_segmenter(network, config, out_dir)
     return config
 
 
