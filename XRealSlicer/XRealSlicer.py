@@ -671,7 +671,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self._setClient(url, self.launcher.token)
 
     def connectRemote(self, task, url, token):
-        """Worker thread: check the remote engine and read its info."""
+        """Worker thread: check the remote engine and read its info (a local engine is stopped: one engine at a time)."""
+        self.stopLocalEngine()
         self._setClient(url, token)
 
     def _setClient(self, url, token):
