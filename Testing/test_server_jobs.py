@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from xreal_engine.errors import ModelError
@@ -183,6 +184,30 @@ def test_a_model_that_produces_nan_fails_its_job_readably_and_the_service_keeps_
         assert http.get("/api/v1/health").json() == {"status": "ok", "engine_version": job_engine_version(),
                                                      "model": "ready", "model_error": None}
         assert http.get("/api/v1/info").status_code == 200
+
+
+def test_a_model_that_cannot_load_is_reported_and_jobs_get_503(tmp_path):
+    """--device cuda on a machine without a GPU: health says why, submissions get 503, nothing crashes."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from xreal_engine.models import create_random_model
+    from xreal_engine.server import ServiceSettings, create_app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the failure needs one that does not")
+    model_dir = create_random_model(tmp_path / "model", preset="tiny")
+    app = create_app(ServiceSettings(model=str(model_dir), device="cuda", data_dir=tmp_path / "data"))
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 60
+        while (health := http.get("/api/v1/health").json())["model"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health["model"] == "failed" and "CUDA" in health["model_error"], health
+        response = http.post("/api/v1/jobs", files={"anatomy": ("a.png", b"\x89PNG\r\n\x1a\n", "image/png")})
+        assert response.status_code == 503
+        assert response.json()["error"] == {"code": "model_unavailable", "message": health["model_error"]}
+        assert http.get("/api/v1/info").json()["model_state"] == "failed"
 
 
 def job_engine_version() -> str:

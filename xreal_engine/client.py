@@ -4,7 +4,7 @@ Slicer's bundled Python has no torch, numpy is optional and installing packages 
 chore, so this module uses only urllib, json and threading. It depends on nothing else
 in the package and can be copied on its own.
 
-    client = EngineClient("http://127.0.0.1:8765", token=None)
+    client = EngineClient("http://127.0.0.1:8000", token=None)
     job = client.submit("anatomy.png", pathologies=[("region.png", "cardiomegaly")], seed=1, steps=50)
     job = client.wait(job["id"], callback=lambda job: print(job["stage"], job["progress"]))
     if job["state"] == "succeeded":

@@ -16,8 +16,8 @@ from .errors import InputError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("XREAL_ENGINE_URL", "http://127.0.0.1:8765"),
-                        help="engine URL (default $XREAL_ENGINE_URL or http://127.0.0.1:8765)")
+    parser.add_argument("--url", default=os.environ.get("XREAL_ENGINE_URL", "http://127.0.0.1:8000"),
+                        help="engine URL (default $XREAL_ENGINE_URL or http://127.0.0.1:8000)")
     parser.add_argument("--token", default=None, help="access token (default $XREAL_ENGINE_TOKEN)")
     parser.add_argument("--anatomy", type=Path, help="anatomy label map: PNG, NRRD, NIfTI, .seg.nrrd or DICOM-SEG")
     parser.add_argument("--pathology-mask", type=Path, action="append", default=[], metavar="FILE",

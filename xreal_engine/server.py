@@ -62,7 +62,7 @@ from .jobs import FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobService, JobStore
 log = logging.getLogger("xreal_engine.server")
 
 API_PREFIX = "/api/v1"
-DEFAULT_PORT = 8765
+DEFAULT_PORT = 8000  # the Slicer module's default remote URL is http://127.0.0.1:8000
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_QUEUED_JOBS = 16
 DEFAULT_RETENTION_HOURS = 72.0
