@@ -283,3 +283,73 @@ def test_the_vocabulary_is_read_from_the_engine_not_copied():
     assert not list(MODULE_DIR.rglob("vocabulary.json")), "Slicer must read xreal_engine/vocabulary.json itself"
     source = "\n".join(p.read_text() for p in _python_files())
     assert "123037004" not in source and "8186001" not in source  # no SNOMED codes duplicated in the module
+
+
+STUB_USE_SLICER = r"""
+# Stand-in for Slicer's UseSlicer.cmake: the macros the extension calls, with the checks Slicer's own
+# versions make (unknown keywords and missing files are fatal), recording what was declared.
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+foreach(field HOMEPAGE CATEGORY CONTRIBUTORS DESCRIPTION ICONURL SCREENSHOTURLS DEPENDS)
+  if(NOT DEFINED EXTENSION_${field})
+    message(FATAL_ERROR "EXTENSION_${field} is not set before find_package(Slicer)")
+  endif()
+endforeach()
+set(XREAL_STUB_REPORT ${CMAKE_BINARY_DIR}/stub-report.txt)
+file(WRITE ${XREAL_STUB_REPORT} "")
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(STUB "WITH_GENERIC_TESTS;WITH_SUBDIR;VERBOSE" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  if(STUB_UNPARSED_ARGUMENTS)
+    message(FATAL_ERROR "Unknown keywords: ${STUB_UNPARSED_ARGUMENTS}")
+  endif()
+  foreach(file ${STUB_SCRIPTS} ${STUB_RESOURCES})
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+      message(FATAL_ERROR "nonexistent file ${file}")
+    endif()
+    file(APPEND ${XREAL_STUB_REPORT} "file ${file}\n")
+  endforeach()
+  file(APPEND ${XREAL_STUB_REPORT} "module ${STUB_NAME}\n")
+endmacro()
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(STUB "" "SCRIPT;TESTNAME_PREFIX" "SLICER_ARGS" ${ARGN})
+  get_filename_component(script ${STUB_SCRIPT} ABSOLUTE)
+  if(NOT EXISTS ${script})
+    message(FATAL_ERROR "nonexistent test script ${STUB_SCRIPT}")
+  endif()
+  get_filename_component(name ${script} NAME_WE)
+  file(APPEND ${XREAL_STUB_REPORT} "test py_${STUB_TESTNAME_PREFIX}${name}\n")
+endmacro()
+"""
+
+
+def test_cmake_configures_and_installs_the_engine_beside_the_module(tmp_path):
+    """Real CMake runs the extension's CMakeLists against a stand-in Slicer (Slicer itself cannot be built here)."""
+    import shutil
+
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "UseSlicer.cmake").write_text(STUB_USE_SLICER)
+    (stub / "empty.cmake").write_text("")
+    (stub / "SlicerConfig.cmake").write_text(
+        "set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)\n"
+        "set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)\n"
+        "set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)\n")
+    build = tmp_path / "build"
+    configure = subprocess.run([cmake, "-S", str(REPO_DIR), "-B", str(build), f"-DSlicer_DIR={stub}",
+                                "-DBUILD_TESTING=ON"], capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+    report = (build / "stub-report.txt").read_text().splitlines()
+    assert "module XRealSlicer" in report and "test py_XRealSlicer" in report
+    assert "file XRealSlicerLib/request.py" in report and "file Resources/UI/XRealSlicer.ui" in report
+    modules = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    assert (modules / "xreal_engine" / "client.py").is_file() and (modules / "xreal_engine" / "vocabulary.json").is_file()
+    assert not list((modules / "xreal_engine").rglob("__pycache__"))
+    install = subprocess.run([cmake, "--install", str(build), "--prefix", str(tmp_path / "installed")],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-2000:]
+    installed = tmp_path / "installed" / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    assert (installed / "xreal_engine" / "client.py").is_file()
+    assert (installed / "xreal_engine" / "cli.py").is_file()  # the launcher runs python -m xreal_engine.cli serve
