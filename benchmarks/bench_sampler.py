@@ -98,20 +98,22 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(function, device, repeats: int) -> tuple[float, float]:
-    """(median, minimum) seconds of ``function()`` over ``repeats`` runs after one warm-up run.
+def timed(function, device, repeats: int) -> dict:
+    """Wall seconds (median, min) and process CPU seconds (median) of ``function()`` after one warm-up.
 
-    The minimum is the better estimate of the intrinsic cost on a CPU shared with other work.
+    On a CPU shared with other work the wall time grows with the load; the CPU time of this process
+    (all its threads) does much less, and CPU seconds / threads estimates the wall time on an idle machine.
     """
     function()
     synchronize(device)
-    durations = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
         function()
         synchronize(device)
-        durations.append(time.perf_counter() - start)
-    return statistics.median(durations), min(durations)
+        walls.append(time.perf_counter() - wall_start)
+        cpus.append(time.process_time() - cpu_start)
+    return {"wall": statistics.median(walls), "wall_min": min(walls), "cpu": statistics.median(cpus)}
 
 
 def peak_memory_bytes(device) -> int:
@@ -180,10 +182,11 @@ def measure(device, reduced: bool, steps: int, repeats: int, preset: str = "full
         "preset": preset, "image_size": info.image_size, "latent_size": info.latent_size, "precision": f"{str(reduced_dtype).removeprefix('torch.')} autocast" if reduced else "float32",
         "device": str(device), "threads": torch.get_num_threads(), "build_seconds": build_seconds,
     }
+    figures["load_average_start"] = os.getloadavg()[0]
     for name, function, count in (("unet_b1", unet(1), repeats), ("unet_b2", unet(2), repeats),
                                   ("text_encoder", text_encoder, max(1, repeats - 1)),
                                   ("ae_encode", encode, max(1, repeats - 1)), ("ae_decode", decode, max(1, repeats - 1))):
-        figures[name], figures[f"{name}_min"] = timed(function, device, count)
+        figures[name] = timed(function, device, count)
 
     # A short real run of the sampler: counts UNet calls and measures the cost outside the DDIM loops.
     unet_calls = []
@@ -192,18 +195,22 @@ def measure(device, reduced: bool, steps: int, repeats: int, preset: str = "full
     anatomy, pathology = chest_masks(info.image_size, info.latent_size)
     generator = torch.Generator(device=device).manual_seed(0)
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     pipe(anatomy, pathologies=[(pathology, FINDING)], num_inference_steps=steps, anatomy_steps=steps // 2,
          guidance_scale=7.0, eta=1.0, generator=generator)
     synchronize(device)
-    figures["run_seconds"] = time.perf_counter() - start
+    run = {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu_start}
     hook.remove()
+    figures["load_average_end"] = os.getloadavg()[0]
+    figures["run"] = run
     figures["run_steps"] = steps
     figures["run_unet_calls"] = len(unet_calls)
     figures["run_unet_batch_sizes"] = sorted(set(unet_calls))
-    loop_seconds = steps * (figures["unet_b1"] + figures["unet_b2"])
-    figures["fixed_seconds"] = max(0.0, figures["run_seconds"] - loop_seconds)
-    figures["image_seconds_estimate"] = figures["fixed_seconds"] + DEFAULT_STEPS * (figures["unet_b1"] + figures["unet_b2"])
+    for clock in ("wall", "cpu"):
+        per_step = figures["unet_b1"][clock] + figures["unet_b2"][clock]
+        fixed = max(0.0, run[clock] - steps * per_step)
+        figures[f"fixed_{clock}"] = fixed
+        figures[f"image_{clock}_estimate"] = fixed + DEFAULT_STEPS * per_step
     figures["image_unet_calls"] = 2 * DEFAULT_STEPS  # stage A: 100 at batch 1; stage B: 100 at batch 2 (cond+uncond)
     figures["image_unet_samples"] = 3 * DEFAULT_STEPS
     figures["peak_memory_bytes"] = peak_memory_bytes(device)
@@ -223,31 +230,39 @@ def run_child(args, precision: str) -> dict:
 
 def report(results: list[dict]) -> None:
     gib = 1024**3
-    print(f"XReal sampler, {results[0]['preset']} architecture, random weights, device {results[0]['device']}, "
-          f"{results[0]['threads']} threads")
+    first = results[0]
+    threads = first["threads"]
+    print(f"XReal sampler, {first['preset']} architecture, random weights, device {first['device']}, {threads} threads")
+    print("wall = elapsed seconds (median of repeats; min in brackets); CPU = this process's CPU seconds "
+          f"(all threads); CPU / {threads} = what an idle machine would take")
     for r in results:
-        print(f"\n[{r['precision']}]  (building the random model took {r['build_seconds']:.1f} s)")
+        print(f"\n[{r['precision']}]  build {r['build_seconds']:.1f} s; load average {r['load_average_start']:.1f} "
+              f"at start, {r['load_average_end']:.1f} at end")
         for key, label in (("unet_b1", "UNet evaluation, batch 1"), ("unet_b2", "UNet evaluation, batch 2"),
                            ("text_encoder", "LDM-BERT (1 x 150 tokens)"), ("ae_encode", f"AutoencoderKL encode {r['image_size']}^2"),
                            ("ae_decode", f"AutoencoderKL decode {r['latent_size']}^2 latent")):
-            print(f"  {label + ':':36s} {r[key]:8.2f} s median ({r[key + '_min']:.2f} s min)")
-        print(f"  real run, {r['run_steps']} steps (+{r['run_steps'] // 2} anatomy): {r['run_seconds']:8.2f} s, "
-              f"{r['run_unet_calls']} UNet calls at batch sizes {r['run_unet_batch_sizes']}; "
-              f"cost outside the DDIM loops {r['fixed_seconds']:.2f} s")
-        print(f"  per image at the defaults (100 steps, 50 anatomy steps, guidance 7): "
-              f"{r['image_unet_calls']} UNet calls ({r['image_unet_samples']} sample-evaluations), "
-              f"ESTIMATED {r['image_seconds_estimate']:.0f} s = {r['image_seconds_estimate'] / 60:.1f} min "
-              f"(short-run fixed cost + 100 x (batch-1 + batch-2 UNet))")
+            t = r[key]
+            print(f"  {label + ':':36s} wall {t['wall']:7.2f} s ({t['wall_min']:.2f})   CPU {t['cpu']:7.2f} s "
+                  f"-> idle {t['cpu'] / threads:6.2f} s")
+        print(f"  real XRealPipeline run, {r['run_steps']} steps ({r['run_steps'] // 2} anatomy steps): "
+              f"wall {r['run']['wall']:.1f} s, CPU {r['run']['cpu']:.1f} s; {r['run_unet_calls']} UNet calls at "
+              f"batch sizes {r['run_unet_batch_sizes']}; outside the DDIM loops: wall {r['fixed_wall']:.1f} s, "
+              f"CPU {r['fixed_cpu']:.1f} s")
+        print(f"  per image at the defaults (100 steps, 50 anatomy steps, guidance 7): {r['image_unet_calls']} UNet "
+              f"calls ({r['image_unet_samples']} sample-evaluations); ESTIMATED from the short run + 100 x (batch-1 + "
+              f"batch-2 UNet): wall {r['image_wall_estimate'] / 60:.1f} min here, "
+              f"idle-machine {r['image_cpu_estimate'] / threads / 60:.1f} min")
         print(f"  peak memory: {r['peak_memory_bytes'] / gib:.2f} GiB "
               f"({'CUDA max allocated' if r['device'].startswith('cuda') else 'process peak RSS'})")
     if len(results) == 2:
         fp32, reduced = results
-        print(f"\nratio {reduced['precision']} / float32:")
+        print(f"\nratio {reduced['precision']} / float32 (wall, CPU):")
         for key, label in (("unet_b1", "UNet batch 1"), ("unet_b2", "UNet batch 2"), ("text_encoder", "LDM-BERT"),
-                           ("ae_encode", "AE encode"), ("ae_decode", "AE decode"),
-                           ("image_seconds_estimate", "seconds per image (estimate)"),
-                           ("peak_memory_bytes", "peak memory")):
-            print(f"  {label:30s} {reduced[key] / fp32[key]:6.2f}")
+                           ("ae_encode", "AE encode"), ("ae_decode", "AE decode")):
+            print(f"  {label:30s} {reduced[key]['wall'] / fp32[key]['wall']:6.2f} {reduced[key]['cpu'] / fp32[key]['cpu']:6.2f}")
+        print(f"  {'seconds per image (estimate)':30s} {reduced['image_wall_estimate'] / fp32['image_wall_estimate']:6.2f} "
+              f"{reduced['image_cpu_estimate'] / fp32['image_cpu_estimate']:6.2f}")
+        print(f"  {'peak memory':30s} {reduced['peak_memory_bytes'] / fp32['peak_memory_bytes']:6.2f}")
     print("\nReference (fixture README): the ORIGINAL code on this 2-core CPU, float32: UNet batch 1 2.3 s, batch 2 4.5 s, "
           "300 batch-1 UNet passes + 3 encodes + 3 decodes + 3 BERT calls, about 12 min per image.")
 
