@@ -320,6 +320,7 @@ def describe_job(service: JobService, job: dict) -> dict:
         "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_message"] else None,
         "files": job["files"],
         "dicom": job["dicom"],
+        "source": spec.get("source"),
         "push_to": spec.get("push_to"),
         "push": job["push_report"],
     }
@@ -614,6 +615,8 @@ def _api_router(settings: ServiceSettings, model_info, data_dir: Path, pacs, pac
                 spec["image"], spec["source"] = _fetch_source(pacs, pacs_config, source, study, series, instance, folder)
             prepared = _prepare(spec, parameters, model_info, folder)
             spec["parameters"] = dict(prepared.parameters)
+            spec["pathologies"] = [[name, pathology.finding]  # canonical finding names, as in provenance
+                                   for (name, _), pathology in zip(spec["pathologies"], prepared.pathologies)]
             spec["mode"] = "edit" if prepared.edit_mode else "generate"
             stages = len(spec["pathologies"]) + (0 if prepared.edit_mode else 1)
             spec["expected_steps"] = stages * prepared.parameters["num_inference_steps"]
