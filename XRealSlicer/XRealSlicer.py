@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import qt
@@ -35,7 +35,7 @@ from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from XRealSlicerLib import connection, enginepath, series
-from XRealSlicerLib.jobs import CANCELLED, DONE, FAILED, FINAL, JobRunner, JobSpec, error_text
+from XRealSlicerLib.jobs import DONE, FAILED, FINAL, JobRunner, JobSpec, error_text
 from XRealSlicerLib.launcher import (
     EngineLauncher,
     create_venv_command,
@@ -57,7 +57,7 @@ from XRealSlicerLib.request import (
 )
 from XRealSlicerLib.results import read_fallback_segments
 from XRealSlicerLib.tasks import BackgroundCall, run_logged
-from XRealSlicerLib.vocabulary import ANATOMY, PATHOLOGY, Vocabulary
+from XRealSlicerLib.vocabulary import PATHOLOGY, Vocabulary
 from xreal_engine.client import EngineClient, EngineError
 from xreal_engine.errors import XRealError
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from xreal_engine.errors import XRealError
 
@@ -99,8 +99,7 @@ def job_progress(job: dict):
 class JobRunner:
     """Runs a list of jobs one after the other in a worker thread; GUI reads ``events``."""
 
-    def __init__(self, client, poll_interval: float = 0.5, describe_engine: str = "the engine",
-                 on_result: Optional[Callable[[GenerationResult], None]] = None):
+    def __init__(self, client, poll_interval: float = 0.5, describe_engine: str = "the engine"):
         self.client = client
         self.poll_interval = poll_interval
         self.describe_engine = describe_engine
@@ -110,7 +109,6 @@ class JobRunner:
         self.results: List[GenerationResult] = []
         self._cancel = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._on_result = on_result
 
     @property
     def busy(self) -> bool:
@@ -163,8 +161,6 @@ class JobRunner:
                 if result is None:
                     return  # cancelled or failed: already reported
                 self.results.append(result)
-                if self._on_result is not None:
-                    self._on_result(result)
                 self._emit(JobEvent(DOWNLOADING, index, count, fraction=(index + 1) / count, result=result,
                                     label=spec.label, message=f"Result {index + 1} of {count} is ready."))
             self._emit(JobEvent(DONE, count - 1, count, fraction=1.0,

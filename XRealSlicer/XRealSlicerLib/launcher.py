@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -279,6 +278,3 @@ def requirements_installed(python: str, timeout: float = 120.0) -> bool:
         return False
     return result.returncode == 0
 
-
-def current_python() -> str:
-    return sys.executable

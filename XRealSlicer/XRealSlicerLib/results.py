@@ -181,11 +181,3 @@ def read_fallback_segments(directory: Path, vocabulary: Optional[Vocabulary] = N
         ))
     return segments
 
-
-def sc_pixel_spacing(result: GenerationResult) -> Tuple[float, float]:
-    """(row, column) pixel spacing of the SC, for a fallback canvas with the same geometry."""
-    import pydicom
-
-    dataset = pydicom.dcmread(str(result.sc_path), stop_before_pixels=True)
-    spacing = dataset.get("PixelSpacing") or dataset.get("NominalScannedPixelSpacing") or [1.0, 1.0]
-    return float(spacing[0]), float(spacing[1])
