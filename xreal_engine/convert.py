@@ -51,11 +51,6 @@ MIMIC_CXR_LABELS = [
     "fracture", "lung lesion", "lung opacity", "pleural effusion", "pleural other", "pneumonia",
     "pneumothorax", "support devices",
 ]
-OFFICIAL_ANATOMY_LABELS = {"1": "left lung", "2": "right lung", "3": "heart", "4": "aorta"}
-DEFAULT_SAMPLING = {
-    "num_inference_steps": 100, "anatomy_steps": 50, "eta": 1.0, "guidance_scale": 7.0, "soft_mask_value": 0.2,
-}
-DEFAULT_FIELD_OF_VIEW_MM = 400.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,21 +460,16 @@ def official_findings() -> list[str]:
     return findings
 
 
-def build_model_info(model_id: str, image_size: int, latent_size: int, scale_factor: float, description: str) -> dict:
-    """The ``xreal_model.json`` content for converted official weights (docs/architecture.md)."""
-    return {
-        "format_version": 1,
-        "model_id": model_id,
-        "description": description,
-        "image_size": image_size,
-        "latent_size": latent_size,
-        "scale_factor": scale_factor,
-        "anatomy_labels": dict(OFFICIAL_ANATOMY_LABELS),
-        "label_warnings": {},
-        "findings": official_findings(),
-        "defaults": dict(DEFAULT_SAMPLING),
-        "field_of_view_mm": DEFAULT_FIELD_OF_VIEW_MM,
-    }
+def build_model_info(model_id: str, image_size: int, latent_size: int, scale_factor: float, description: str):
+    """``xreal_model.json`` of converted official weights: all four anatomy labels (the anatomy controller
+    was trained on lungs, heart and aorta), the MIMIC-CXR findings, the original sampling defaults."""
+    from .models import DEFAULT_ANATOMY_LABELS, DEFAULT_SAMPLING, ModelInfo
+
+    return ModelInfo(
+        model_id=model_id, description=description, image_size=image_size, latent_size=latent_size,
+        scale_factor=scale_factor, anatomy_labels=dict(DEFAULT_ANATOMY_LABELS), label_warnings={},
+        findings=official_findings(), defaults=dict(DEFAULT_SAMPLING),
+    )
 
 
 def convert_components(
@@ -544,12 +534,11 @@ def convert_components(
     return components, facts
 
 
-def _save_model_directory(components: dict, model_info: dict, target: Path) -> None:
+def _save_model_directory(components: dict, model_info, target: Path) -> None:
     """Write the diffusers layout (safetensors) + xreal_model.json through XRealPipeline."""
-    from .models import ModelInfo
     from .pipeline import XRealPipeline
 
-    pipe = XRealPipeline(**components, model_info=ModelInfo.from_dict(model_info, source="converted model metadata"))
+    pipe = XRealPipeline(**components, model_info=model_info)
     pipe.save_pretrained(target, safe_serialization=True)
 
 
