@@ -512,3 +512,44 @@ def test_send_to_pacs_and_edit_an_xray_from_a_pacs_source(engine, orthanc, vocab
     result = runner.results[0]
     assert result.study_uid == source.StudyInstanceUID  # the edited image joins the source's study
     assert pydicom.dcmread(str(result.sc_path), stop_before_pixels=True).StudyInstanceUID == source.StudyInstanceUID
+
+
+def test_variations_and_interpolated_pathology_series(engine, vocabulary, tmp_path):
+    """'Generate variations' (consecutive seeds) and 'Interpolate pathology' (paper Fig. 3) as one run each."""
+    from XRealSlicerLib.jobs import DONE, JobRunner, JobSpec
+    from XRealSlicerLib.results import read_fallback_segments
+
+    info = engine.client().info()
+    size, fov = connection.model_geometry(info)
+    findings = connection.model_findings(info)
+    labels = list(connection.model_anatomy_labels(info))
+    spacing = (fov / size, fov / size, 1.0)
+    inputs = build_inputs(_drawing(vocabulary, (size, size), findings[0]), CanvasGeometry((1, size, size), spacing),
+                          vocabulary, labels, findings)
+    parameters = {"steps": 2, "anatomy_steps": 1}
+
+    jobs = [JobSpec(write_request_files(inputs, tmp_path / f"seed-{seed}", dict(parameters, seed=seed)),
+                    tmp_path / f"seed-{seed}" / "result", f"seed {seed}") for seed in series.variation_seeds(10, 2)]
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, jobs)
+    assert events[-1].state == DONE and [r.provenance["seed"] for r in runner.results] == [10, 11]
+    assert len({r.sc_series_uid for r in runner.results}) == 2
+
+    # a path drawn in RAS across the canvas, three positions, same seed
+    ras_to_ijk = np.linalg.inv(canvas_ijk_to_ras(spacing))
+    path_ras = np.array([[-10 * spacing[0], -20 * spacing[1], 0], [-40 * spacing[0], -20 * spacing[1], 0]])
+    positions = series.positions_along_path(series.ras_to_pixel(path_ras, ras_to_ijk), 3)
+    mask, finding, name = inputs.pathologies[0]
+    jobs = []
+    for number, moved in enumerate(series.interpolated_masks(mask, positions), start=1):
+        inputs.pathologies[0] = (moved, finding, name)
+        folder = tmp_path / f"position-{number}"
+        jobs.append(JobSpec(write_request_files(inputs, folder, dict(parameters, seed=3)), folder / "result"))
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, jobs)
+    assert events[-1].state == DONE and len(runner.results) == 3
+    centroids = []
+    for result in runner.results:
+        pathology = [s for s in read_fallback_segments(result.directory, vocabulary) if s.kind == "pathology"][0]
+        centroids.append(np.argwhere(pathology.array[0]).mean(axis=0))
+    assert np.allclose(centroids, positions, atol=1.0)  # each image has the finding where the path says
