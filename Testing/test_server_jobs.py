@@ -64,7 +64,8 @@ def test_restart_fails_the_running_job_as_interrupted_and_cleans_partial_files(t
     assert reopened.recover_after_restart() == 1
     job = reopened.get(running["id"])
     assert job["state"] == FAILED and job["error_code"] == "interrupted" and "submit it again" in job["error_message"]
-    assert [p.name for p in reopened.job_dir(running["id"]).iterdir()] == ["inputs"]
+    assert list(reopened.job_dir(running["id"]).iterdir()) == [], "uploads and partial results are gone"
+    assert (reopened.inputs_dir(queued["id"]) / "anatomy.png").is_file(), "a queued job keeps its uploads"
     assert reopened.get(queued["id"])["state"] == QUEUED
     assert not (reopened.jobs_dir / "orphan-without-row").exists()
     assert list(reopened.incoming_dir.iterdir()) == []
@@ -143,6 +144,8 @@ def test_worker_runs_in_order_isolates_failures_and_cancels_within_a_step(tmp_pa
     assert ok["state"] == SUCCEEDED and ok["files"] == ["sc.dcm"] and ok["dicom"] == {"sc_sop_instance_uid": "1.2.3"}
     slow = store.get(ids["slow"]["id"])
     assert slow["state"] == CANCELLED and not store.result_dir(ids["slow"]["id"]).exists()
+    assert sorted(p.name for p in store.job_dir(ids["ok"]["id"]).iterdir()) == ["result"], "uploads deleted"
+    assert not store.inputs_dir(ids["oom"]["id"]).exists()
 
 
 def test_a_model_that_produces_nan_fails_its_job_readably_and_the_service_keeps_serving(tmp_path):

@@ -213,7 +213,7 @@ def test_cancel_stops_a_running_job_within_a_step(engine, inputs):
     assert time.monotonic() - cancelled_at < 30
     assert status["files"] == []
     job_dir = engine["data_dir"] / "jobs" / job["id"]
-    assert sorted(p.name for p in job_dir.iterdir()) == ["inputs"], "a cancelled job leaves no partial result"
+    assert list(job_dir.iterdir()) == [], "a cancelled job leaves no partial result and no uploads"
     with pytest.raises(EngineError) as no_result:
         client.download_all(job["id"], engine["data_dir"].parent / "never")
     assert no_result.value.status == 409
@@ -589,7 +589,8 @@ def test_kill9_and_restart_loses_nothing(tiny_model, inputs, tmp_path):
         interrupted = client.status(running["id"])
         assert interrupted["state"] == "failed" and interrupted["error"]["code"] == "interrupted", interrupted
         assert "interrupted" in interrupted["error"]["message"]
-        assert sorted(p.name for p in (data_dir / "jobs" / running["id"]).iterdir()) == ["inputs"]
+        assert list((data_dir / "jobs" / running["id"]).iterdir()) == []
+        assert sorted(p.name for p in (data_dir / "jobs" / done["id"]).iterdir()) == ["result"]
         survived = client.status(done["id"])
         assert survived["state"] == "succeeded" and survived["files"] == done["files"]
         assert client.download(done["id"], "sc.dcm", tmp_path / "after.dcm").read_bytes() == sc_before

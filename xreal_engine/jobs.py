@@ -9,6 +9,8 @@ truth. Files live next to it::
     DATA_DIR/jobs/<id>/result/    written by generate_to_directory (temp dir, then rename)
     DATA_DIR/incoming/            uploads of requests still being validated
 
+Uploads are deleted when a job finishes (only ``result/`` stays until the retention purge).
+
 Restart policy (documented choice): queued jobs stay queued and run; a job that was
 *running* when the engine died is marked failed with an "interrupted" message instead of
 being re-queued, because a job that killed the engine (out of memory, a driver crash)
@@ -219,7 +221,7 @@ class JobStore:
             )
             known = {row[0] for row in self._db.execute("SELECT id FROM jobs").fetchall()}
         for row in rows:
-            _remove_all_but_inputs(self.job_dir(row["id"]))
+            clear_job_dir(self.job_dir(row["id"]))
         for path in self.jobs_dir.iterdir():
             if path.name not in known:
                 shutil.rmtree(path, ignore_errors=True)
@@ -246,11 +248,16 @@ def _row_to_dict(row: sqlite3.Row) -> dict:
     return job
 
 
-def _remove_all_but_inputs(job_dir: Path) -> None:
+def clear_job_dir(job_dir: Path, keep: tuple = ()) -> None:
+    """Remove everything in a job's folder except the names in ``keep``.
+
+    A finished job keeps only ``result``: the uploads (which may be a patient's X-ray)
+    are deleted as soon as they are no longer needed. Partial results go too.
+    """
     if not job_dir.is_dir():
         return
     for path in job_dir.iterdir():
-        if path.name != "inputs":
+        if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
@@ -348,6 +355,7 @@ class JobService:
     def cancel(self, job_id: str) -> dict | None:
         """Queued -> cancelled now; running -> cancelled within one diffusion step."""
         if self.store.cancel_if_queued(job_id):
+            clear_job_dir(self.store.job_dir(job_id))
             log.info("job %s cancelled while queued", job_id)
         else:
             job = self.store.get(job_id)
@@ -451,6 +459,7 @@ class JobService:
             log.exception("job %s failed with an unexpected error", job_id)
             _release_device_memory()
         else:
+            clear_job_dir(self.store.job_dir(job_id), keep=("result",))
             files = list_result_files(self.store.result_dir(job_id))
             push_report = self._push_result(job_id, spec)
             self.store.finish(job_id, SUCCEEDED, files=files, dicom=(provenance or {}).get("dicom"),
@@ -480,7 +489,7 @@ class JobService:
         return report
 
     def _discard_result(self, job_id: str) -> None:
-        _remove_all_but_inputs(self.store.job_dir(job_id))
+        clear_job_dir(self.store.job_dir(job_id))
 
 
 class _Interrupted(Exception):
