@@ -314,7 +314,7 @@ class JobService:
         self._pipe = None
         self.model_state = "loading"  # loading | ready | failed
         self.model_error: str | None = None
-        self._wake = threading.Condition()
+        self._work_available = threading.Event()  # set on submit; no lost wake-ups unlike a bare Condition
         self._stop = threading.Event()
         self._cancel_requested: set[str] = set()
         self._live: dict[str, LiveProgress] = {}
@@ -333,8 +333,7 @@ class JobService:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current diffusion step; the running job ends as interrupted."""
         self._stop.set()
-        with self._wake:
-            self._wake.notify_all()
+        self._work_available.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -345,8 +344,7 @@ class JobService:
         job, created = self.store.add(job_id, request_id, spec, warnings, self.max_queued_jobs, retry_after)
         if created:
             log.info("job %s queued", job_id)
-            with self._wake:
-                self._wake.notify_all()
+            self._work_available.set()
         return job, created
 
     def live(self, job_id: str) -> LiveProgress | None:
@@ -412,10 +410,10 @@ class JobService:
         while not self._stop.is_set():
             if time.monotonic() - self._last_purge > PURGE_INTERVAL_SECONDS:
                 self.purge_expired()
+            self._work_available.clear()  # cleared before looking, so a submit after the look wakes us
             job = self.store.claim_next()
             if job is None:
-                with self._wake:
-                    self._wake.wait(timeout=5.0)
+                self._work_available.wait(timeout=5.0)
                 continue
             self._execute(job)
             with self._finished:

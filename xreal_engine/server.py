@@ -468,6 +468,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
+        log.info("refused %s %s: %d %s", request.method, request.url.path, error.status, error.code)  # no content
         return error_response(error.status, error.code, error.message, error.headers)
 
     @app.exception_handler(RequestValidationError)
