@@ -25,11 +25,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finding", action="append", default=[], metavar="NAME",
                         help="finding of the pathology mask at the same position; '' removes a finding (edit mode)")
     parser.add_argument("--image", type=Path, help="edit mode: the X-ray to edit")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--source", metavar="NAME", help="edit mode: the engine fetches the X-ray from this PACS source")
+    parser.add_argument("--study", metavar="UID", help="with --source: Study Instance UID")
+    parser.add_argument("--series", metavar="UID", help="with --source: Series Instance UID")
+    parser.add_argument("--instance", metavar="UID", help="with --source: SOP Instance UID (default: first image)")
+    parser.add_argument("--seed", type=int, help="random seed (default: one chosen by the engine, reported back)")
     parser.add_argument("--steps", type=int, help="DDIM steps per stage (default: the model's)")
-    parser.add_argument("--anatomy-steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--eta", type=float)
+    parser.add_argument("--anatomy-steps", type=int, help="anatomy-stage steps that follow the mask (0..steps)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (0..50)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (0..1)")
     parser.add_argument("--push-to", metavar="NAME", help="PACS destination configured on the engine")
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     parser.add_argument("--out", type=Path, required=True, help="directory for the result files")
@@ -45,12 +49,18 @@ def run(args) -> int:
             raise InputError(f"The file {path} does not exist.")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise InputError(f"The output directory {args.out} already exists and is not empty; choose a new one.")
+    if args.image is not None and args.source is not None:
+        raise InputError("Use either --image or --source, not both.")
+    source = None
+    if args.source is not None:
+        source = {"source": args.source, "study": args.study, "series": args.series, "instance": args.instance}
+        source = {key: value for key, value in source.items() if value}
     token = args.token if args.token is not None else os.environ.get("XREAL_ENGINE_TOKEN")
     client = EngineClient(args.url, token=token)
     try:
         job = client.submit(args.anatomy, list(zip(args.pathology_mask, args.finding)), args.image,
                             seed=args.seed, steps=args.steps, anatomy_steps=args.anatomy_steps,
-                            guidance=args.guidance, eta=args.eta, push_to=args.push_to)
+                            guidance=args.guidance, eta=args.eta, push_to=args.push_to, source=source)
         print(f"Job {job['id']} queued (seed {job['parameters']['seed']}).", file=sys.stderr)
         for warning in job.get("warnings", []):
             print(f"warning: {warning}", file=sys.stderr)
