@@ -23,7 +23,7 @@ from XRealSlicerLib.request import (  # noqa: E402
     canvas_ijk_to_ras,
     write_request_files,
 )
-from XRealSlicerLib.vocabulary import ANATOMY, PATHOLOGY, Vocabulary, parse_terminology  # noqa: E402
+from XRealSlicerLib.vocabulary import PATHOLOGY, Vocabulary, parse_terminology  # noqa: E402
 from xreal_engine.errors import InputError  # noqa: E402
 
 MODEL_LABELS = [1, 2, 3, 4]
@@ -346,7 +346,7 @@ def _run(runner, jobs, timeout=300):
 
 
 def test_two_step_job_through_the_runner_and_fallback_reader(engine, vocabulary, tmp_path):
-    from XRealSlicerLib.jobs import DONE, RUNNING, JobRunner, JobSpec
+    from XRealSlicerLib.jobs import DONE, JobRunner, JobSpec
     from XRealSlicerLib.results import read_fallback_segments
 
     info = engine.client().info()
