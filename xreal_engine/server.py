@@ -861,14 +861,14 @@ def settings_from_args(args) -> ServiceSettings:
 def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if os.name != "nt":  # on Windows SO_REUSEADDR would let a second process share the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as error:
         sock.close()
         raise InputError(f"Cannot listen on {host}:{port} ({error.strerror or error}).") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
+    sock.listen(128)  # connections queue from now on, so a launcher may connect as soon as it reads the URL
     return sock
 
 
