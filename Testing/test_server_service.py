@@ -577,7 +577,9 @@ def test_kill9_and_restart_loses_nothing(tiny_model, inputs, tmp_path):
         while client.status(running["id"])["state"] != "running":
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert all(client.status(job["id"])["state"] == "queued" for job in queued)
+        positions = [client.status(job["id"]) for job in queued]
+        assert [(job["state"], job["queue_position"]) for job in positions] == [("queued", 1), ("queued", 2)]
+        assert positions[1]["eta_seconds"] > positions[0]["eta_seconds"] > 0  # from the finished job's run time
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
