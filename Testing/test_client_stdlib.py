@@ -205,3 +205,11 @@ def test_base_url_must_be_http():
     with pytest.raises(ValueError):
         EngineClient("ftp://example.org")
     assert os.path.basename(EngineClient("http://127.0.0.1:1/").base_url) == "127.0.0.1:1"
+
+
+def test_a_local_engine_is_not_reached_through_a_proxy(scripted_server, monkeypatch):
+    """Slicer may run with http_proxy set; the local engine must still be reached directly."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("no_proxy", "")
+    scripted_server.script = [reply(200, {"status": "ok"})]
+    assert client_for(scripted_server).health() == {"status": "ok"}

@@ -69,6 +69,9 @@ class EngineClient:
         self.retries = max(1, retries)
         self.retry_delay = retry_delay
         self._max_upload_bytes: int | None = None  # from info(), fetched on the first large upload
+        # A local engine must not be reached through an HTTP proxy from the environment.
+        loopback = parsed.hostname in ("localhost", "127.0.0.1", "::1") or (parsed.hostname or "").startswith("127.")
+        self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
 
     # -- low level --------------------------------------------------------------------------
     def _headers(self, extra: dict | None = None) -> dict:
@@ -88,7 +91,7 @@ class EngineClient:
                 body.seek(0)
             request = urllib.request.Request(url, data=body, method=method, headers=self._headers(headers))
             try:
-                return urllib.request.urlopen(request, timeout=timeout or self.timeout)
+                return self._opener.open(request, timeout=timeout or self.timeout)
             except urllib.error.HTTPError as error:
                 engine_error = _error_from_response(error)
                 if attempt < attempts and error.code in RETRY_STATUSES:
