@@ -1,0 +1,211 @@
+"""Training tools: prepare-data, and smoke runs of `xreal-engine train ...` with tiny configs.
+
+Real data (a few wingspan + Hannover images from ../shared), real MONAI transforms, real
+accelerate loop; the networks are a few thousand parameters so the whole module takes
+well under a minute on one core.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from xreal_engine.cli import main
+from xreal_engine.errors import InputError
+from xreal_engine.training.data import make_dataset, prepare_data, read_records
+
+TINY_AE = {
+    "image_size": 32,
+    "augment": False,
+    "model": {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 3, "norm_num_groups": 8},
+    "training": {"batch_size": 4, "learning_rate": 3.0e-3, "kl_weight": 1.0e-6, "max_steps": 30,
+                 "checkpoint_every": 10, "log_every": 1, "seed": 0},
+}
+TINY_LDM = {
+    "model_id": "tiny-trained", "description": "tiny smoke-test model", "image_size": 32, "augment": True,
+    "scale_factor": "auto",
+    "unet": {"block_out_channels": [16, 32], "attention_levels": [False, True], "layers_per_block": 1,
+             "attention_heads": 2, "norm_num_groups": 8},
+    "text_encoder": {"width": 16, "layers": 1, "heads": 2, "max_length": 8},
+    "training": {"batch_size": 4, "learning_rate": 2.0e-3, "warmup_steps": 0, "prompt_dropout": 0.15,
+                 "latent_copies": 2, "ema_decay": 0.9, "max_steps": 40, "checkpoint_every": 20, "log_every": 1,
+                 "seed": 0},
+}
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(shared_dir, tmp_path_factory) -> Path:
+    """6 wingspan images with label maps (2 per finding) + 2 Hannover images without, all in 'train'."""
+    cxr = shared_dir / "data" / "cxr"
+    out = tmp_path_factory.mktemp("data")
+    (out / "images").mkdir()
+    (out / "labels").mkdir()
+    with (cxr / "manifest.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
+    wingspan = [r for r in rows if r["subset"] == "wingspan" and r["ctr"]]
+    picked = ([r for r in wingspan if float(r["ctr"]) > 0.5][:3] + [r for r in wingspan if float(r["ctr"]) <= 0.5][:3]
+              + [r for r in rows if r["subset"] == "hannover_unlabeled"][:2])
+    with (out / "findings.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "split", "finding"])
+        for row in picked:
+            shutil.copyfile(cxr / row["subset"] / "images" / f"{row['image']}.png", out / "images" / f"{row['image']}.png")
+            if row["subset"] == "wingspan":
+                shutil.copyfile(cxr / row["subset"] / "labels" / f"{row['image']}.png", out / "labels" / f"{row['image']}.png")
+                finding = "cardiomegaly" if float(row["ctr"]) > 0.5 else "no finding"
+            else:
+                finding = "pneumonia"
+            writer.writerow([row["image"], "train", finding])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_autoencoders(tiny_data, tmp_path_factory) -> dict:
+    """One autoencoder and one anatomy controller run (30 steps each), shared by the tests below."""
+    root = tmp_path_factory.mktemp("runs")
+    config = write_yaml(root / "ae.yaml", TINY_AE)
+    runs = {}
+    for kind in ("autoencoder", "anatomy-controller"):
+        runs[kind] = root / kind
+        code = main(["train", kind, "--data", str(tiny_data), "--out", str(runs[kind]), "--config", str(config)])
+        assert code == 0
+    return runs
+
+
+def test_prepare_data_converts_the_shared_set(shared_dir, tmp_path):
+    counts = prepare_data(shared_dir / "data" / "cxr", tmp_path / "data", subsets=("wingspan", "covid_seg_nc"))
+    assert counts == {"train": 205 + 36, "val": 24 + 5, "test": 30 + 3}
+    rows = list(csv.DictReader((tmp_path / "data" / "findings.csv").open()))
+    by_id = {row["id"]: row for row in rows}
+    manifest = {r["image"]: r for r in csv.DictReader((shared_dir / "data" / "cxr" / "manifest.csv").open())}
+    for sample_id, row in by_id.items():
+        source = manifest[sample_id]
+        if source["subset"] == "wingspan":
+            expected = "" if not source["ctr"] else ("cardiomegaly" if float(source["ctr"]) > 0.5 else "no finding")
+            assert row["finding"] == expected
+    # covid_seg_nc's cardiomediastinum (5) is not an XReal label: it becomes background, lungs stay.
+    covid_id = next(i for i in by_id if i.startswith("cs_"))
+    labels = np.asarray(Image.open(tmp_path / "data" / "labels" / f"{covid_id}.png"))
+    assert set(np.unique(labels)) <= {0, 1, 2} and labels.any()
+    with pytest.raises(InputError, match="not empty"):
+        prepare_data(shared_dir / "data" / "cxr", tmp_path / "data")
+    with pytest.raises(InputError, match="nosuch"):
+        prepare_data(shared_dir / "data" / "cxr", tmp_path / "other", subsets=("nosuch",))
+    assert not (tmp_path / "other").exists()
+
+
+def test_default_subsets_are_the_permissive_ones(shared_dir, tmp_path):
+    counts = prepare_data(shared_dir / "data" / "cxr", tmp_path / "data")
+    assert sum(counts.values()) == 259 + 243
+    ids = [row["id"] for row in csv.DictReader((tmp_path / "data" / "findings.csv").open())]
+    assert not any(i.startswith("cs_") for i in ids)
+    hannover = [i for i in ids if not i.startswith("ws_")]
+    assert hannover and not any((tmp_path / "data" / "labels" / f"{i}.png").exists() for i in hannover)
+
+
+def test_augmentation_keeps_labels_exact_and_images_in_unit_range(tiny_data):
+    records = read_records(tiny_data, "train", require_labels=True)
+    dataset = make_dataset(records[:2], 64, with_label=True, augment=True)
+    for _ in range(3):
+        item = dataset[0]
+        assert item["image"].shape == (1, 64, 64) and item["label"].shape == (1, 64, 64)
+        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        assert set(torch.unique(item["label"]).tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    # no left-right flip: the heart (3) stays on the image right of the midline, where label 1 (left lung) is.
+    label = dataset[0]["label"][0].numpy()
+    columns = np.nonzero(label == 1)[1]
+    assert columns.mean() > 32
+
+
+def test_autoencoder_and_anatomy_controller_learn(trained_autoencoders):
+    from diffusers import AutoencoderKL
+
+    for kind, run_dir in trained_autoencoders.items():
+        history = losses(run_dir)
+        assert len(history) == 30
+        assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5]), kind
+        model = AutoencoderKL.from_pretrained(run_dir / "model")
+        assert model.config.latent_channels == 3 and model.config.block_out_channels == [8, 16]
+        # only the newest checkpoints are kept (keep_checkpoints default 2)
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-20", "step-30"]
+
+
+def test_resume_continues_from_the_newest_checkpoint(tiny_data, tmp_path):
+    config = write_yaml(tmp_path / "ae.yaml", {**TINY_AE, "training": {**TINY_AE["training"], "max_steps": 4,
+                                                                         "checkpoint_every": 2}})
+    run_dir = tmp_path / "run"
+    arguments = ["train", "autoencoder", "--data", str(tiny_data), "--out", str(run_dir), "--config", str(config)]
+    assert main(arguments) == 0
+    state = torch.load(run_dir / "checkpoints" / "step-4" / "optimizer.bin", weights_only=False)
+    assert main(arguments + ["--resume", "--max-steps", "6"]) == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 5 and 6 came from the resumed run, nothing was repeated
+    assert json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text()) == {"step": 6}
+    resumed = torch.load(run_dir / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
+    # Adam's step counter continued from the checkpoint instead of restarting at 0.
+    first = next(iter(state["state"].values()))["step"]
+    assert float(next(iter(resumed["state"].values()))["step"]) == float(first) + 2
+
+
+def test_refusals_are_one_sentence(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "something").write_text("x")
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(run_dir)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert main(["train", "autoencoder", "--data", str(tmp_path), "--out", str(tmp_path / "n2")]) == 2
+    assert "findings.csv is missing" in capsys.readouterr().err
+    assert main(["train", "ldm", "--data", str(tiny_data), "--out", str(tmp_path / "n3"), "--vae", str(tmp_path),
+                 "--anatomy-controller", str(tmp_path)]) == 2
+    assert "is not an AutoencoderKL directory" in capsys.readouterr().err
+
+
+def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoders, tmp_path):
+    from xreal_engine.pipeline import XRealPipeline
+
+    config = write_yaml(tmp_path / "ldm.yaml", TINY_LDM)
+    run_dir = tmp_path / "ldm"
+    code = main(["train", "ldm", "--data", str(tiny_data), "--out", str(run_dir), "--config", str(config),
+                 "--vae", str(trained_autoencoders["autoencoder"] / "model"),
+                 "--anatomy-controller", str(trained_autoencoders["anatomy-controller"] / "model")])
+    assert code == 0
+    history = losses(run_dir)
+    assert np.mean(history[-10:]) < np.mean(history[:10])
+
+    pipe = XRealPipeline.from_pretrained(run_dir / "model")
+    info = pipe.model_info
+    assert info.model_id == "tiny-trained" and info.image_size == 32 and info.latent_size == 16
+    assert info.findings == ["no finding", "cardiomegaly", "pneumonia"]
+    assert set(info.label_warnings) == {"4"} and "aorta" in info.label_warnings["4"]
+    measured = yaml.safe_load((run_dir / "config.yaml").read_text())["scale_factor_measured"]
+    assert info.scale_factor == pytest.approx(measured, rel=1e-4) and info.scale_factor > 0
+    assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length == 8
+    assert pipe.tokenizer.tokenize("no finding") == ["no", "finding"]
+
+    anatomy = np.zeros((32, 32), dtype=np.int64)
+    anatomy[8:24, 4:14], anatomy[8:24, 18:28], anatomy[16:26, 12:22] = 2, 1, 3
+    region = np.zeros((32, 32), dtype=np.uint8)
+    region[14:28, 10:24] = 1
+    out = pipe(anatomy, pathologies=[(region, "cardiomegaly")], num_inference_steps=2, anatomy_steps=1,
+               generator=torch.Generator().manual_seed(0))
+    assert out.image.shape == (32, 32) and np.isfinite(out.image).all()
+    assert 0.0 <= out.image.min() and out.image.max() <= 1.0

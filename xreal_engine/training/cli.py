@@ -1,0 +1,548 @@
+"""``xreal-engine train``: autoencoder, anatomy-controller, ldm (and the evaluation ``segmenter``).
+
+Every sub-command reads the DATA layout (``xreal_engine/training/__init__.py``), a small
+YAML config (``xreal_engine/configs/<name>.yaml`` unless ``--config``), and writes::
+
+    OUT/checkpoints/step-<n>/   accelerate state (weights, optimiser, RNG) + trainer_state.json
+    OUT/log.jsonl               one line per logged step: step, loss, seconds
+    OUT/config.yaml             the resolved config
+    OUT/model/                  the result: an AutoencoderKL directory, or for ``ldm`` a full model
+                                directory that ``XRealPipeline.from_pretrained`` loads
+
+The loop runs on HuggingFace accelerate, so ``accelerate launch -m xreal_engine.cli train ...``
+scales to several GPUs / nodes unchanged; mixed precision (fp16) is used on CUDA only.
+``--resume`` continues from the newest checkpoint in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..errors import InputError, ModelError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TRAINER_STATE = "trainer_state.json"
+SUBCOMMANDS = {
+    "autoencoder": "the LDM's image autoencoder (AutoencoderKL, image -> image)",
+    "anatomy-controller": "the anatomy controller (AutoencoderKL, anatomy label map -> image)",
+    "ldm": "the latent diffusion UNet + LDM-BERT text encoder; writes a complete model directory",
+    "segmenter": "the anatomy segmenter used by `xreal-engine evaluate`",
+}
+CONFIG_NAMES = {"autoencoder": "autoencoder", "anatomy-controller": "anatomy_controller", "ldm": "ldm"}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# ---------------------------------------------------------------- configuration
+
+def load_config(kind: str, path: Path | None, overrides: dict) -> dict:
+    """The YAML config (packaged default for ``kind`` unless ``path``), with CLI overrides of ``training``."""
+    path = Path(path) if path else CONFIG_DIR / f"{CONFIG_NAMES[kind]}.yaml"
+    if not path.is_file():
+        raise InputError(f"The config file {path} does not exist.")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise InputError(f"The config file {path} is not valid YAML ({error}).") from None
+    if not isinstance(config, dict) or not isinstance(config.get("training"), dict) or "image_size" not in config:
+        raise InputError(f"The config file {path} needs image_size and a training section.")
+    for key, value in overrides.items():
+        if value is not None:
+            config["training"][key] = value
+    return config
+
+
+def prepare_out_dir(out: Path, resume: bool) -> Path | None:
+    """Refuse to mix runs: a new run needs an empty OUT; --resume needs a checkpoint. Returns it."""
+    checkpoints = sorted(
+        (p for p in (out / "checkpoints").glob("step-*") if (p / TRAINER_STATE).is_file()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    if resume:
+        if not checkpoints:
+            raise InputError(f"--resume was given but {out}/checkpoints holds no complete checkpoint.")
+        return checkpoints[-1]
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"The output directory {out} is not empty; choose a new one or pass --resume.")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def make_accelerator(mixed_precision: str):
+    """accelerate on whatever device exists; fp16 autocast only where it helps (CUDA)."""
+    import torch
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "fp16" if torch.cuda.is_available() else "no"
+    if mixed_precision != "no" and not torch.cuda.is_available():
+        raise InputError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; use 'no' on a CPU.")
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def infinite(loader):
+    """Batches forever, epoch after epoch (the loops count steps, not epochs)."""
+    while True:
+        yield from loader
+
+
+class Trainer:
+    """The shared loop: steps, logging, checkpoints every N steps, resume, progress bar with the loss."""
+
+    def __init__(self, args, config: dict, accelerator):
+        self.args = args
+        self.config = config
+        self.training = config["training"]
+        self.accelerator = accelerator
+        self.out = Path(args.out)
+        self.step = 0
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        target = self.out / "checkpoints" / f"step-{self.step}"
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.save_state(str(partial))
+        (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step}), encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        keep = max(int(self.training.get("keep_checkpoints", 2)), 1)
+        complete = sorted((p for p in target.parent.glob("step-*") if p.name.split("-")[1].isdigit()),
+                          key=lambda p: int(p.name.split("-")[1]))
+        for stale in complete[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        self.accelerator.load_state(str(checkpoint))
+        self.step = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["step"]
+
+    def run(self, batches, train_step) -> list[float]:
+        """Call ``train_step(batch) -> loss`` until max_steps; returns the losses of this session."""
+        from tqdm.auto import tqdm
+
+        max_steps = int(self.training["max_steps"])
+        every = int(self.training.get("checkpoint_every", 500))
+        log_every = int(self.training.get("log_every", 10))
+        losses: list[float] = []
+        started = time.time()
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.args.kind, disable=not self.accelerator.is_main_process)
+        with (self.out / "log.jsonl").open("a", encoding="utf-8") as log:
+            while self.step < max_steps:
+                loss = float(train_step(next(batches)))
+                if not math.isfinite(loss):
+                    raise ModelError(f"Training diverged at step {self.step + 1} (loss {loss}); lower the learning rate.")
+                self.step += 1
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step % log_every == 0 or self.step == max_steps:
+                    recent = losses[-log_every:]
+                    log.write(json.dumps({"step": self.step, "loss": sum(recent) / len(recent),
+                                          "seconds": round(time.time() - started, 1)}) + "\n")
+                    log.flush()
+                if self.step % every == 0 or self.step == max_steps:
+                    self.save_checkpoint()
+        bar.close()
+        return losses
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(args) -> None:
+    import torch
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+
+def write_resolved_config(out: Path, config: dict) -> None:
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Replace ``final`` by the completely written ``staging`` directory."""
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+
+
+# ---------------------------------------------------------------- autoencoders
+
+def autoencoder_config(config: dict) -> dict:
+    """diffusers AutoencoderKL arguments: f = 2^(levels-1), 3 channels in/out (grey repeated, as the original)."""
+    model = config["model"]
+    levels = len(model["block_out_channels"])
+    return {
+        "in_channels": 3, "out_channels": 3, "latent_channels": int(model.get("latent_channels", 3)),
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": list(model["block_out_channels"]), "layers_per_block": int(model.get("layers_per_block", 1)),
+        "norm_num_groups": int(model.get("norm_num_groups", 32)), "sample_size": int(config["image_size"]),
+        "scaling_factor": 1.0,
+    }
+
+
+def random_crop(tensors, size: int):
+    """The same random square crop of every tensor (B, C, H, W); a cheap way to train convolutions on CPU."""
+    import torch
+
+    height = tensors[0].shape[-1]
+    if not size or size >= height:
+        return tensors
+    top, left = torch.randint(0, height - size + 1, (2,)).tolist()
+    return [t[..., top:top + size, left:left + size] for t in tensors]
+
+
+def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
+    """AutoencoderKL on [0, 1] images: L1 reconstruction + a small KL term (as the original's first stage).
+
+    ``mask_input``: the anatomy controller, whose input is the label map / 4 repeated to 3 channels
+    and whose target is the image.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    training = config["training"]
+    seed_everything(int(training.get("seed", 0)))
+    checkpoint = prepare_out_dir(Path(args.out), args.resume)
+    write_resolved_config(Path(args.out), config)
+    from .data import make_dataset, read_records
+
+    records = read_records(args.data, "train", require_labels=mask_input)
+
+    dataset = make_dataset(records, int(config["image_size"]), with_label=mask_input, augment=bool(config.get("augment", True)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=int(training["batch_size"]), shuffle=True, drop_last=len(dataset) > int(training["batch_size"]))
+    accelerator = make_accelerator(args.mixed_precision)
+    model = AutoencoderKL(**autoencoder_config(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(training["learning_rate"]), weight_decay=0.0)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    trainer = Trainer(args, config, accelerator)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    kl_weight = float(training.get("kl_weight", 1e-6))
+    crop = int(training.get("crop_size", 0))
+
+    def step(batch):
+        image = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
+        source = batch["label"] / 4.0 if mask_input else image
+        source, image = random_crop([source, image], crop)
+        source, target = source.repeat(1, 3, 1, 1), image.repeat(1, 3, 1, 1)
+        with accelerator.autocast():
+            posterior = model.encode(source).latent_dist
+            reconstruction = model.decode(posterior.sample()).sample
+            loss = (reconstruction.float() - target).abs().mean() + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        return loss.detach().item()
+
+    model.train()
+    trainer.run(infinite(loader), step)
+    accelerator.wait_for_everyone()
+    final = Path(args.out) / "model"
+    if accelerator.is_main_process:
+        staging = Path(args.out) / "model.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(staging)
+        publish(staging, final)
+    return final
+
+
+# ---------------------------------------------------------------- latent diffusion
+
+def write_vocab(path: Path, findings: list[str]) -> list[str]:
+    """vocab.txt: BERT's special tokens, then every word of every finding (BERT splits '-' off)."""
+    words = list(SPECIAL_TOKENS)
+    for finding in findings:
+        for word in finding.lower().replace("-", " - ").replace(",", " , ").split():
+            if word not in words:
+                words.append(word)
+    path.write_text("\n".join(words) + "\n", encoding="utf-8")
+    return words
+
+
+def vocabulary_findings() -> list[str]:
+    from .. import vocabulary
+
+    return vocabulary.finding_names()
+
+
+def ordered_findings(records) -> list[str]:
+    """Findings present in the training split, in vocabulary order (unknown ones appended)."""
+    present = {r.finding for r in records if r.finding}
+    known = vocabulary_findings()
+    return [f for f in known if f in present] + sorted(present - set(known))
+
+
+def encode_latents(vae, dataset, copies: int, batch_size: int, device):
+    """Posterior mean and std of ``copies`` augmented passes over the data set (the VAE is frozen).
+
+    Encoding once instead of at every step makes CPU training several times faster; the
+    diffusion loss still sees fresh samples z = mean + std * noise every time.
+    """
+    import torch
+
+    means, stds, findings = [], [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    with torch.no_grad():
+        for _ in range(max(copies, 1)):
+            for batch in loader:
+                image = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
+                posterior = vae.encode(image.to(device).repeat(1, 3, 1, 1)).latent_dist
+                means.append(posterior.mean.float().cpu())
+                stds.append(posterior.std.float().cpu())
+                findings.extend(batch["finding"])
+    return torch.cat(means), torch.cat(stds), findings
+
+
+class LatentSet:
+    """(latent mean, latent std, finding) items for the DataLoader."""
+
+    def __init__(self, means, stds, findings):
+        self.means, self.stds, self.findings = means, stds, findings
+
+    def __len__(self):
+        return len(self.findings)
+
+    def __getitem__(self, index):
+        return {"mean": self.means[index], "std": self.stds[index], "finding": self.findings[index]}
+
+
+def ldm_components(config: dict, vocab_size: int, latent_size: int, latent_channels: int):
+    """Fresh UNet2DConditionModel + LDMBertModel from the config."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    unet_cfg, text_cfg = config["unet"], config["text_encoder"]
+    attention = list(unet_cfg["attention_levels"])
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        block_out_channels=list(unet_cfg["block_out_channels"]), layers_per_block=int(unet_cfg["layers_per_block"]),
+        attention_head_dim=int(unet_cfg["attention_heads"]), cross_attention_dim=int(text_cfg["width"]),
+        norm_num_groups=int(unet_cfg.get("norm_num_groups", 32)),
+        flip_sin_to_cos=True, freq_shift=0, use_linear_projection=False,
+    )
+    text_encoder = LDMBertModel(LDMBertConfig(
+        vocab_size=vocab_size, max_position_embeddings=int(text_cfg["max_length"]),
+        encoder_layers=int(text_cfg["layers"]), encoder_ffn_dim=4 * int(text_cfg["width"]),
+        encoder_attention_heads=int(text_cfg["heads"]), head_dim=int(text_cfg["width"]) // int(text_cfg["heads"]),
+        d_model=int(text_cfg["width"]), dropout=0.0,
+    ))
+    return unet, text_encoder
+
+
+def scheduler_config() -> dict:
+    """The original XReal / LDM noise schedule (design.md section 3)."""
+    return {
+        "num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0295, "beta_schedule": "scaled_linear",
+        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+    }
+
+
+def label_warnings(present: set[int]) -> dict:
+    """A sentence for every anatomy label the training data never showed (the sampler cannot honour it)."""
+    from ..models import DEFAULT_ANATOMY_LABELS
+
+    return {
+        key: f"This model was trained without {name} masks; the {name} you drew is ignored."
+        for key, name in DEFAULT_ANATOMY_LABELS.items() if int(key) not in present
+    }
+
+
+def save_model_directory(out_dir: Path, components: dict, info) -> Path:
+    """``XRealPipeline.save_pretrained`` + ``xreal_model.json``, written via a staging directory."""
+    from ..pipeline import XRealPipeline
+
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe = XRealPipeline(**components, model_info=info)
+    pipe.save_pretrained(staging)
+    info.save(staging)
+    publish(staging, out_dir)
+    return out_dir
+
+
+def train_ldm(args, config: dict) -> Path:
+    """Latent diffusion on the frozen VAE's latents: eps-prediction MSE, text via LDM-BERT trained jointly.
+
+    A fraction of prompts (``prompt_dropout``) is replaced by "" so one network also learns the
+    unconditional model that classifier-free guidance and the anatomy stage use.
+    """
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers.training_utils import EMAModel
+    from transformers import BertTokenizer
+
+    from ..models import DEFAULT_ANATOMY_LABELS, ModelInfo
+    from .data import make_dataset, present_labels, read_records
+
+    training = config["training"]
+    seed_everything(int(training.get("seed", 0)))
+    for flag, path in (("--vae", args.vae), ("--anatomy-controller", args.anatomy_controller)):
+        if not (Path(path) / "config.json").is_file():
+            raise InputError(f"{flag} {path} is not an AutoencoderKL directory (config.json is missing); "
+                             "train one first or pass OUT/model of a finished run.")
+    out = Path(args.out)
+    checkpoint = prepare_out_dir(out, args.resume)
+    write_resolved_config(out, config)
+    accelerator = make_accelerator(args.mixed_precision)
+    device = accelerator.device
+
+    records = read_records(args.data, "train")
+    findings = ordered_findings(records)
+    vocab_file = out / "vocab.txt"
+    words = write_vocab(vocab_file, vocabulary_findings() + findings)
+    max_length = int(config["text_encoder"]["max_length"])
+    tokenizer = BertTokenizer(str(vocab_file), do_lower_case=True, model_max_length=max_length)
+
+    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
+    anatomy_controller = AutoencoderKL.from_pretrained(args.anatomy_controller).eval()
+    image_size = int(config["image_size"])
+    latent_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+
+    dataset = make_dataset(records, image_size, with_label=False, augment=bool(config.get("augment", True)))
+    means, stds, item_findings = encode_latents(vae, dataset, int(training.get("latent_copies", 4)),
+                                                int(training["batch_size"]), device)
+    scale_factor = config.get("scale_factor", "auto")
+    if scale_factor == "auto":
+        sample = means + stds * torch.randn_like(stds)
+        scale_factor = float(1.0 / sample.flatten().std())
+    scale_factor = float(scale_factor)
+    config["scale_factor_measured"] = scale_factor
+    write_resolved_config(out, config)
+
+    unet, text_encoder = ldm_components(config, len(words), latent_size, vae.config.latent_channels)
+    scheduler = DDIMScheduler(**scheduler_config())
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=float(training["learning_rate"]), weight_decay=0.0)
+    warmup = int(training.get("warmup_steps", 0))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    loader = torch.utils.data.DataLoader(LatentSet(means, stds, item_findings), batch_size=int(training["batch_size"]),
+                                         shuffle=True, drop_last=len(item_findings) > int(training["batch_size"]))
+    unet, text_encoder, optimizer, loader, lr_schedule = accelerator.prepare(unet, text_encoder, optimizer, loader, lr_schedule)
+    ema_decay = float(training.get("ema_decay", 0.0))
+    ema = EMAModel(parameters, decay=ema_decay) if ema_decay > 0 else None
+    if ema is not None:
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    trainer = Trainer(args, config, accelerator)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    dropout = float(training.get("prompt_dropout", 0.15))
+    alphas = scheduler.alphas_cumprod.to(device)
+
+    def tokens(prompts):
+        return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    def step(batch):
+        latents = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])) * scale_factor
+        prompts = [("" if random.random() < dropout else f) for f in batch["finding"]]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with accelerator.autocast():
+            context = text_encoder(tokens(prompts))[0]
+            prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        if ema is not None:
+            ema.step(parameters)
+        return loss.detach().item()
+
+    unet.train()
+    text_encoder.train()
+    trainer.run(infinite(loader), step)
+    accelerator.wait_for_everyone()
+    final = out / "model"
+    if accelerator.is_main_process:
+        unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        if ema is not None:
+            ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+        label_records = [r for r in records if r.label is not None]
+        info = ModelInfo(
+            model_id=str(config.get("model_id", "xreal-trained")),
+            description=str(config.get("description", "XReal model trained with xreal-engine train ldm")),
+            image_size=image_size, latent_size=latent_size, scale_factor=round(scale_factor, 6),
+            anatomy_labels=dict(DEFAULT_ANATOMY_LABELS), label_warnings=label_warnings(present_labels(label_records)),
+            findings=findings, field_of_view_mm=float(config.get("field_of_view_mm", 400.0)),
+        )
+        components = {
+            "vae": vae.to("cpu"), "anatomy_controller": anatomy_controller, "unet": unet.to("cpu").eval(),
+            "text_encoder": text_encoder.to("cpu").eval(), "tokenizer": tokenizer, "scheduler": scheduler,
+        }
+        save_model_directory(final, components, info)
+    return final
+
+
+# ---------------------------------------------------------------- command line
+
+def _common(parser: argparse.ArgumentParser, with_data: bool = True) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="training data directory (see `prepare-data`)")
+    parser.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, log, model/)")
+    parser.add_argument("--config", type=Path, help="YAML config (default: the packaged one)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--max-steps", type=int, help="override training.max_steps")
+    parser.add_argument("--batch-size", type=int, help="override training.batch_size")
+    parser.add_argument("--learning-rate", type=float, help="override training.learning_rate")
+    parser.add_argument("--checkpoint-every", type=int, help="override training.checkpoint_every")
+    parser.add_argument("--seed", type=int, help="override training.seed")
+    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                        help="auto = fp16 on CUDA, none on CPU")
+    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kind", metavar="WHAT", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "segmenter":
+            from . import segmenter
+
+            segmenter.configure_parser(command)
+            continue
+        _common(command)
+        if name == "ldm":
+            command.add_argument("--vae", required=True, type=Path, help="trained autoencoder (OUT/model of `train autoencoder`)")
+            command.add_argument("--anatomy-controller", required=True, type=Path,
+                                 help="trained anatomy controller (OUT/model of `train anatomy-controller`)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kind == "segmenter":
+        from . import segmenter
+
+        return segmenter.run(args)
+    set_threads(args)
+    overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                 "checkpoint_every": args.checkpoint_every, "seed": args.seed}
+    config = load_config(args.kind, args.config, overrides)
+    if args.kind == "ldm":
+        final = train_ldm(args, config)
+    else:
+        final = train_autoencoder(args, config, mask_input=args.kind == "anatomy-controller")
+    print(f"Trained {args.kind}; the model is in {final}")
+    return 0

@@ -1,0 +1,263 @@
+"""Training data: the ``DATA/`` layout, MONAI loading + augmentation, and the ``prepare-data`` command.
+
+Layout (see ``xreal_engine/training/__init__.py``): ``images/<id>.png``, optional
+``labels/<id>.png`` (0 background, 1 left lung, 2 right lung, 3 heart, 4 aorta) and
+``findings.csv`` (id, split, finding). Images are grey, read as float in [0, 1];
+every autoencoder of the engine takes and returns images in [0, 1].
+
+Augmentation is deliberately mild (small rotation / scale / shift, gamma and gain
+jitter) and never flips left-right: the anatomy is lateralised (heart on the image
+right of a PA film) and a flipped film teaches the model a situs inversus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError
+
+FINDINGS_FILE = "findings.csv"
+SPLITS = ("train", "val", "test")
+MAX_LABEL = 4
+# Subsets of ../shared/data/cxr whose licences allow redistributing a model trained on them.
+PERMISSIVE_SUBSETS = ("wingspan", "hannover_unlabeled")
+CARDIOMEGALY_CTR = 0.5
+
+
+@dataclass
+class Record:
+    """One item of the layout."""
+
+    sample_id: str
+    split: str
+    finding: str
+    image: Path
+    label: Path | None
+
+
+def read_records(data_dir: str | Path, split: str = "train", require_labels: bool = False) -> list[Record]:
+    """The items of ``split`` (with a label map if ``require_labels``); InputError if the layout is wrong."""
+    data_dir = Path(data_dir)
+    table = data_dir / FINDINGS_FILE
+    if not table.is_file():
+        raise InputError(
+            f"{data_dir} is not a training data directory: {FINDINGS_FILE} is missing "
+            "(write one with `xreal-engine prepare-data`)."
+        )
+    with table.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"id", "split", "finding"} <= set(reader.fieldnames):
+            raise InputError(f"{table} must have the columns id, split and finding.")
+        rows = list(reader)
+    records = []
+    for row in rows:
+        if row["split"] != split:
+            continue
+        image = data_dir / "images" / f"{row['id']}.png"
+        if not image.is_file():
+            raise InputError(f"{table} lists {row['id']!r} but {image} does not exist.")
+        label = data_dir / "labels" / f"{row['id']}.png"
+        label = label if label.is_file() else None
+        if require_labels and label is None:
+            continue
+        records.append(Record(row["id"], split, (row["finding"] or "").strip().lower(), image, label))
+    if not records:
+        what = "items with a label map" if require_labels else "items"
+        raise InputError(f"{table} has no {what} in the split {split!r}.")
+    return records
+
+
+def load_grey(path: Path) -> np.ndarray:
+    """(1, H, W) float32 in [0, 1] from an 8- or 16-bit grey (or RGB) PNG, rows top to bottom."""
+    image = Image.open(path)
+    if image.mode in ("I;16", "I;16B", "I"):
+        array = np.asarray(image, dtype=np.float32) / 65535.0
+    else:
+        array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return array[None]
+
+
+def load_labels(path: Path) -> np.ndarray:
+    """(1, H, W) float32 label values 0..4; InputError for other values."""
+    labels = np.asarray(Image.open(path))
+    if labels.ndim != 2:
+        raise InputError(f"The label map {path} must be a single-channel PNG, not {labels.shape}.")
+    if labels.max(initial=0) > MAX_LABEL:
+        raise InputError(f"The label map {path} has the value {int(labels.max())}; allowed values are 0..{MAX_LABEL}.")
+    return labels.astype(np.float32)[None]
+
+
+def present_labels(records: list[Record]) -> set[int]:
+    """Anatomy label values (1..4) drawn in at least one label map of ``records``."""
+    found: set[int] = set()
+    for record in records:
+        if record.label is not None:
+            found.update(int(v) for v in np.unique(np.asarray(Image.open(record.label))) if 0 < v <= MAX_LABEL)
+    return found
+
+
+class LoadRecord:
+    """MONAI-style first transform: Record -> {"image", "label"?, "finding", "id"} arrays (channel first).
+
+    MONAI's PNG reader transposes to (W, H) by default; reading with PIL keeps rows
+    as rows, so no transform can silently mirror the anatomy.
+    """
+
+    def __init__(self, with_label: bool):
+        self.with_label = with_label
+
+    def __call__(self, record: Record) -> dict:
+        item = {"image": load_grey(record.image), "finding": record.finding, "id": record.sample_id}
+        if self.with_label:
+            if record.label is None:
+                raise InputError(f"The item {record.sample_id!r} has no label map in labels/.")
+            item["label"] = load_labels(record.label)
+        return item
+
+
+def clamp_unit(array):
+    """Keep intensities in [0, 1] after jitter (autoencoders work on [0, 1])."""
+    return array.clamp(0.0, 1.0) if hasattr(array, "clamp") else np.clip(array, 0.0, 1.0)
+
+
+def build_transforms(image_size: int, with_label: bool, augment: bool):
+    """Load, resize to image_size² and (optionally) jitter; labels use nearest neighbour throughout."""
+    from monai.transforms import (
+        Compose,
+        EnsureTyped,
+        Lambdad,
+        RandAdjustContrastd,
+        RandAffined,
+        RandScaleIntensityd,
+        Resized,
+    )
+
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ["area", "nearest-exact"] if with_label else ["area"]
+    transforms = [
+        LoadRecord(with_label),
+        Resized(keys=keys, spatial_size=(image_size, image_size), mode=modes),
+        EnsureTyped(keys=keys, track_meta=False),
+    ]
+    if augment:
+        transforms += [
+            RandAffined(
+                keys=keys,
+                prob=0.8,
+                rotate_range=0.06,  # ~3.5 degrees
+                scale_range=(0.06, 0.06),
+                translate_range=(0.04 * image_size, 0.04 * image_size),
+                mode=["bilinear", "nearest"] if with_label else ["bilinear"],
+                padding_mode=["border", "zeros"] if with_label else ["border"],
+            ),
+            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.8, 1.25)),
+            RandScaleIntensityd(keys="image", prob=0.3, factors=0.08),
+            Lambdad(keys="image", func=clamp_unit),
+        ]
+    return Compose(transforms)
+
+
+def make_dataset(records: list[Record], image_size: int, with_label: bool, augment: bool):
+    """A MONAI CacheDataset: files are read and resized once, the random jitter runs every epoch."""
+    from monai.data import CacheDataset
+
+    return CacheDataset(
+        data=records,
+        transform=build_transforms(image_size, with_label, augment),
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+    )
+
+
+# ---------------------------------------------------------------- prepare-data
+
+def _finding(row: dict) -> str:
+    """Image-level finding from the shared manifest (issue 4): CTR > 0.5 = cardiomegaly, Hannover = pneumonia."""
+    if row["subset"] == "wingspan":
+        if not row.get("ctr"):
+            return ""
+        return "cardiomegaly" if float(row["ctr"]) > CARDIOMEGALY_CTR else "no finding"
+    if row["subset"] == "hannover_unlabeled":
+        return "pneumonia"
+    return (row.get("finding") or "").strip().lower()
+
+
+def prepare_data(cxr_dir: str | Path, out_dir: str | Path, subsets=PERMISSIVE_SUBSETS) -> dict:
+    """Convert ``../shared/data/cxr`` (or a copy) into the training layout; returns counts per split.
+
+    Written into a temporary sibling and renamed, so a failed run leaves nothing behind.
+    Label value 5 (cardiomediastinum, covid_seg_nc only) is not an XReal label and becomes background.
+    """
+    cxr_dir, out_dir = Path(cxr_dir), Path(out_dir)
+    manifest = cxr_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise InputError(f"{cxr_dir} is not the shared CXR data directory: manifest.csv is missing.")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    known = sorted({row["subset"] for row in rows})
+    unknown = [s for s in subsets if s not in known]
+    if unknown:
+        raise InputError(f"--subsets names {', '.join(unknown)}, which {manifest} does not have (it has {', '.join(known)}).")
+    rows = [row for row in rows if row["subset"] in subsets]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    counts: dict[str, int] = {}
+    try:
+        (staging / "images").mkdir()
+        (staging / "labels").mkdir()
+        with (staging / FINDINGS_FILE).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "split", "finding"])
+            for row in rows:
+                source = cxr_dir / row["subset"]
+                shutil.copyfile(source / "images" / f"{row['image']}.png", staging / "images" / f"{row['image']}.png")
+                label_path = source / "labels" / f"{row['image']}.png"
+                if label_path.is_file():
+                    labels = np.asarray(Image.open(label_path)).copy()
+                    labels[labels > MAX_LABEL] = 0
+                    if labels.any():
+                        Image.fromarray(labels.astype(np.uint8)).save(staging / "labels" / f"{row['image']}.png")
+                writer.writerow([row["image"], row["split"], _finding(row)])
+                counts[row["split"]] = counts.get(row["split"], 0) + 1
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return counts
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cxr", required=True, type=Path, help="the shared CXR directory (with manifest.csv)")
+    parser.add_argument("--out", required=True, type=Path, help="new directory for the training layout")
+    parser.add_argument(
+        "--subsets",
+        default=",".join(PERMISSIVE_SUBSETS),
+        help="comma-separated subsets to include (default: the permissively licensed wingspan,hannover_unlabeled)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
+    if not subsets:
+        raise InputError("--subsets is empty; name at least one subset, e.g. wingspan.")
+    counts = prepare_data(args.cxr, args.out, subsets)
+    not_permissive = [s for s in subsets if s not in PERMISSIVE_SUBSETS]
+    if not_permissive:
+        print(f"note: {', '.join(not_permissive)} is not permissively licensed; do not redistribute models trained on it.")
+    summary = ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS)
+    print(f"Wrote {sum(counts.values())} images to {args.out} ({summary}).")
+    return 0
