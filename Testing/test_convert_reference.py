@@ -275,8 +275,17 @@ def test_pickle_that_needs_code_is_refused(fixtures_dir, tmp_path):
     paths = checkpoint_paths(fixtures_dir)
     pickled = tmp_path / "object.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": shutil.rmtree}, pickled)  # not weights-only
-    with pytest.raises(ModelError, match="cannot be read"):
+    with pytest.raises(ModelError, match="pickled Python objects") as error:
         convert_components(pickled, paths["anatomy_controller"], paths["tokenizer"], attention_heads=FIXTURE_HEADS)
+    assert "\n" not in str(error.value)
+
+
+def test_file_that_is_not_a_checkpoint_is_refused(fixtures_dir, tmp_path):
+    paths = checkpoint_paths(fixtures_dir)
+    not_weights = tmp_path / "notes.pth"
+    not_weights.write_text("these are not weights")
+    with pytest.raises(ModelError, match="notes.pth cannot be read"):
+        convert_components(paths["backbone"], not_weights, paths["tokenizer"], attention_heads=FIXTURE_HEADS)
 
 
 def test_attention_heads_that_do_not_divide_the_width_are_refused(fixtures_dir):

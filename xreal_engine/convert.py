@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import re
 import shutil
 import tempfile
@@ -74,11 +75,17 @@ def _load_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) torch.save files cannot be memory-mapped
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is a user-facing refusal
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except pickle.UnpicklingError:
         raise ModelError(
-            f"The {role} checkpoint {path} cannot be read as a PyTorch weights file ({first_line[:200]})."
+            f"The {role} checkpoint {path} cannot be read as a PyTorch weights file: it holds pickled Python "
+            "objects besides tensors, which are not loaded for safety; if you trust its source, re-save only "
+            "its tensors with torch.save({'state_dict': checkpoint['state_dict']}, path) and convert that file."
         ) from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a user-facing refusal
+        # torch's own reader errors (truncated zip, bad magic) say what is wrong; others are internal noise.
+        lines = str(error).strip().splitlines() if isinstance(error, (RuntimeError, OSError)) else []
+        detail = f" ({lines[0].split('. ')[0][:200]})" if lines else " (it is not a file written by torch.save)"
+        raise ModelError(f"The {role} checkpoint {path} cannot be read as a PyTorch weights file{detail}.") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not checkpoint:
