@@ -196,6 +196,7 @@ def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoder
     assert info.model_id == "tiny-trained" and info.image_size == 32 and info.latent_size == 16
     assert info.findings == ["no finding", "cardiomegaly", "pneumonia"]
     assert set(info.label_warnings) == {"4"} and "aorta" in info.label_warnings["4"]
+    assert info.anatomy_labels == {"1": "left lung", "2": "right lung", "3": "heart"}
     measured = yaml.safe_load((run_dir / "config.yaml").read_text())["scale_factor_measured"]
     assert info.scale_factor == pytest.approx(measured, rel=1e-4) and info.scale_factor > 0
     assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length == 8
@@ -209,3 +210,6 @@ def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoder
                generator=torch.Generator().manual_seed(0))
     assert out.image.shape == (32, 32) and np.isfinite(out.image).all()
     assert 0.0 <= out.image.min() and out.image.max() <= 1.0
+    with_aorta = anatomy.copy()
+    with_aorta[4:8, 14:18] = 4  # an aorta is accepted and ignored (the model has a warning for it)
+    assert pipe(with_aorta, num_inference_steps=1, anatomy_steps=1).image.shape == (32, 32)

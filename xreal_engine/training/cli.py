@@ -414,7 +414,6 @@ def train_ldm(args, config: dict) -> Path:
     tokenizer = BertTokenizer(str(vocab_file), do_lower_case=True, model_max_length=max_length)
 
     vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
-    anatomy_controller = AutoencoderKL.from_pretrained(args.anatomy_controller).eval()
     image_size = int(config["image_size"])
     latent_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -482,12 +481,16 @@ def train_ldm(args, config: dict) -> Path:
         unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
         if ema is not None:
             ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
-        label_records = [r for r in records if r.label is not None]
+        present = present_labels([r for r in records if r.label is not None])
+        # Read last: the anatomy controller is independent of the LDM and may still be training beside it.
+        anatomy_controller = AutoencoderKL.from_pretrained(args.anatomy_controller).eval()
         info = ModelInfo(
             model_id=str(config.get("model_id", "xreal-trained")),
             description=str(config.get("description", "XReal model trained with xreal-engine train ldm")),
             image_size=image_size, latent_size=latent_size, scale_factor=round(scale_factor, 6),
-            anatomy_labels=dict(DEFAULT_ANATOMY_LABELS), label_warnings=label_warnings(present_labels(label_records)),
+            # Labels never seen in training are left out, so the sampler treats them as background and warns.
+            anatomy_labels={k: v for k, v in DEFAULT_ANATOMY_LABELS.items() if int(k) in present} or dict(DEFAULT_ANATOMY_LABELS),
+            label_warnings=label_warnings(present),
             findings=findings, field_of_view_mm=float(config.get("field_of_view_mm", 400.0)),
         )
         components = {
