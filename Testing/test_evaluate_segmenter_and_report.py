@@ -28,14 +28,17 @@ from xreal_engine.training.segmenter import (
     read_layout,
     save_segmenter,
     train_segmenter,
-    write_layout_from_cxr,
 )
 
 
 @pytest.fixture(scope="module")
 def data_dir(shared_dir, tmp_path_factory):
-    """A few wingspan images per split in the training layout (DATA/images, labels, findings.csv)."""
-    return write_layout_from_cxr(shared_dir / "data" / "cxr", tmp_path_factory.mktemp("data"), limit_per_split=6)
+    """The wingspan subset in the training layout (DATA/images, labels, findings.csv), via prepare-data."""
+    from xreal_engine.training.data import prepare_data
+
+    out_dir = tmp_path_factory.mktemp("data") / "wingspan"
+    prepare_data(shared_dir / "data" / "cxr", out_dir, subsets=("wingspan",))
+    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +57,14 @@ def untrained_segmenter(tmp_path_factory):
 
 def test_layout_keeps_only_images_with_lungs_and_heart(data_dir):
     samples = read_layout(data_dir, "train")
-    assert len(samples) == 6
+    assert len(samples) == 205
     labels = np.asarray(Image.open(samples[0].label_path))
     assert {1, 2, 3} <= set(np.unique(labels).tolist())
 
 
 def test_segmenter_training_loss_goes_down_and_directory_loads(data_dir, tmp_path):
     config = train_segmenter(data_dir, tmp_path / "seg", size=64, epochs=12, batch_size=6, learning_rate=1e-2,
-                             preset="tiny", progress=False)
+                             preset="tiny", limit=6, progress=False)
     losses = config["epoch_losses"]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3]), losses

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -101,35 +100,6 @@ def load_labels(path: Path, size: int) -> np.ndarray:
 def labels_to_channels(labels: np.ndarray) -> np.ndarray:
     """(..., H, W) label map -> (..., 3, H, W) float masks, one channel per structure."""
     return np.stack([(labels == value) for value in STRUCTURES], axis=-3).astype(np.float32)
-
-
-def write_layout_from_cxr(cxr_dir: Path, out_dir: Path, subsets=("wingspan",), limit_per_split=None) -> Path:
-    """Write the training layout from ../shared/data/cxr (a stand-in for ``prepare-data``, used by tests).
-
-    Only the listed subsets are copied; wingspan findings follow the issue's rule
-    (CTR > 0.5 = cardiomegaly, otherwise no finding).
-    """
-    cxr_dir, out_dir = Path(cxr_dir), Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
-    with (cxr_dir / "manifest.csv").open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["subset"] in subsets]
-    written: dict[str, int] = {}
-    with (out_dir / "findings.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "split", "finding"])
-        for row in rows:
-            if limit_per_split is not None and written.get(row["split"], 0) >= limit_per_split:
-                continue
-            written[row["split"]] = written.get(row["split"], 0) + 1
-            subset_dir = cxr_dir / row["subset"]
-            shutil.copyfile(subset_dir / "images" / f"{row['image']}.png", out_dir / "images" / f"{row['image']}.png")
-            shutil.copyfile(subset_dir / "labels" / f"{row['image']}.png", out_dir / "labels" / f"{row['image']}.png")
-            finding = row["finding"]
-            if row["subset"] == "wingspan":
-                finding = "" if not row["ctr"] else ("cardiomegaly" if float(row["ctr"]) > 0.5 else "no finding")
-            writer.writerow([row["image"], row["split"], finding])
-    return out_dir
 
 
 # ----------------------------------------------------------------------------- network
