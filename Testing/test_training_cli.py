@@ -190,6 +190,14 @@ def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoder
     assert code == 0
     history = losses(run_dir)
     assert np.mean(history[-10:]) < np.mean(history[:10])
+    measured = yaml.safe_load((run_dir / "config.yaml").read_text())["scale_factor_measured"]
+    # Assemble the model from the newest checkpoint (how an interrupted run is finished): no new steps,
+    # the same scale factor.
+    shutil.rmtree(run_dir / "model")
+    assert main(["train", "ldm", "--data", str(tiny_data), "--out", str(run_dir), "--config", str(config),
+                 "--vae", str(trained_autoencoders["autoencoder"] / "model"), "--resume", "--max-steps", "40",
+                 "--anatomy-controller", str(trained_autoencoders["anatomy-controller"] / "model")]) == 0
+    assert len(losses(run_dir)) == 40
 
     pipe = XRealPipeline.from_pretrained(run_dir / "model")
     info = pipe.model_info
@@ -197,7 +205,6 @@ def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoder
     assert info.findings == ["no finding", "cardiomegaly", "pneumonia"]
     assert set(info.label_warnings) == {"4"} and "aorta" in info.label_warnings["4"]
     assert info.anatomy_labels == {"1": "left lung", "2": "right lung", "3": "heart"}
-    measured = yaml.safe_load((run_dir / "config.yaml").read_text())["scale_factor_measured"]
     assert info.scale_factor == pytest.approx(measured, rel=1e-4) and info.scale_factor > 0
     assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length == 8
     assert pipe.tokenizer.tokenize("no finding") == ["no", "finding"]

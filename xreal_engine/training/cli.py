@@ -402,6 +402,11 @@ def train_ldm(args, config: dict) -> Path:
                              "train one first or pass OUT/model of a finished run.")
     out = Path(args.out)
     checkpoint = prepare_out_dir(out, args.resume)
+    if checkpoint is not None and (out / "config.yaml").is_file():
+        # A resumed run keeps the scale factor it was trained with (a new measurement would differ slightly).
+        previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+        if "scale_factor_measured" in previous:
+            config["scale_factor"] = previous["scale_factor_measured"]
     write_resolved_config(out, config)
     accelerator = make_accelerator(args.mixed_precision)
     device = accelerator.device
