@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps of the short real pipeline run (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per component (after one warm-up)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice). On a shared CPU, --threads 1 gives CPU "
+                             "times free of OpenMP spin-waiting, which otherwise inflates them")
     parser.add_argument("--precision", choices=["both", "float32", "reduced"], default="both",
                         help="which precision to measure; 'both' runs each in its own process")
     parser.add_argument("--preset", default="full", help="model size: full (official, default) or tiny (checks the script)")
@@ -102,7 +105,8 @@ def timed(function, device, repeats: int) -> dict:
     """Wall seconds (median, min) and process CPU seconds (median) of ``function()`` after one warm-up.
 
     On a CPU shared with other work the wall time grows with the load; the CPU time of this process
-    (all its threads) does much less, and CPU seconds / threads estimates the wall time on an idle machine.
+    (all its threads) does much less, and CPU seconds / threads estimates the wall time on an idle machine
+    (with several threads, OpenMP spin-waiting for a descheduled thread still inflates it: use --threads 1).
     """
     function()
     synchronize(device)
@@ -139,11 +143,13 @@ def chest_masks(image_size: int, latent_size: int):
     return anatomy, pathology
 
 
-def measure(device, reduced: bool, steps: int, repeats: int, preset: str = "full") -> dict:
+def measure(device, reduced: bool, steps: int, repeats: int, preset: str = "full", threads: int = 0) -> dict:
     """All figures for one precision in this process."""
     import torch
 
     torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     build_start = time.perf_counter()
@@ -221,7 +227,7 @@ def run_child(args, precision: str) -> dict:
     """Measure one precision in a fresh process, so that its peak RSS is its own."""
     command = [sys.executable, str(Path(__file__).resolve()), "--json", "--precision", precision,
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--device", args.device,
-               "--preset", args.preset]
+               "--preset", args.preset, "--threads", str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if result.returncode != 0:
         raise SystemExit(f"bench_sampler: the {precision} measurement failed:\n{result.stderr[-2000:]}")
@@ -234,7 +240,7 @@ def report(results: list[dict]) -> None:
     threads = first["threads"]
     print(f"XReal sampler, {first['preset']} architecture, random weights, device {first['device']}, {threads} threads")
     print("wall = elapsed seconds (median of repeats; min in brackets); CPU = this process's CPU seconds "
-          f"(all threads); CPU / {threads} = what an idle machine would take")
+          f"(all threads); CPU / {threads} = what an idle machine would take with {threads} thread(s)")
     for r in results:
         print(f"\n[{r['precision']}]  build {r['build_seconds']:.1f} s; load average {r['load_average_start']:.1f} "
               f"at start, {r['load_average_end']:.1f} at end")
@@ -272,7 +278,8 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit("bench_sampler: --steps and --repeats must be at least 1.")
     if args.json:
-        figures = measure(pick_device(args.device), args.precision == "reduced", args.steps, args.repeats, args.preset)
+        figures = measure(pick_device(args.device), args.precision == "reduced", args.steps, args.repeats, args.preset,
+                          args.threads)
         print(json.dumps(figures))
         return 0
     precisions = ["float32", "reduced"] if args.precision == "both" else [args.precision]
