@@ -105,3 +105,22 @@ def test_unknown_pacs_names_are_refused_before_queueing(pacs_engine, inputs):
             "source": "nowhere", "study": generate_uid(), "series": generate_uid()})
     assert source.value.status == 422 and "nowhere" in source.value.message
     assert [node["name"] for node in pacs_engine.info()["pacs"]] == ["orthanc"]
+
+
+def test_a_finished_result_can_be_sent_later(pacs_engine, orthanc, inputs):
+    """"Send to PACS" after the fact: the job's SC + SEG reach the PACS and the report is kept with the job."""
+    job = pacs_engine.submit(inputs["anatomy"], [(inputs["region"], "cardiomegaly")], steps=2)
+    done = final(pacs_engine, job["id"])
+    assert done["state"] == "succeeded" and not done["push"], done
+    sent = pacs_engine.push(done["id"], "orthanc")
+    assert sent["push"]["ok"] is True and sent["push"]["accepted"] == 2, sent
+    assert pacs_engine.status(done["id"])["push"] == sent["push"]
+    web = DICOMwebClient(url=orthanc.dicomweb_url, headers={"Authorization": orthanc.authorization_header})
+    found = web.search_for_instances(search_filters={"SOPInstanceUID": done["dicom"]["seg_sop_instance_uid"]})
+    assert len(found) == 1
+    with pytest.raises(EngineError) as unknown:
+        pacs_engine.push(done["id"], "nowhere")
+    assert unknown.value.status == 422 and "nowhere" in unknown.value.message
+    with pytest.raises(EngineError) as missing_job:
+        pacs_engine.push("no-such-job", "orthanc")
+    assert missing_job.value.status == 404

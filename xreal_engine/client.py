@@ -174,6 +174,11 @@ class EngineClient:
     def cancel(self, job_id: str) -> dict:
         return self._json("POST", f"/jobs/{_quote(job_id)}/cancel", retry=True)
 
+    def push(self, job_id: str, destination: str) -> dict:
+        """Send a finished job's SC + SEG to one of the engine's PACS destinations; returns the job with its report."""
+        body = json.dumps({"destination": destination}).encode()
+        return self._json("POST", f"/jobs/{_quote(job_id)}/push", body, {"Content-Type": "application/json"})
+
     def delete(self, job_id: str) -> None:
         with self._open("DELETE", f"/jobs/{_quote(job_id)}"):
             pass

@@ -204,6 +204,11 @@ class JobStore:
                  json.dumps(push_report) if push_report is not None else None, job_id),
             )
 
+    def set_push_report(self, job_id: str, push_report: dict) -> None:
+        """Record the outcome of sending a finished job's result to a PACS later on."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET push_report = ? WHERE id = ?", (json.dumps(push_report), job_id))
+
     def delete(self, job_id: str) -> None:
         """Remove the row first (the job disappears at once), then its files."""
         with self._lock:
@@ -471,9 +476,14 @@ class JobService:
         destination = spec.get("push_to")
         if not destination:
             return None
+        return self.push_result(job_id, destination)
+
+    def push_result(self, job_id: str, destination: str) -> dict:
+        """Send a finished job's SC + SEG to a PACS destination; failures are reported, never raised."""
         if self._push is None:
             return {"ok": False, "destination": destination, "message": "PACS support is not available."}
-        self._live[job_id].update("pushing", 0, 1)
+        if job_id in self._live:
+            self._live[job_id].update("pushing", 0, 1)
         try:
             report = dict(self._push(destination, self.store.result_dir(job_id)))
             report.setdefault("ok", not report.get("failed"))

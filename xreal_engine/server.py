@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Security, UploadFile
+from fastapi import APIRouter, Body, FastAPI, File, Form, Query, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -668,6 +668,19 @@ def _api_router(settings: ServiceSettings, model_info, data_dir: Path, pacs, pac
         if not service.delete(job_id, timeout=30.0):
             raise ApiError(409, "still_running", "The job is still stopping; try deleting it again in a few seconds.")
         return Response(status_code=204)
+
+    @router.post("/jobs/{job_id}/push", dependencies=protected,
+                 summary="Send a finished job's SC + SEG to a configured PACS destination (report per instance)")
+    def push_job(request: Request, job_id: str,
+                 destination: str = Body(..., embed=True, description="Name of a configured PACS destination.")):
+        service = service_of(request)
+        job = job_or_404(service, job_id)
+        if job["state"] != SUCCEEDED:
+            raise ApiError(409, "no_result", f"The job is {job['state']}; only a succeeded job's result can be sent.")
+        _require_pacs(pacs, pacs_config, destination, "destination", "destination")
+        report = service.push_result(job_id, destination)
+        service.store.set_push_report(job_id, report)
+        return describe_job(service, service.store.get(job_id))
 
     @router.get("/jobs/{job_id}/files/{name:path}", dependencies=protected, summary="Download one result file")
     def download_file(request: Request, job_id: str, name: str):

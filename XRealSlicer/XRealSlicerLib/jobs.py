@@ -177,12 +177,12 @@ class JobRunner:
                             message=f"Uploading {spec.label or 'the masks'} ..."))
         try:
             job = submit_request(self.client, spec.files)
-        except EngineError as error:
-            self._emit(JobEvent(FAILED, index, count, message=error_text(error), label=spec.label))
-            return None
-        except EngineUnreachable as error:
+        except EngineUnreachable as error:  # a subclass of EngineError: catch it first
             self._emit(JobEvent(FAILED, index, count, label=spec.label,
                                 message=f"{self.describe_engine} is not reachable: {error_text(error)}"))
+            return None
+        except EngineError as error:
+            self._emit(JobEvent(FAILED, index, count, message=error_text(error), label=spec.label))
             return None
         job_id = str(job.get("id") or job.get("job_id"))
         self.current_job_id = job_id
