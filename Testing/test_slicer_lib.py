@@ -482,6 +482,7 @@ def test_send_to_pacs_and_edit_an_xray_from_a_pacs_source(engine, orthanc, vocab
     from test_server_pacs import make_dx
 
     from XRealSlicerLib.jobs import DONE, JobRunner, JobSpec
+    from XRealSlicerLib.results import push_summary
 
     info = engine.client().info()
     assert connection.pacs_nodes(info) == (["orthanc"], ["orthanc"])
@@ -496,6 +497,17 @@ def test_send_to_pacs_and_edit_an_xray_from_a_pacs_source(engine, orthanc, vocab
     assert events[-1].state == DONE, events[-1].message
     report = runner.results[0].job["push"]
     assert report["ok"] and report["accepted"] == 2 and orthanc.instance_count() == 2
+    assert push_summary(report) == "2 of 2 objects accepted by orthanc."
+
+    # "Send to PACS" on a result that was generated without push_to
+    files = write_request_files(inputs, tmp_path / "later", {"seed": 5, "steps": 2, "anatomy_steps": 1})
+    runner = JobRunner(engine.client(), poll_interval=0.1)
+    events = _run(runner, [JobSpec(files, tmp_path / "later-result")])
+    assert events[-1].state == DONE and not runner.results[0].job.get("push")
+    sent = engine.client().push(runner.results[0].job["id"], "orthanc")
+    assert push_summary(sent["push"]) == "2 of 2 objects accepted by orthanc." and orthanc.instance_count() == 4
+    assert push_summary({"destination": "orthanc", "ok": False, "message": "Orthanc refused"}) == \
+        "Sending to orthanc failed: Orthanc refused"
 
     # edit mode with the original fetched by the engine from the PACS (the canvas came from that series)
     source = make_dx(tmp_path / "dx.dcm", 48)

@@ -55,7 +55,7 @@ from XRealSlicerLib.request import (
     template_segments,
     write_request_files,
 )
-from XRealSlicerLib.results import read_fallback_segments
+from XRealSlicerLib.results import push_summary, read_fallback_segments
 from XRealSlicerLib.tasks import BackgroundCall, run_logged
 from XRealSlicerLib.vocabulary import PATHOLOGY, Vocabulary
 from xreal_engine.client import EngineClient, EngineError
@@ -174,6 +174,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.randomSeedButton.connect("clicked()", self.onRandomSeed)
         self.ui.generateButton.connect("clicked()", self.onGenerateOrCancel)
         self.ui.showResultButton.connect("clicked()", self.onShowResult)
+        self.ui.sendToPacsButton.connect("clicked()", self.onSendToPacs)
         self.ui.sendWithSlicerButton.connect("clicked()", self.onSendWithSlicer)
         self.ui.resultsListWidget.connect("itemDoubleClicked(QListWidgetItem*)", lambda item: self.onShowResult())
         self.ui.progressBar.setRange(0, 100)
@@ -371,7 +372,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.generateButton.enabled = connected or (self._runner is not None and self._runner.busy)
         self.ui.blankCanvasButton.enabled = True
         destinations, sources = connection.pacs_nodes(self.logic.info or {})
-        for name in ("pushLabel", "pushDestinationComboBox"):
+        for name in ("pushLabel", "pushDestinationComboBox", "sendToPacsButton"):
             getattr(self.ui, name).visible = bool(destinations)
         for name in ("pacsSourceLabel", "pacsSourceComboBox"):
             getattr(self.ui, name).visible = bool(sources)
@@ -571,12 +572,13 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setData(qt.Qt.UserRole, nodes["volume"].GetID())
                 item.setData(qt.Qt.UserRole + 1, [str(path) for path in event.result.dicom_files])
                 item.setData(qt.Qt.UserRole + 2, nodes["segmentation"].GetID())
+                item.setData(qt.Qt.UserRole + 3, str(event.result.job.get("id", "")))
                 self.ui.resultsListWidget.addItem(item)
                 for warning in event.result.warnings:
                     self.appendLog([warning])
                 push = event.result.job.get("push")
                 if push:
-                    self.appendLog([_("PACS: {report}").format(report=push)])
+                    self.appendLog([push_summary(push)])
             except Exception as error:
                 self.showError(error, _("The result was generated but could not be loaded:"))
         if event.state in FINAL:
@@ -596,6 +598,32 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is not None:
             self.logic.showSideBySide(volume, segmentation, self._parameterNode.canvasVolume,
                                       self._parameterNode.segmentation)
+
+    def onSendToPacs(self):
+        """Send the selected result to the engine's PACS destination (in the background; the engine keeps its copy)."""
+        item = self.ui.resultsListWidget.currentItem()
+        jobId = item.data(qt.Qt.UserRole + 3) if item is not None else ""
+        if not jobId:
+            slicer.util.errorDisplay(_("Select a result first."))
+            return
+        destination = self.ui.pushDestinationComboBox.currentData
+        if not destination:
+            slicer.util.errorDisplay(_("Choose a PACS destination under Generate first."))
+            return
+        if self.logic.client is None:
+            slicer.util.errorDisplay(_("The engine is not connected; connect it again to send its results."))
+            return
+        self.setStatus(_("Sending to {destination} ...").format(destination=destination))
+        self.runInBackground(lambda task: self.logic.client.push(jobId, destination), self._afterSend)
+
+    def _afterSend(self, task):
+        if not task.ok:
+            self.setStatus(_("Sending failed."))
+            self.showError(task.error)
+            return
+        summary = push_summary(task.value.get("push"))
+        self.setStatus(summary)
+        self.appendLog([summary])
 
     def onSendWithSlicer(self):
         """Slicer's own DICOM send (the user's configured PACS), for setups without engine destinations."""

@@ -181,3 +181,17 @@ def read_fallback_segments(directory: Path, vocabulary: Optional[Vocabulary] = N
         ))
     return segments
 
+
+
+def push_summary(report: Optional[dict]) -> str:
+    """One sentence for the panel from the engine's PACS push report."""
+    if not report:
+        return "The result was not sent to a PACS."
+    destination = report.get("destination", "the PACS")
+    if "accepted" not in report:
+        return f"Sending to {destination} failed: {report.get('message', 'no details')}"
+    failed = [item for item in report.get("instances", []) if item.get("status") != "accepted"]
+    text = f"{report['accepted']} of {report['accepted'] + len(failed)} objects accepted by {destination}."
+    if failed:
+        text += " Not accepted: " + "; ".join(f"{item.get('file', '?')} ({item.get('detail', '')})" for item in failed)
+    return text
