@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from . import __version__
-from .errors import XRealError
+from .errors import InputError, XRealError
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 SUBCOMMANDS = {
@@ -26,6 +27,40 @@ SUBCOMMANDS = {
     "evaluate": ("xreal_engine.evaluate", "evaluate a model on held-out anatomy masks"),
     "push": ("xreal_engine.pacs", "send result DICOM files to a configured PACS destination"),
 }
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job arguments shared by ``generate`` (local) and ``submit`` (to a service): masks, edit mode, sampling."""
+    parser.add_argument("--anatomy", type=Path, help="anatomy label map: PNG, NRRD, NIfTI, Slicer .seg.nrrd or DICOM-SEG")
+    parser.add_argument("--pathology-mask", type=Path, action="append", default=[], metavar="FILE",
+                        help="a pathology region (repeatable; each needs a --finding in the same order)")
+    parser.add_argument("--finding", action="append", default=[], metavar="NAME",
+                        help="finding for the pathology mask at the same position; '' removes a finding (edit mode)")
+    parser.add_argument("--image", type=Path, help="edit mode: the X-ray to edit (DICOM DX/CR/SC, PNG, NRRD)")
+    parser.add_argument("--source", metavar="NAME", help="edit mode: fetch the X-ray from this configured PACS source")
+    parser.add_argument("--study", metavar="UID", help="with --source: Study Instance UID")
+    parser.add_argument("--series", metavar="UID", help="with --source: Series Instance UID")
+    parser.add_argument("--instance", metavar="UID", help="with --source: SOP Instance UID (default: first image)")
+    parser.add_argument("--push-to", metavar="NAME", help="send sc.dcm + seg.dcm to this PACS destination when done")
+    parser.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in provenance.json)")
+    parser.add_argument("--steps", type=int, help="DDIM steps per stage (default: the model's, usually 100)")
+    parser.add_argument("--anatomy-steps", type=int, help="anatomy-stage steps that follow the mask (0..steps, default half)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance of the pathology stage (0..50, default 7)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (0..1, default 1 as the original)")
+    parser.add_argument("--out", type=Path, required=True, help="result directory (must not exist or be empty)")
+
+
+def check_request_arguments(args) -> None:
+    """Refusals that need no model and no engine: pairing of masks and findings, image vs source."""
+    if len(args.pathology_mask) != len(args.finding):
+        raise InputError(
+            f"Give exactly one --finding per --pathology-mask ({len(args.pathology_mask)} masks, "
+            f"{len(args.finding)} findings)."
+        )
+    if args.image is not None and args.source is not None:
+        raise InputError("Use either --image or --source, not both.")
+    if args.source is not None and not (args.study and args.series):
+        raise InputError("--source needs --study and --series (and optionally --instance).")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -203,18 +203,16 @@ class EngineClient:
         """Yield job status dicts pushed by the server (server-sent events) until a final state."""
         with self._open("GET", f"/jobs/{_quote(job_id)}/events", headers={"Accept": "text/event-stream"},
                         retry=True) as response:
-            event, data = None, []
+            data = []  # the event name is not needed: every event carries the job status as JSON
             for raw in response:
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if line.startswith(":"):
                     continue
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
+                if line.startswith("data:"):
                     data.append(line[5:].strip())
                 elif not line and data:
                     payload = json.loads("\n".join(data))
-                    event, data = None, []
+                    data = []
                     if "state" in payload:
                         yield payload
                     if payload.get("state") in FINAL_STATES or "state" not in payload:

@@ -9,48 +9,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from .cli import add_request_arguments, check_request_arguments
 from .client import EngineClient, EngineError
 from .errors import InputError
+from .files import check_new_directory
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("XREAL_ENGINE_URL", "http://127.0.0.1:8000"),
                         help="engine URL (default $XREAL_ENGINE_URL or http://127.0.0.1:8000)")
     parser.add_argument("--token", default=None, help="access token (default $XREAL_ENGINE_TOKEN)")
-    parser.add_argument("--anatomy", type=Path, help="anatomy label map: PNG, NRRD, NIfTI, .seg.nrrd or DICOM-SEG")
-    parser.add_argument("--pathology-mask", type=Path, action="append", default=[], metavar="FILE",
-                        help="a pathology region (repeatable; each needs a --finding in the same order)")
-    parser.add_argument("--finding", action="append", default=[], metavar="NAME",
-                        help="finding of the pathology mask at the same position; '' removes a finding (edit mode)")
-    parser.add_argument("--image", type=Path, help="edit mode: the X-ray to edit")
-    parser.add_argument("--source", metavar="NAME", help="edit mode: the engine fetches the X-ray from this PACS source")
-    parser.add_argument("--study", metavar="UID", help="with --source: Study Instance UID")
-    parser.add_argument("--series", metavar="UID", help="with --source: Series Instance UID")
-    parser.add_argument("--instance", metavar="UID", help="with --source: SOP Instance UID (default: first image)")
-    parser.add_argument("--seed", type=int, help="random seed (default: one chosen by the engine, reported back)")
-    parser.add_argument("--steps", type=int, help="DDIM steps per stage (default: the model's)")
-    parser.add_argument("--anatomy-steps", type=int, help="anatomy-stage steps that follow the mask (0..steps)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (0..50)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (0..1)")
-    parser.add_argument("--push-to", metavar="NAME", help="PACS destination configured on the engine")
+    add_request_arguments(parser)
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the result files")
 
 
 def run(args) -> int:
-    if len(args.pathology_mask) != len(args.finding):
-        raise InputError(
-            f"Give exactly one --finding per --pathology-mask ({len(args.pathology_mask)} masks, "
-            f"{len(args.finding)} findings).")
+    check_request_arguments(args)
     for path in [args.anatomy, args.image, *args.pathology_mask]:
         if path is not None and not path.is_file():
             raise InputError(f"The file {path} does not exist.")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise InputError(f"The output directory {args.out} already exists and is not empty; choose a new one.")
-    if args.image is not None and args.source is not None:
-        raise InputError("Use either --image or --source, not both.")
+    check_new_directory(args.out)
     source = None
     if args.source is not None:
         source = {"source": args.source, "study": args.study, "series": args.series, "instance": args.instance}

@@ -15,13 +15,12 @@ import argparse
 import logging
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import InputError, ModelError
+from .files import check_new_directory, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -564,8 +563,7 @@ def convert_checkpoints(
     Written into a temporary sibling and renamed into place, so a refusal leaves nothing behind.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"The output {out_dir} already exists and is not an empty directory.")
+    check_new_directory(out_dir)
     if not out_dir.parent.is_dir():
         raise InputError(f"The parent folder of the output {out_dir} does not exist.")
     components, facts = convert_components(
@@ -576,15 +574,8 @@ def convert_checkpoints(
         model_id or "xreal-official", facts["image_size"], facts["latent_size"], facts["scale_factor"],
         f"XReal weights converted from {Path(backbone).name} and {Path(anatomy_controller).name}.",
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         _save_model_directory(components, model_info, staging)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import random
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,7 +27,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import __version__
+from .cli import add_request_arguments, check_request_arguments
 from .errors import InputError, ModelError, XRealError
+from .files import check_new_directory, staged_directory
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -323,8 +322,7 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
     from .masks import resample_to_grid
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
+    check_new_directory(out_dir)
     info = pipe.model_info
     size = int(info.image_size)
     params = prepared.parameters
@@ -386,23 +384,15 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
     }
 
     segments = _segment_specs(prepared)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir(parents=True)
-    try:
+    with staged_directory(out_dir) as staging:
         provenance["generation_seconds"] = round(time.time() - started, 3)
         uids = dicom.write_dicom_pair(
-            tmp_dir, result, prepared.pixel_spacing_mm, segments, provenance, source=prepared.source_dataset
+            staging, result, prepared.pixel_spacing_mm, segments, provenance, source=prepared.source_dataset
         )
         provenance["dicom"] = uids
-        _write_preview(tmp_dir / "preview.png", result)
-        _write_segments(tmp_dir, segments)
-        (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        _write_preview(staging / "preview.png", result)
+        _write_segments(staging, segments)
+        (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 
 
@@ -477,40 +467,18 @@ def _write_segments(out_dir: Path, segments: list) -> None:
 
 def configure_parser(parser) -> None:
     parser.add_argument("--model", default="demo", help="model directory, or 'demo' for the shipped demo model (default)")
-    parser.add_argument("--anatomy", type=Path, help="anatomy label map: PNG, NRRD, NIfTI, Slicer .seg.nrrd or DICOM-SEG")
-    parser.add_argument("--pathology-mask", type=Path, action="append", default=[], metavar="FILE",
-                        help="a pathology region (repeatable; each needs a --finding in the same order)")
-    parser.add_argument("--finding", action="append", default=[], metavar="NAME",
-                        help="finding for the pathology mask at the same position; '' removes a finding (edit mode)")
-    parser.add_argument("--image", type=Path, help="edit mode: the X-ray to edit (DICOM DX/CR/SC, PNG, NRRD)")
-    parser.add_argument("--source", metavar="NAME", help="edit mode: fetch the X-ray from this configured PACS source")
-    parser.add_argument("--study", metavar="UID", help="with --source: Study Instance UID")
-    parser.add_argument("--series", metavar="UID", help="with --source: Series Instance UID")
-    parser.add_argument("--instance", metavar="UID", help="with --source: SOP Instance UID (default: first image)")
+    add_request_arguments(parser)
     parser.add_argument("--pacs-config", type=Path, help="PACS configuration file (see xreal-engine push --help)")
-    parser.add_argument("--push-to", metavar="NAME", help="send sc.dcm + seg.dcm to this configured PACS destination when done")
-    parser.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in provenance.json)")
-    parser.add_argument("--steps", type=int, help="DDIM steps per stage (model default, usually 100)")
-    parser.add_argument("--anatomy-steps", type=int, help="steps of the anatomy stage that follow the mask (default 50)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale of the pathology stage (default 7)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default 1, as the original)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    parser.add_argument("--out", type=Path, required=True, help="result directory (must not exist or be empty)")
 
 
 def run(args) -> int:
-    if len(args.pathology_mask) != len(args.finding):
-        raise InputError(
-            f"Give exactly one --finding per --pathology-mask ({len(args.pathology_mask)} masks, {len(args.finding)} findings)."
-        )
-    if args.image is not None and args.source is not None:
-        raise InputError("Use either --image or --source, not both.")
+    check_request_arguments(args)
     select_device(args.device, args.dtype)  # refuse a bad --device/--dtype before any work
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     out_dir = args.out
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
+    check_new_directory(out_dir)
 
     pacs_config = None
     if args.source is not None or args.push_to is not None:
@@ -525,8 +493,6 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="xreal-source-") as fetch_dir:
         image_path = args.image
         if args.source is not None:
-            if not (args.study and args.series):
-                raise InputError("--source needs --study and --series (and optionally --instance).")
             from .pacs import fetch_source
 
             image_path = fetch_source(
