@@ -1,0 +1,84 @@
+"""The shipped demo model: complete, self-consistent metadata, within the size budget, and it generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xreal_engine import vocabulary
+from xreal_engine.models import ModelInfo, resolve_model
+
+MAX_WEIGHTS_BYTES = 40 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def demo_dir() -> Path:
+    return resolve_model("demo")
+
+
+def test_metadata_matches_the_networks(demo_dir):
+    info = ModelInfo.load(demo_dir)
+    assert info.model_id == "xreal-demo-v1"
+    unet = json.loads((demo_dir / "unet" / "config.json").read_text())
+    vae = json.loads((demo_dir / "vae" / "config.json").read_text())
+    controller = json.loads((demo_dir / "anatomy_controller" / "config.json").read_text())
+    text = json.loads((demo_dir / "text_encoder" / "config.json").read_text())
+    for autoencoder in (vae, controller):
+        assert autoencoder["latent_channels"] == unet["in_channels"] == 3
+        assert info.image_size // 2 ** (len(autoencoder["block_out_channels"]) - 1) == info.latent_size
+    assert unet["sample_size"] == info.latent_size and unet["cross_attention_dim"] == text["d_model"]
+    scheduler = json.loads((demo_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"]) == ("scaled_linear", 0.0015, 0.0295)
+    assert scheduler["steps_offset"] == 1 and not scheduler["set_alpha_to_one"] and not scheduler["clip_sample"]
+    assert 0.05 < info.scale_factor < 20
+    # No source has aorta masks: the model must say so rather than draw garbage.
+    assert "4" not in info.anatomy_labels and "aorta" in info.label_warnings["4"]
+    assert set(info.anatomy_labels) == {"1", "2", "3"}
+    assert set(info.findings) == {"no finding", "cardiomegaly", "pneumonia"}
+    assert set(info.findings) <= set(vocabulary.finding_names())
+    assert info.defaults["num_inference_steps"] == 100 and info.defaults["guidance_scale"] == 7.0
+
+
+def test_tokenizer_knows_every_finding_word(demo_dir):
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(demo_dir / "tokenizer")
+    text = json.loads((demo_dir / "text_encoder" / "config.json").read_text())
+    assert tokenizer.model_max_length == text["max_position_embeddings"]
+    for finding in vocabulary.finding_names():
+        ids = tokenizer(finding, padding="max_length", max_length=tokenizer.model_max_length).input_ids
+        assert tokenizer.unk_token_id not in ids and len(ids) == tokenizer.model_max_length, finding
+
+
+def test_weights_fit_the_budget_and_card_attributes_the_data(demo_dir):
+    weights = list(demo_dir.rglob("*.safetensors"))
+    assert {p.parent.name for p in weights} == {"vae", "anatomy_controller", "unet", "text_encoder"}
+    assert sum(p.stat().st_size for p in weights) <= MAX_WEIGHTS_BYTES
+    card = (demo_dir / "MODEL_CARD.md").read_text(encoding="utf-8")
+    for required in ("(c) 2020 Nanqing Dong", "MIT", "Creative Commons Attribution 3.0", "Hannover Medical School",
+                     "not for clinical use", "MICCAI 2018", "MICCAI 2019"):
+        assert required in card, required
+    assert "covid_seg_nc" in card  # stated as NOT used
+
+
+def test_demo_model_generates_from_a_template(demo_dir, repo_dir):
+    from xreal_engine.pipeline import XRealPipeline
+
+    pipe = XRealPipeline.from_pretrained(demo_dir)
+    size = pipe.model_info.image_size
+    template = Image.open(repo_dir / "Resources" / "Templates" / "anatomy_01.png").resize((size, size), Image.NEAREST)
+    region = Image.open(repo_dir / "Resources" / "Templates" / "pathology_cardiomegaly.png").resize((size, size), Image.NEAREST)
+    out = pipe(np.asarray(template), pathologies=[(np.asarray(region), "cardiomegaly")], num_inference_steps=1,
+               anatomy_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.image.shape == (size, size) and out.image.dtype == np.float32
+    assert np.isfinite(out.image).all() and 0.0 <= out.image.min() and out.image.max() <= 1.0
+    # The anatomy controller's rough image already follows the template: lungs darker than the heart.
+    labels = np.asarray(template)
+    assert out.anatomy_image is not None
+    rough = out.x_hat
+    assert rough[(labels == 1) | (labels == 2)].mean() < rough[labels == 3].mean()
