@@ -121,6 +121,7 @@ def test_evaluate_tiny_model_writes_well_formed_report(tiny_model, untrained_seg
     for values in report["pathology"].values():
         assert 0.0 <= values["fraction_of_change_inside_region"]["mean"] <= 1.0
         assert 0.0 < values["region_area_fraction"]["mean"] < 1.0
+        assert values["mean_change_inside_region"]["mean"] >= 0.0
     assert set(report["counterfactuals"]) == {"heart enlarged by a quarter", "lungs narrowed"}
     for values in report["counterfactuals"].values():
         assert 0.0 <= values["follows_request_fraction"] <= 1.0

@@ -115,8 +115,9 @@ def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
 def ms_ssim_settings(size: int) -> dict:
     """MONAI MS-SSIM arguments valid at ``size``: the standard 5 scales and 11-px kernel when they fit.
 
-    MONAI requires size // (scales - 1)² > kernel - 1; smaller images drop the coarsest
-    scales first (renormalising the weights), then shrink the kernel.
+    MONAI requires size // (scales - 1)² > kernel - 1; smaller images first get a smaller
+    kernel (9, then 7 px: at 128 px, 5 scales with 7 px), then lose the coarsest scales
+    (weights renormalised).
     """
     for scales in range(len(MS_SSIM_WEIGHTS), 0, -1):
         divisor = max(1, scales - 1) ** 2
@@ -328,6 +329,8 @@ def evaluate(
             report["pathology"][finding] = {
                 "fraction_of_change_inside_region": summarize([p["fraction_of_change_inside"] for p in runs]),
                 "region_area_fraction": summarize([p["region_area_fraction"] for p in runs]),
+                "mean_change_inside_region": summarize([p["mean_change_inside"] for p in runs]),
+                "mean_change_outside_region": summarize([p["mean_change_outside"] for p in runs]),
             }
     if counterfactuals:
         for name in records[0]["counterfactuals"]:
