@@ -44,7 +44,7 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--push-to", metavar="NAME", help="send sc.dcm + seg.dcm to this PACS destination when done")
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in provenance.json)")
     parser.add_argument("--steps", type=int, help="DDIM steps per stage (default: the model's, usually 100)")
-    parser.add_argument("--anatomy-steps", type=int, help="anatomy-stage steps that follow the mask (0..steps, default half)")
+    parser.add_argument("--anatomy-steps", type=int, help="anatomy-stage steps that follow the mask (0..steps; default: the model's, 50 of 100 in XReal)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance of the pathology stage (0..50, default 7)")
     parser.add_argument("--eta", type=float, help="DDIM eta (0..1, default 1 as the original)")
     parser.add_argument("--out", type=Path, required=True, help="result directory (must not exist or be empty)")
