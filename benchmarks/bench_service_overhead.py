@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="timed jobs per model (after one warm-up)")
     parser.add_argument("--tiny-steps", type=int, default=None, help="steps for the tiny model (default: its own)")
     parser.add_argument("--demo-steps", type=int, default=None, help="steps for the demo model (default: its own, 100)")
-    parser.add_argument("--model", action="append", default=[], help="another model directory to measure")
+    parser.add_argument("--model", action="append", default=[], help="another model directory (or name) to measure")
     args = parser.parse_args()
 
     from xreal_engine.errors import ModelError
@@ -137,7 +137,7 @@ def main() -> None:
         else:
             bench_model("demo", demo, args.jobs, args.demo_steps, work)
         for index, model_dir in enumerate(args.model):
-            bench_model(f"model{index + 1}", model_dir, args.jobs, None, work)
+            bench_model(f"model{index + 1}", str(resolve_model(model_dir)), args.jobs, None, work)
 
 
 if __name__ == "__main__":
