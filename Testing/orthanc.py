@@ -7,6 +7,7 @@ tests never touch a system Orthanc and leave nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -152,3 +153,46 @@ class OrthancServer:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+@contextlib.contextmanager
+def running_orthanc(**kwargs):
+    """An Orthanc started for a ``with`` block (a module-scoped fixture); always cleaned up, also after a failed start."""
+    server = OrthancServer(**kwargs)
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+def write_dx(path, pixels, *, study=None, series=None, instance_number: int = 1, spacing_mm: float = 1.4,
+             patient=("Test^Pacs", "PACS-TEST-1")):
+    """Write a 12-bit DX For Presentation image (as a modality would send it) and return its dataset."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels, dtype=np.uint16)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient[0], patient[1], "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), series or generate_uid()
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DX", 1, instance_number
+    ds.Manufacturer, ds.PatientOrientation, ds.BodyPartExamined = "test", ["L", "F"], "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType, ds.BurnedInAnnotation = "FOR PRESENTATION", "NO"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = ds.ImagerPixelSpacing = [spacing_mm, spacing_mm]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds

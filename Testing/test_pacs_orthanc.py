@@ -20,9 +20,9 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from orthanc import OrthancServer, free_port, orthanc_available
+from orthanc import free_port, orthanc_available, running_orthanc, write_dx
 from xreal_engine import cli, pacs
 from xreal_engine.errors import InputError
 
@@ -37,11 +37,8 @@ FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
 def orthanc():
     if not orthanc_available():
         pytest.skip("Orthanc and its DICOMweb plugin are not installed (make system-deps)")
-    server = OrthancServer(modalities={"xreal": (CALLING_AET, "127.0.0.1", free_port())})
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()  # also after a failed start: no process or storage left behind
+    with running_orthanc(modalities={"xreal": (CALLING_AET, "127.0.0.1", free_port())}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -83,31 +80,10 @@ def file_digests(paths) -> dict:
 
 
 def make_dx(path: Path, png: Path, study: str, series: str, instance_number: int) -> pydicom.Dataset:
-    """A 12-bit DX For Presentation image from a real chest X-ray PNG (as a modality would send it)."""
-    pixels = (np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16).astype(np.uint16)
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Hannover", "HN-TEST-1", "", "O"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DX", 1, instance_number
-    ds.Manufacturer, ds.PatientOrientation, ds.BodyPartExamined = "test", ["L", "F"], "CHEST"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PresentationIntentType, ds.BurnedInAnnotation = "FOR PRESENTATION", "NO"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = ds.ImagerPixelSpacing = [1.4, 1.4]
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return ds
+    """A 12-bit DX image from a real chest X-ray PNG."""
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16
+    return write_dx(path, pixels, study=study, series=series, instance_number=instance_number,
+                    patient=("Test^Hannover", "HN-TEST-1"))
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from orthanc import OrthancServer, orthanc_available
+from orthanc import orthanc_available, running_orthanc, write_dx
 from test_server_service import final, inputs, start_engine, stop_engine, tiny_model, wait_until_ready  # noqa: F401
 from xreal_engine.client import EngineClient, EngineError
 
@@ -22,11 +22,8 @@ pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOM
 
 @pytest.fixture(scope="module")
 def orthanc():
-    server = OrthancServer()
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
+    with running_orthanc() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -46,31 +43,9 @@ def pacs_engine(orthanc, tiny_model, tmp_path_factory):
 
 
 def make_dx(path, size: int) -> pydicom.Dataset:
-    """A small 12-bit DX image, as a modality would store it."""
+    """A small 12-bit DX image with a smooth pattern and 6 mm pixels."""
     yy, xx = np.mgrid[0:size, 0:size]
-    pixels = (2000 + 1500 * np.sin(xx / 7.0) * np.cos(yy / 9.0)).astype(np.uint16)
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Pacs", "PACS-TEST-1", "", "O"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "DX", 1, 1
-    ds.Manufacturer, ds.PatientOrientation, ds.BodyPartExamined = "test", ["L", "F"], "CHEST"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PresentationIntentType, ds.BurnedInAnnotation = "FOR PRESENTATION", "NO"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = ds.ImagerPixelSpacing = [6.0, 6.0]
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return ds
+    return write_dx(path, 2000 + 1500 * np.sin(xx / 7.0) * np.cos(yy / 9.0), spacing_mm=6.0)
 
 
 def test_push_to_sends_the_result_and_reports_it(pacs_engine, orthanc, inputs):

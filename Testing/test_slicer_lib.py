@@ -289,16 +289,13 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def orthanc():
     """A real Orthanc on loopback (Debian orthanc + DICOMweb plugin) when installed, else None."""
-    from orthanc import OrthancServer, orthanc_available
+    from orthanc import orthanc_available, running_orthanc
 
     if not orthanc_available():
         yield None
         return
-    server = OrthancServer()
-    try:
-        yield server.start()
-    finally:
-        server.cleanup()
+    with running_orthanc() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -146,13 +146,9 @@ def read_source_image(path: Path):
         raise InputError(f"The image file {path.name} is not a readable image (PNG, NRRD, NIfTI or DICOM).") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"The image file {path.name} is a colour image; give a grayscale X-ray.")
-    array = sitk.GetArrayFromImage(image)
-    if array.ndim == 3:
-        if array.shape[0] != 1:
-            raise InputError(f"The image file {path.name} is a 3D volume; give a single 2D X-ray.")
-        array = array[0]
-    if array.ndim != 2:
-        raise InputError(f"The image file {path.name} is not a 2D image.")
+    from .masks import to_2d
+
+    array = to_2d(sitk.GetArrayFromImage(image), f"The image file {path.name}", what="X-ray")
     spacing = image.GetSpacing()
     return _to_unit_range(array), (float(spacing[1]), float(spacing[0])), None  # SimpleITK spacing is (x, y)
 

@@ -65,14 +65,14 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _to_2d(array: np.ndarray, name: str) -> np.ndarray:
-    """Drop a single slice axis; refuse real volumes."""
+def to_2d(array: np.ndarray, name: str, what: str = "mask") -> np.ndarray:
+    """Drop a single slice axis; refuse real volumes (``what`` names the expected input in the message)."""
     if array.ndim == 3:
         if array.shape[0] != 1:
-            raise InputError(f"{name} is a 3D volume with {array.shape[0]} slices; give a single 2D mask.")
+            raise InputError(f"{name} is a 3D volume with {array.shape[0]} slices; give a single 2D {what}.")
         array = array[0]
     if array.ndim != 2:
-        raise InputError(f"{name} has {array.ndim} dimensions; a mask must be a 2D image.")
+        raise InputError(f"{name} has {array.ndim} dimensions; a {what} must be a 2D image.")
     return array
 
 
@@ -129,7 +129,7 @@ def _read_seg_nrrd(path: Path, image: sitk.Image) -> list[_Segment]:
         label_value = int(image.GetMetaData(prefix + "LabelValue")) if prefix + "LabelValue" in keys else 1
         tags = image.GetMetaData(prefix + "Tags") if prefix + "Tags" in keys else ""
         category, type_, modifier = _parse_terminology(tags)
-        mask = _to_2d(layers[..., layer] == label_value, path.name)
+        mask = to_2d(layers[..., layer] == label_value, path.name)
         segments.append(_Segment(mask=mask, name=name, category=category, type=type_, type_modifier=modifier))
         index += 1
     if not segments:
@@ -204,7 +204,7 @@ def _read_source(path: Path) -> tuple[np.ndarray | None, list[_Segment] | None, 
         return None, _read_seg_nrrd(path, image), spacing
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path.name} is a colour (RGB) image; save masks as single-channel label images.")
-    array = _to_2d(sitk.GetArrayFromImage(image), path.name)
+    array = to_2d(sitk.GetArrayFromImage(image), path.name)
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             raise InputError(f"{path.name} holds non-integer values; masks must hold integer labels.")
