@@ -272,8 +272,17 @@ def test_launcher_port_line_parsing():
     assert parse_port_line("xreal-engine listening on http://127.0.0.1:40123 (model demo)") == 40123
     assert parse_port_line('{"port": 5555, "host": "127.0.0.1"}') == 5555
     assert parse_port_line("Loading model ...") is None
-    command = engine_command("/py", "demo", Path("/d"), token="t")
+    command = engine_command("/py", "demo", Path("/d"))
     assert command[:5] == ["/py", "-u", "-m", "xreal_engine.cli", "serve"] and "--port" in command
+
+
+def test_launcher_passes_the_token_in_the_environment_not_on_the_command_line(tmp_path):
+    """A token on the command line shows in ``ps``; one starting with '-' would also break argparse."""
+    from XRealSlicerLib.launcher import EngineLauncher
+
+    launcher = EngineLauncher("/py", "demo", tmp_path, token="-starts-with-a-dash")
+    assert not any("-starts-with-a-dash" in part for part in launcher.command())
+    assert launcher.environment()["XREAL_ENGINE_TOKEN"] == "-starts-with-a-dash"
 
 
 # ----------------------------------------------------------------------------- against a real engine

@@ -55,15 +55,18 @@ def parse_port_line(line: str) -> Optional[int]:
     return None
 
 
-def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0.1", token: Optional[str] = None,
+def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0.1",
                    device: str = "auto", pacs_config: Optional[Path] = None) -> List[str]:
-    """The command line that starts the bundled engine with ``python`` (the engine's own environment)."""
+    """The command line that starts the bundled engine with ``python`` (the engine's own environment).
+
+    The access token is not on it: it goes in ``XREAL_ENGINE_TOKEN`` (see ``EngineLauncher.environment``),
+    because a command line is visible to every local user in ``ps`` and a token starting with ``-``
+    would be read by argparse as an option.
+    """
     command = [str(python), "-u", "-m", "xreal_engine.cli", "serve", "--host", host, "--port", "0",
                "--model", str(model), "--data-dir", str(data_dir)]
     if device and device != "auto":
         command += ["--device", device]
-    if token:
-        command += ["--token", token]
     if pacs_config:
         command += ["--pacs-config", str(pacs_config)]
     return command
@@ -119,12 +122,13 @@ class EngineLauncher:
         return f"http://127.0.0.1:{self.port}" if self.port else None
 
     def command(self) -> List[str]:
-        return engine_command(self.python, self.model, self.data_dir, token=self.token, device=self.device,
+        return engine_command(self.python, self.model, self.data_dir, device=self.device,
                               pacs_config=self.pacs_config)
 
     def environment(self) -> Dict[str, str]:
         """PYTHONPATH points at the bundled engine; nothing of Slicer's own environment is needed."""
-        return {"PYTHONPATH": str(self.engine_root), "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1"}
+        return {"PYTHONPATH": str(self.engine_root), "PYTHONUNBUFFERED": "1", "PYTHONNOUSERSITE": "1",
+                "XREAL_ENGINE_TOKEN": self.token}
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
