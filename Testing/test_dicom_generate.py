@@ -95,3 +95,25 @@ def test_generate_edit_mode_joins_the_source_study(tiny_model, inputs, tmp_path)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert "InstitutionName" not in sc and sc.SyntheticData == "YES"
     assert [float(v) for v in sc.PixelSpacing] == [1.4, 1.4]  # the source's field of view is carried over
+
+
+def test_edit_that_only_removes_a_finding_still_records_its_region_in_the_seg(tiny_model, inputs, tmp_path):
+    """The removal region is one of the masks that produced the image, so the SEG carries it (coded as a region of interest)."""
+    import highdicom as hd
+
+    out = tmp_path / "removed"
+    code = main(["generate", "--model", str(tiny_model), "--image", str(inputs["dx"]), "--pathology-mask", str(inputs["nodule"]),
+                 "--finding", "", "--seed", "0", "--out", str(out)])
+    assert code == 0
+    sc = pydicom.dcmread(out / "sc.dcm")
+    seg = hd.seg.segread(out / "seg.dcm")
+    assert seg.number_of_segments == 1
+    description = seg.get_segment_description(1)
+    assert description.segment_label == "Removed finding (inpainted)"
+    assert (description.segmented_property_type.scheme_designator, description.segmented_property_type.value) == ("NCIt", "C85402")
+    assert seg.get_source_image_uids() == [(sc.StudyInstanceUID, sc.SeriesInstanceUID, sc.SOPInstanceUID)]
+    np.testing.assert_array_equal(seg.get_pixels_by_source_instance([sc.SOPInstanceUID])[0, ..., 0] > 0, inputs["region"])
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["dicom"]["seg_sop_instance_uid"] == seg.SOPInstanceUID
+    entries = json.loads((out / "segments.json").read_text())["segments"]
+    assert [(e["kind"], e["finding"], e["name"]) for e in entries] == [("removed", None, "removed finding")]

@@ -18,7 +18,6 @@ import SimpleITK as sitk
 from xreal_engine import __version__
 from xreal_engine.dicom import SegmentSpec, build_secondary_capture, build_segmentation, write_dicom_pair
 from xreal_engine.errors import InputError
-from xreal_engine.vocabulary import anatomy_entry, finding_entry
 
 DCIODVFY = shutil.which("dciodvfy")
 DCMDUMP = shutil.which("dcmdump")
@@ -60,6 +59,7 @@ def chest_segments(shape, n_segments: int) -> list[SegmentSpec]:
         SegmentSpec(ellipse(shape, (0.3 * r, 0.52 * c), (0.08 * r, 0.04 * c)), label=4),
         SegmentSpec(ellipse(shape, (0.45 * r, 0.7 * c), (0.05 * r, 0.05 * c)), finding="nodule"),
         SegmentSpec(ellipse(shape, (0.75 * r, 0.3 * c), (0.06 * r, 0.12 * c)), finding="Pleural Effusion"),
+        SegmentSpec(ellipse(shape, (0.3 * r, 0.25 * c), (0.05 * r, 0.05 * c)), removal=True),  # an edit's removal region
     ]
     return specs[:n_segments]
 
@@ -72,7 +72,7 @@ def synthetic_image(shape) -> np.ndarray:
 # name: (shape, number of segments, pixel spacing (row, col))
 CASES = {
     "square256_1seg_no_pathology": ((256, 256), 1, (1.5625, 1.5625)),
-    "nonsquare_6seg_overlap": ((256, 192), 6, (400 / 256, 400 / 192)),  # spacing that needs DS rounding
+    "nonsquare_7seg_overlap": ((256, 192), 7, (400 / 256, 400 / 192)),  # spacing that needs DS rounding
     "wide_3seg_empty_skipped": ((200, 320), 3, (1.0, 1.0)),
     "square1024_5seg": ((1024, 1024), 5, (0.39, 0.39)),
 }
@@ -133,7 +133,7 @@ def test_dcmqi_masks_equal_inputs_on_the_sc_grid(written, tmp_path):
         assert array.shape == (1, *written["shape"])
         np.testing.assert_array_equal(array[0] != 0, spec.mask)
         attributes = meta["segmentAttributes"][number - 1][0]
-        entry = anatomy_entry(spec.label) if spec.label is not None else finding_entry(spec.finding)
+        entry = spec.vocabulary_entry()
         assert attributes["SegmentedPropertyTypeCodeSequence"]["CodeValue"] == entry["type"]["value"]
         assert attributes["SegmentAlgorithmType"] == "MANUAL"
         assert attributes["recommendedDisplayRGBValue"] == pytest.approx(entry["color"], abs=1)
@@ -172,7 +172,7 @@ def test_highdicom_reads_both_with_codes_colours_and_reference(written):
     for number, spec in enumerate(written["segments"], start=1):
         np.testing.assert_array_equal(pixels[0, ..., number - 1] > 0, spec.mask)
         description = seg.get_segment_description(number)
-        entry = anatomy_entry(spec.label) if spec.label is not None else finding_entry(spec.finding)
+        entry = spec.vocabulary_entry()
         assert description.segment_label == entry["display_name"]
         assert description.segmented_property_category.value == entry["category"]["value"]
         assert description.segmented_property_type.value == entry["type"]["value"]
@@ -322,8 +322,11 @@ def test_unknown_finding_is_refused_and_nothing_written(tmp_path):
 
 def test_segment_needs_exactly_one_meaning():
     sc = build_secondary_capture(synthetic_image((64, 64)), (1.0, 1.0), PROVENANCE)
-    with pytest.raises(InputError, match="exactly one of an anatomy label or a finding"):
-        build_segmentation(sc, [SegmentSpec(np.ones((64, 64), bool), label=1, finding="nodule")], PROVENANCE)
+    for ambiguous in (SegmentSpec(np.ones((64, 64), bool), label=1, finding="nodule"),
+                      SegmentSpec(np.ones((64, 64), bool), finding="nodule", removal=True),
+                      SegmentSpec(np.ones((64, 64), bool))):
+        with pytest.raises(InputError, match="exactly one of an anatomy label, a finding or the removal flag"):
+            build_segmentation(sc, [ambiguous], PROVENANCE)
     with pytest.raises(InputError, match="no non-empty segment"):
         build_segmentation(sc, [SegmentSpec(np.zeros((64, 64), bool), label=1)], PROVENANCE)
 

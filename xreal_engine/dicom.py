@@ -47,7 +47,7 @@ from pydicom.sr.coding import Code
 
 from . import __version__
 from .errors import InputError
-from .vocabulary import anatomy_entry, finding_entry
+from .vocabulary import anatomy_entry, finding_entry, removal_region_entry
 
 MANUFACTURER = "XRealSlicer project"
 MODEL_NAME = "xreal-engine"
@@ -91,11 +91,29 @@ class XRayImage:
 
 @dataclass
 class SegmentSpec:
-    """One SEG segment: a binary mask on the SC grid and exactly one of an anatomy label or a finding."""
+    """One SEG segment: a binary mask on the SC grid and exactly one of an anatomy label, a finding or ``removal``.
+
+    ``removal`` marks an edit-mode region that was inpainted to remove a finding: it is one of the
+    masks that produced the image, so it is recorded too, coded as an imaging region of interest.
+    """
 
     mask: np.ndarray
     label: int | None = None
     finding: str | None = None
+    removal: bool = False
+
+    @property
+    def kind(self) -> str:
+        """'anatomy', 'pathology' or 'removed' (the ``kind`` in segments.json)."""
+        return "anatomy" if self.label is not None else "pathology" if self.finding is not None else "removed"
+
+    def vocabulary_entry(self) -> dict:
+        """Name, codes and colour of this segment from the vocabulary; InputError unless exactly one meaning is set."""
+        if (self.label is not None) + (self.finding is not None) + bool(self.removal) != 1:
+            raise InputError("A segment must have exactly one of an anatomy label, a finding or the removal flag.")
+        if self.label is not None:
+            return anatomy_entry(self.label)
+        return finding_entry(self.finding) if self.finding is not None else removal_region_entry()
 
 
 # ---------------------------------------------------------------------------- input
@@ -354,9 +372,7 @@ def _reference_source(sc: pydicom.Dataset, source: pydicom.Dataset) -> None:
 
 
 def _segment_description(number: int, spec: SegmentSpec) -> hd.seg.SegmentDescription:
-    if (spec.label is None) == (spec.finding is None):
-        raise InputError(f"Segment {number} must have exactly one of an anatomy label or a finding.")
-    entry = anatomy_entry(spec.label) if spec.label is not None else finding_entry(spec.finding)
+    entry = spec.vocabulary_entry()
     regions = [_code(entry["anatomic_region"])] if entry.get("anatomic_region") else None
     description = hd.seg.SegmentDescription(
         segment_number=number,
@@ -383,7 +399,8 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
         if mask.shape != shape:
             raise InputError(f"Segment mask {index} has shape {mask.shape} but the image is {shape[0]}x{shape[1]}.")
         if mask.any():
-            kept.append(SegmentSpec(mask=mask.astype(bool), label=spec.label, finding=spec.finding))
+            kept.append(SegmentSpec(mask=mask.astype(bool), label=spec.label, finding=spec.finding,
+                                    removal=spec.removal))
     if not kept:
         raise InputError("There is no non-empty segment to write into the DICOM SEG.")
     descriptions = [_segment_description(number, spec) for number, spec in enumerate(kept, start=1)]
@@ -422,8 +439,9 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
 def write_dicom_pair(out_dir, image, pixel_spacing_mm, segments, provenance, source=None, study=None) -> dict:
     """Build SC and SEG, then write ``out_dir/sc.dcm`` and ``out_dir/seg.dcm``; nothing is written if either fails.
 
-    When no segment has any pixel (e.g. edit mode that only removes a finding), there is
-    nothing to segment: only ``sc.dcm`` is written and the SEG UIDs are None.
+    When no segment has any pixel there is nothing to segment: only ``sc.dcm`` is written and
+    the SEG UIDs are None. (Every request the engine accepts has at least one non-empty mask;
+    an edit that only removes a finding records its region as a "removed finding" segment.)
     """
     out_dir = Path(out_dir)
     sc = build_secondary_capture(image, pixel_spacing_mm, provenance, source=source, study=study)

@@ -417,8 +417,10 @@ def _segment_specs(prepared: PreparedRequest) -> list:
         for label in sorted(int(v) for v in np.unique(prepared.anatomy) if v != 0):
             specs.append(SegmentSpec(mask=prepared.anatomy == label, label=label))
     for pathology in prepared.pathologies:
-        if pathology.finding:  # a removal region has no finding to record as a segment
+        if pathology.finding:
             specs.append(SegmentSpec(mask=pathology.mask.astype(bool), finding=pathology.finding))
+        else:  # edit mode removed whatever was in this region
+            specs.append(SegmentSpec(mask=pathology.mask.astype(bool), removal=True))
     return specs
 
 
@@ -432,12 +434,10 @@ def _write_segments(out_dir: Path, segments: list) -> None:
     """Plain per-segment masks + segments.json, for Slicers that have no DICOM-SEG loader."""
     from PIL import Image
 
-    from .vocabulary import anatomy_entry, finding_entry
-
     (out_dir / "segments").mkdir()
     entries = []
     for number, spec in enumerate(segments, start=1):
-        entry = anatomy_entry(spec.label) if spec.label is not None else finding_entry(spec.finding)
+        entry = spec.vocabulary_entry()
         name = entry["name"]
         filename = f"segments/{number:02d}_{''.join(c if c.isalnum() else '_' for c in name.lower())}.png"
         Image.fromarray(spec.mask.astype(np.uint8) * 255, mode="L").save(out_dir / filename)
@@ -445,7 +445,7 @@ def _write_segments(out_dir: Path, segments: list) -> None:
             {
                 "segment_number": number,
                 "name": name,
-                "kind": "anatomy" if spec.label is not None else "pathology",
+                "kind": spec.kind,
                 "label": spec.label,
                 "finding": spec.finding,
                 "color": entry.get("color"),

@@ -65,6 +65,11 @@ def finding_entry(name: str) -> dict:
     raise InputError(f"Unknown finding {name!r}; known findings are: {', '.join(finding_names())}.")
 
 
+def removal_region_entry() -> dict:
+    """The entry for an edit-mode region whose finding was removed (inpainted with the empty prompt)."""
+    return copy.deepcopy(_parsed()["removal_region"])
+
+
 def anatomy_label_for_name(name: str) -> int | None:
     """The label whose name or display name equals ``name`` (normalised), else None."""
     key = normalise_name(name)
