@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ENGINE := $(VENV)/bin/xreal-engine
 DEMO_OUT ?= demo-output
-DEBIAN_TEST_PACKAGES := dicom3tools dcmtk orthanc orthanc-dicomweb
+DEBIAN_TEST_PACKAGES := dicom3tools dcmtk orthanc orthanc-dicomweb openssl
 # pytest -n is not used: 2 cores; tests with torch use tiny configs.
 PYTEST_ARGS ?=
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 # Debian packages used by the tests as independent DICOM readers and as a real PACS.
 system-deps:
 	@missing=""; \
-	for tool in dciodvfy dcmdump Orthanc; do command -v $$tool >/dev/null 2>&1 || missing="yes"; done; \
+	for tool in dciodvfy dcmdump Orthanc openssl; do command -v $$tool >/dev/null 2>&1 || missing="yes"; done; \
 	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="yes"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

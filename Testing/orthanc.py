@@ -165,6 +165,64 @@ def running_orthanc(**kwargs):
         server.cleanup()
 
 
+def write_self_signed_certificate(path: Path, host: str = "127.0.0.1") -> Path:
+    """A PEM file with a fresh self-signed certificate for ``host`` followed by its private key."""
+    key, cert = path.with_suffix(".key"), path.with_suffix(".crt")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={host}",
+                    "-addext", f"subjectAltName=IP:{host}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    path.write_bytes(cert.read_bytes() + key.read_bytes())
+    return path
+
+
+@contextlib.contextmanager
+def tls_proxy(target_port: int, certificate: Path):
+    """HTTPS on a free loopback port in front of plain HTTP on ``target_port``; yields the port.
+
+    Stands in for the nginx or load balancer that terminates TLS in front of a PACS. (Debian's
+    Orthanc 1.10 has its own ``SslEnabled``, but that build crashes on the first TLS request.)
+    """
+    import socketserver
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certificate))
+
+    def pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    class Relay(socketserver.BaseRequestHandler):
+        def handle(self):
+            try:
+                client = context.wrap_socket(self.request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return  # the client did not trust us: that is what some tests check
+            with client, socket.create_connection(("127.0.0.1", target_port)) as upstream:
+                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+                back.start()
+                pipe(client, upstream)
+                back.join(30)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Relay)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def write_dx(path, pixels, *, study=None, series=None, instance_number: int = 1, spacing_mm: float = 1.4,
              patient=("Test^Pacs", "PACS-TEST-1")):
     """Write a 12-bit DX For Presentation image (as a modality would send it) and return its dataset."""

@@ -477,3 +477,43 @@ def test_generate_from_pacs_source_joins_the_source_study(orthanc, config, web_c
 
     in_study = {item["0020000E"]["Value"][0] for item in web_client.search_for_series(study)}
     assert in_study == {series, sc.SeriesInstanceUID, seg.SeriesInstanceUID}
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def https_dicomweb(orthanc, tmp_path_factory):
+    """Orthanc's DICOMweb behind a TLS terminator with a self-signed certificate: (https URL, CA bundle)."""
+    import shutil
+
+    from orthanc import tls_proxy, write_self_signed_certificate
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate (make system-deps)")
+    certificate = write_self_signed_certificate(tmp_path_factory.mktemp("tls") / "pacs.pem")
+    with tls_proxy(orthanc.http_port, certificate) as port:
+        yield f"https://127.0.0.1:{port}/dicom-web", certificate
+
+
+def test_push_over_https_with_the_pacs_ca_bundle_and_a_clear_refusal_without(orthanc, https_dicomweb, web_client, tmp_path,
+                                                                              monkeypatch):
+    import requests
+
+    url, ca_bundle = https_dicomweb
+    # Many sites set this; requests would let it override a configured CA bundle (requests issue #3829).
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    result = make_result(tmp_path / "result", seed=8)
+    files = [result / "sc.dcm", result / "seg.dcm"]
+    node = {"type": "dicomweb", "url": url, "timeout_s": 10, "headers": {"Authorization": orthanc.authorization_header}}
+    config = pacs.parse_config({"destinations": {"with-ca": dict(node, verify_tls=str(ca_bundle)), "system-cas": node}})
+    study = pydicom.dcmread(files[0]).StudyInstanceUID
+
+    with pytest.raises(pacs.PacsError, match="TLS with .* failed for STOW-RS .*certificate verify failed.*verify_tls") as caught:
+        pacs.push_files("system-cas", files, config=config, retries=3, backoff_s=2.0)
+    assert caught.value.attempts == 1 and not isinstance(caught.value, pacs.TransientPacsError)
+    assert web_client.search_for_instances(study_instance_uid=study) == []
+
+    report = pacs.push_files("with-ca", files, config=config, **FAST)
+    assert report["ok"] and report["accepted"] == 2, report
+    assert len(web_client.search_for_instances(study_instance_uid=study)) == 2

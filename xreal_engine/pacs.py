@@ -336,14 +336,43 @@ def _http_message(response) -> str:
     return f"{reason}: {detail}" if detail else reason
 
 
+def _verify_tls_adapter(verify: bool | str):
+    """An HTTPS adapter that always verifies with ``verify``.
+
+    ``session.verify`` alone is not enough: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+    from the environment override it (requests issue #3829), so a configured CA bundle or
+    ``verify_tls: false`` would be silently ignored on machines that set those variables.
+    """
+    from requests.adapters import HTTPAdapter
+
+    class VerifyingAdapter(HTTPAdapter):
+        def send(self, request, **kwargs):
+            kwargs["verify"] = verify
+            return super().send(request, **kwargs)
+
+    return VerifyingAdapter()
+
+
 def _dicomweb_client(node: PacsNode, session):
     """A dicomweb-client for ``node`` on ``session`` (a requests.Session the caller closes)."""
     from dicomweb_client.api import DICOMwebClient
 
     session.verify = node.verify_tls
+    if node.verify_tls is not True:
+        session.mount("https://", _verify_tls_adapter(node.verify_tls))
     client = DICOMwebClient(url=node.url, session=session, headers=dict(node.headers), timeout=node.timeout_s)
     client.set_http_retry_params(retry=False)  # we retry ourselves, counting attempts and covering network errors
     return client
+
+
+def _tls_reason(error: Exception) -> str:
+    """The short reason of a TLS failure (e.g. 'certificate verify failed: self-signed certificate')."""
+    text = str(error)
+    for marker in ("certificate verify failed", "wrong version number", "hostname mismatch"):
+        if marker in text:
+            start = text.index(marker)
+            return text[start:].split(" (_ssl")[0].split("')")[0].rstrip(")")[:120]
+    return "TLS handshake failed"
 
 
 def _call_dicomweb(node: PacsNode, action: str, call: Callable):
@@ -354,6 +383,10 @@ def _call_dicomweb(node: PacsNode, action: str, call: Callable):
         return call()
     except requests.Timeout:
         raise TransientPacsError(f"{node.address} did not answer {action} within {node.timeout_s:g} s.") from None
+    except requests.exceptions.SSLError as error:  # permanent until someone fixes the set-up: not retried
+        raise PacsError(f"PACS '{node.name}': TLS with {node.address} failed for {action} ({_tls_reason(error)}); "
+                        "if the PACS uses its own certificate authority, set verify_tls to the path of its "
+                        "CA bundle in the PACS configuration.") from None
     except requests.ConnectionError as error:
         cause = "connection refused" if "refused" in str(error).lower() else "connection failed or was reset"
         raise TransientPacsError(f"cannot reach {node.address} for {action} ({cause}).") from None
