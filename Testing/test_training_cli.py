@@ -120,6 +120,49 @@ def test_default_subsets_are_the_permissive_ones(shared_dir, tmp_path):
     assert hannover and not any((tmp_path / "data" / "labels" / f"{i}.png").exists() for i in hannover)
 
 
+@pytest.fixture()
+def small_cxr(shared_dir, tmp_path) -> Path:
+    """A shared-layout directory with one real (dark, 8-bit) wingspan image and one synthetic 16-bit image."""
+    cxr = shared_dir / "data" / "cxr"
+    out = tmp_path / "cxr"
+    with (cxr / "manifest.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames
+        row = next(r for r in reader if r["subset"] == "wingspan" and r["split"] == "train")
+    (out / "wingspan" / "images").mkdir(parents=True)
+    (out / "hannover_unlabeled" / "images").mkdir(parents=True)
+    shutil.copyfile(cxr / "wingspan" / "images" / f"{row['image']}.png", out / "wingspan" / "images" / f"{row['image']}.png")
+    ramp = np.linspace(9000, 21000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(out / "hannover_unlabeled" / "images" / "hn_synthetic16.png")
+    synthetic = dict.fromkeys(fields, "") | {"image": "hn_synthetic16", "subset": "hannover_unlabeled", "split": "train"}
+    with (out / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows([row, synthetic])
+    return out
+
+
+def test_prepare_data_stretches_intensities_or_keeps_them(small_cxr, tmp_path):
+    manifest = list(csv.DictReader((small_cxr / "manifest.csv").open()))
+    sources = {r["image"]: small_cxr / r["subset"] / "images" / f"{r['image']}.png" for r in manifest}
+    prepare_data(small_cxr, tmp_path / "norm")  # default: percentile
+    prepare_data(small_cxr, tmp_path / "raw", intensity="none")
+    for sample_id, source in sources.items():
+        original = np.asarray(Image.open(source))
+        stretched = np.asarray(Image.open(tmp_path / "norm" / "images" / f"{sample_id}.png"))
+        raw = np.asarray(Image.open(tmp_path / "raw" / "images" / f"{sample_id}.png"))
+        top = 255 if original.dtype == np.uint8 else 65535
+        assert stretched.dtype == original.dtype and stretched.shape == original.shape
+        # the source is dark / narrow; the 0.5th..99.5th percentile now spans the full range
+        assert np.percentile(original, 99.5) < 0.5 * top
+        low, high = np.percentile(stretched, (0.5, 99.5))
+        assert low <= 0.01 * top and high >= 0.99 * top and stretched.max() == top
+        assert np.corrcoef(original.ravel(), stretched.ravel())[0, 1] > 0.95  # a monotone stretch, same picture
+        np.testing.assert_array_equal(raw, original)  # none: pixels unchanged
+    with pytest.raises(InputError, match="--intensity"):
+        prepare_data(small_cxr, tmp_path / "bad", intensity="zscore")
+
+
 def test_augmentation_keeps_labels_exact_and_images_in_unit_range(tiny_data):
     records = read_records(tiny_data, "train", require_labels=True)
     dataset = make_dataset(records[:2], 64, with_label=True, augment=True)

@@ -191,12 +191,44 @@ def _finding(row: dict) -> str:
     return (row.get("finding") or "").strip().lower()
 
 
-def prepare_data(cxr_dir: str | Path, out_dir: str | Path, subsets=PERMISSIVE_SUBSETS) -> dict:
+INTENSITY_MODES = ("percentile", "none")
+STRETCH_PERCENTILES = (0.5, 99.5)
+
+
+def stretch_intensity(pixels: np.ndarray) -> np.ndarray:
+    """Stretch the 0.5th..99.5th percentile to the full range of the dtype (clipped): the sources differ wildly in exposure."""
+    top = float(np.iinfo(pixels.dtype).max)
+    low, high = np.percentile(pixels, STRETCH_PERCENTILES)
+    if high <= low:
+        return pixels.copy()
+    stretched = (pixels.astype(np.float64) - low) * (top / (high - low))
+    return np.clip(np.rint(stretched), 0, top).astype(pixels.dtype)
+
+
+def _write_image(source: Path, target: Path, intensity: str) -> None:
+    """Copy the PNG as it is (``none``) or percentile-stretched, keeping its bit depth (8 or 16 bit grey)."""
+    if intensity == "none":
+        shutil.copyfile(source, target)
+        return
+    image = Image.open(source)
+    if image.mode in ("I;16", "I;16B", "I"):
+        pixels = np.asarray(image).astype(np.uint16)
+    else:
+        pixels = np.asarray(image.convert("L"))
+    Image.fromarray(stretch_intensity(pixels)).save(target)
+
+
+def prepare_data(
+    cxr_dir: str | Path, out_dir: str | Path, subsets=PERMISSIVE_SUBSETS, intensity: str = "percentile"
+) -> dict:
     """Convert ``../shared/data/cxr`` (or a copy) into the training layout; returns counts per split.
 
     Written into a temporary sibling and renamed, so a failed run leaves nothing behind.
     Label value 5 (cardiomediastinum, covid_seg_nc only) is not an XReal label and becomes background.
+    ``intensity="percentile"`` stretches every image (see ``stretch_intensity``); ``"none"`` copies it unchanged.
     """
+    if intensity not in INTENSITY_MODES:
+        raise InputError(f"--intensity must be one of {', '.join(INTENSITY_MODES)}, not {intensity!r}.")
     cxr_dir, out_dir = Path(cxr_dir), Path(out_dir)
     manifest = cxr_dir / "manifest.csv"
     if not manifest.is_file():
@@ -222,7 +254,7 @@ def prepare_data(cxr_dir: str | Path, out_dir: str | Path, subsets=PERMISSIVE_SU
             writer.writerow(["id", "split", "finding"])
             for row in rows:
                 source = cxr_dir / row["subset"]
-                shutil.copyfile(source / "images" / f"{row['image']}.png", staging / "images" / f"{row['image']}.png")
+                _write_image(source / "images" / f"{row['image']}.png", staging / "images" / f"{row['image']}.png", intensity)
                 label_path = source / "labels" / f"{row['image']}.png"
                 if label_path.is_file():
                     labels = np.asarray(Image.open(label_path)).copy()
@@ -248,13 +280,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=",".join(PERMISSIVE_SUBSETS),
         help="comma-separated subsets to include (default: the permissively licensed wingspan,hannover_unlabeled)",
     )
+    parser.add_argument(
+        "--intensity",
+        choices=INTENSITY_MODES,
+        default="percentile",
+        help="percentile (default): stretch each image's 0.5th..99.5th percentile to the full grey range; none: copy as is",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
     if not subsets:
         raise InputError("--subsets is empty; name at least one subset, e.g. wingspan.")
-    counts = prepare_data(args.cxr, args.out, subsets)
+    counts = prepare_data(args.cxr, args.out, subsets, args.intensity)
     not_permissive = [s for s in subsets if s not in PERMISSIVE_SUBSETS]
     if not_permissive:
         print(f"note: {', '.join(not_permissive)} is not permissively licensed; do not redistribute models trained on it.")
