@@ -453,6 +453,44 @@ def test_engine_that_disappears_mid_job_is_a_clear_message(tiny_model, vocabular
     assert launcher.process is None
 
 
+def test_engine_shuts_down_when_the_launcher_goes_away(tiny_model, tmp_path):
+    """Slicer crashing closes the engine's stdin pipe; the engine must not outlive it (--exit-with-stdin)."""
+    from XRealSlicerLib.launcher import EngineLauncher
+
+    launcher = EngineLauncher(sys.executable, str(tiny_model), tmp_path / "data", device="cpu")
+    launcher.start(timeout=240)
+    process = launcher.process
+    try:
+        assert "--exit-with-stdin" in process.args
+        process.stdin.close()  # what the operating system does when Slicer dies
+        assert process.wait(timeout=60) == 0  # a clean shutdown, not a kill
+    finally:
+        launcher.stop()
+    assert launcher.process is None
+
+
+def test_requirements_check_runs_in_the_given_environment_and_finds_a_base_python(tmp_path):
+    """Inside Slicer the check must not inherit Slicer's PYTHONHOME; the private venv needs a real Python >= 3.10."""
+    import os
+    import stat
+
+    from XRealSlicerLib.launcher import find_base_python, requirements_installed
+
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    assert requirements_installed(sys.executable, clean)
+    assert not requirements_installed(sys.executable, dict(clean, PYTHONHOME=str(tmp_path / "slicer-python")))
+
+    bin_dir = Path(sys.executable).parent
+    found = find_base_python(dict(clean, PATH=str(bin_dir)))
+    assert found is not None and Path(found).parent == bin_dir
+    too_old = tmp_path / "old-bin"
+    too_old.mkdir()
+    fake = too_old / "python3"
+    fake.write_text("#!/bin/sh\nexit 1\n")  # answers "no" to the version check, like a Python 3.8
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    assert find_base_python(dict(clean, PATH=str(too_old))) is None
+
+
 def test_edit_mode_job_keeps_the_image_outside_the_region(engine, vocabulary, tmp_path):
     """Paper Fig. 3 editing: a loaded X-ray as canvas, only a pathology region drawn, the rest kept."""
     import pydicom

@@ -11,7 +11,6 @@ import os
 import queue
 import random
 import shutil
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +38,7 @@ from XRealSlicerLib.jobs import DONE, FAILED, FINAL, JobRunner, JobSpec, error_t
 from XRealSlicerLib.launcher import (
     EngineLauncher,
     create_venv_command,
+    find_base_python,
     make_spawn,
     install_requirements_command,
     requirements_installed,
@@ -125,6 +125,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._taskDone = None  # main-thread continuation of self._task
         self._runner = None
         self._timer = None
+        self._inTimer = False  # onTimer may open dialogs, which run a nested event loop
         self._sendDialog = None
 
     # ------------------------------------------------------------------ setup
@@ -195,6 +196,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None:
+            self.logic.shuttingDown = True  # an engine start still in flight stops its engine itself
             self.logic.stopLocalEngine()
         self.removeObservers()
 
@@ -211,6 +213,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.ui.resultsListWidget.clear()  # their nodes are gone, and node IDs are reused by new nodes
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -254,17 +257,27 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).visible = not local
         setSettingsValue("engineMode", "local" if local else "remote")
 
-    def runInBackground(self, function, onDone, *args):
-        """Run ``function(task, *args)`` in a thread; ``onDone(task)`` runs on the main thread after."""
+    def isBusy(self):
+        """A background engine call (start, connect, install, send) is still running."""
         if self._task is not None and not self._task.done:
             slicer.util.showStatusMessage(_("XReal: still busy with the engine, please wait."), 3000)
-            return
+            return True
+        return False
+
+    def runInBackground(self, function, onDone, *args):
+        """Run ``function(task, *args)`` in a thread; ``onDone(task)`` runs on the main thread after.
+
+        Callers check ``isBusy()`` first. Everything that needs Slicer (paths, settings, the startup
+        environment) is read here on the main thread and passed in: worker threads never touch Qt or MRML.
+        """
         self.logic.prepareSpawn()
         self._task = BackgroundCall(function, *args)
         self._taskDone = onDone
         self._timer.start()
 
     def onStartEngine(self):
+        if self.isBusy():
+            return
         python = self.ui.enginePythonPathLineEdit.currentPath.strip()
         model = self.ui.modelLineEdit.text.strip() or "demo"
         setSettingsValue("enginePython", python)
@@ -276,7 +289,9 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not python:
             python = str(venv_python(self.logic.defaultEnvironmentDir()))
         self.ui.engineStatusLabel.text = _("Checking the engine's Python ...")
-        self.runInBackground(lambda task, path: requirements_installed(path),
+        self.logic.prepareSpawn()
+        environment = self.logic.startupEnvironment
+        self.runInBackground(lambda task, path: requirements_installed(path, environment),
                              lambda task: self._afterCheck(task, python, model), python)
 
     def _afterCheck(self, task, python, model):
@@ -290,7 +305,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.ui.engineStatusLabel.text = _("Installing the engine's requirements (see the log below) ...")
             self.ui.progressBar.setRange(0, 0)  # busy indicator
-            self.runInBackground(self.logic.installRequirements, lambda t: self._afterInstall(t, python, model), python)
+            self.runInBackground(self.logic.installRequirements, lambda t: self._afterInstall(t, python, model), python,
+                                 self.logic.defaultEnvironmentDir())
             return
         self._startEngine(python, model)
 
@@ -304,10 +320,14 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startEngine(self, python, model):
         self.ui.engineStatusLabel.text = _("Starting the local engine (loading the model) ...")
-        self.runInBackground(self.logic.startLocalEngine, self._afterConnect, python, model)
+        self.updateEngineDependentWidgets()  # a previous connection is dropped
+        self.runInBackground(self.logic.startLocalEngine, self._afterConnect, python, model,
+                             self.logic.dataDirectory())
 
     def onStopEngine(self):
         """Shut the engine down through its API (in the background: it may finish a diffusion step first)."""
+        if self.isBusy():
+            return
         self.ui.engineStatusLabel.text = _("Stopping the local engine ...")
         self.runInBackground(lambda task: self.logic.stopLocalEngine(), self._afterStop)
 
@@ -316,6 +336,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateEngineDependentWidgets()
 
     def onConnect(self):
+        if self.isBusy():
+            return
         try:
             url = connection.normalize_url(self.ui.serverUrlComboBox.currentText)
         except XRealError as error:
@@ -332,6 +354,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlComboBox.clear()
         self.ui.serverUrlComboBox.addItems(history)
         self.ui.engineStatusLabel.text = _("Connecting to {url} ...").format(url=url)
+        self.logic.dropConnection()
+        self.updateEngineDependentWidgets()
         self.runInBackground(self.logic.connectRemote, self._afterConnect, url, token)
 
     def _afterConnect(self, task):
@@ -347,9 +371,18 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Model defaults into the parameter node (once per connection), model findings into the lists."""
         defaults = connection.model_defaults(self.logic.info)
         if self._parameterNode:
-            self._parameterNode.steps = int(defaults.get("num_inference_steps", self._parameterNode.steps))
-            self._parameterNode.anatomySteps = int(defaults.get("anatomy_steps", self._parameterNode.anatomySteps))
-            self._parameterNode.guidance = float(defaults.get("guidance_scale", self._parameterNode.guidance))
+            def clamped(value, low, high, kind):
+                try:
+                    return kind(min(max(kind(value), low), high))
+                except (TypeError, ValueError):
+                    return None
+
+            for name, key, low, high, kind in (("steps", "num_inference_steps", 1, 1000, int),
+                                                ("anatomySteps", "anatomy_steps", 0, 1000, int),
+                                                ("guidance", "guidance_scale", 0.0, 50.0, float)):
+                value = clamped(defaults.get(key, getattr(self._parameterNode, name)), low, high, kind)
+                if value is not None:
+                    setattr(self._parameterNode, name, value)
         self.ui.findingComboBox.clear()
         findings = connection.model_findings(self.logic.info)
         for finding in findings:
@@ -425,7 +458,10 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Create the segments first (Create segments)."))
             return
         findings = self.modelFindings()
-        self.logic.addPathologySegment(segmentation, findings[0] if findings else None)
+        try:
+            self.logic.addPathologySegment(segmentation, findings[0] if findings else None)
+        except Exception as error:
+            self.showError(error)
         self.updatePathologySegmentList()
 
     def onShowSegmentEditor(self):
@@ -463,7 +499,10 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finding = self.ui.findingComboBox.itemData(index)
         if segmentation is None or not segmentId or not finding:
             return
-        self.logic.setSegmentFinding(segmentation, segmentId, finding)
+        try:
+            self.logic.setSegmentFinding(segmentation, segmentId, finding)
+        except Exception as error:
+            self.showError(error)
         self.updatePathologySegmentList()
 
     # ------------------------------------------------------------------ generate
@@ -474,6 +513,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerateOrCancel(self):
         if self._runner is not None and self._runner.busy:
             self._runner.cancel()
+            self.ui.generateButton.enabled = False  # until the engine confirms (updateEngineDependentWidgets)
             self.setStatus(_("Cancelling ..."))
             return
         try:
@@ -498,6 +538,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise XRealError(_("Select or create a canvas first (Canvas section)."))
         if segmentation is None:
             raise XRealError(_("Create the segments first (Masks section)."))
+        self.logic.ensureDicomDatabase()  # results are imported into it; may ask the user, so before the run
         info = self.logic.info
         inputs = build_inputs(
             self.logic.readSegments(segmentation, canvas), self.logic.canvasGeometry(canvas), self.logic.vocabulary,
@@ -541,6 +582,15 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self):
         """Main thread: deliver finished background calls and job events (the only place MRML/Qt change)."""
+        if self._inTimer:  # a dialog opened below runs a nested event loop that fires this timer again
+            return
+        self._inTimer = True
+        try:
+            self._onTimer()
+        finally:
+            self._inTimer = False
+
+    def _onTimer(self):
         if self._task is not None:
             self.appendLog(self._task.new_lines())
             finished = self._task.poll()
@@ -562,12 +612,14 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._runner is None or self._runner.events.empty()
 
     def onJobEvent(self, event):
-        self.ui.progressBar.value = int(round(100 * event.fraction))
+        if event.state not in FINAL or event.state == DONE:  # a failure or cancel keeps the bar where it stopped
+            self.ui.progressBar.value = int(round(100 * event.fraction))
         self.setStatus(event.status_text())
         if event.result is not None:
+            parameters = self._parameterNode
             try:
-                nodes = self.logic.loadResult(event.result, self._parameterNode.canvasVolume,
-                                              self._parameterNode.segmentation)
+                nodes = self.logic.loadResult(event.result, parameters.canvasVolume if parameters else None,
+                                              parameters.segmentation if parameters else None)
                 item = qt.QListWidgetItem(f"{event.label or 'result'} ({event.result.provenance.get('model_id', '')})")
                 item.setData(qt.Qt.UserRole, nodes["volume"].GetID())
                 item.setData(qt.Qt.UserRole + 1, [str(path) for path in event.result.dicom_files])
@@ -595,9 +647,10 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
         segmentation = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole + 2) or "")
+        parameters = self._parameterNode
         if volume is not None:
-            self.logic.showSideBySide(volume, segmentation, self._parameterNode.canvasVolume,
-                                      self._parameterNode.segmentation)
+            self.logic.showSideBySide(volume, segmentation, parameters.canvasVolume if parameters else None,
+                                      parameters.segmentation if parameters else None)
 
     def onSendToPacs(self):
         """Send the selected result to the engine's PACS destination (in the background; the engine keeps its copy)."""
@@ -612,6 +665,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self.logic.client is None:
             slicer.util.errorDisplay(_("The engine is not connected; connect it again to send its results."))
+            return
+        if self.isBusy():
             return
         self.setStatus(_("Sending to {destination} ...").format(destination=destination))
         self.runInBackground(lambda task: self.logic.client.push(jobId, destination), self._afterSend)
@@ -648,6 +703,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.engineUrl = None
         self.engineLog = queue.Queue()
         self._spawn = None
+        self.startupEnvironment = None
+        self.shuttingDown = False
 
     def getParameterNode(self):
         return XRealSlicerParameterNode(super().getParameterNode())
@@ -670,38 +727,59 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
     def spawn(self, args, environment, cwd):
         """Start a process in Slicer's startup environment (not Slicer's own PYTHONPATH); thread-safe."""
         if self._spawn is None:
-            self._spawn = make_spawn(slicer.util.startupEnvironment())
+            raise XRealError("prepareSpawn() must run on the main thread first.")
         return self._spawn(args, environment, cwd)
 
     def prepareSpawn(self):
         """Read Slicer's startup environment on the main thread, before any worker thread needs it."""
-        self._spawn = make_spawn(slicer.util.startupEnvironment())
+        self.startupEnvironment = dict(slicer.util.startupEnvironment())
+        self._spawn = make_spawn(self.startupEnvironment)
 
-    def installRequirements(self, task, python):
-        """First use: create the private environment if needed, then pip install the engine's requirements."""
-        venvDir = self.defaultEnvironmentDir()
+    def installRequirements(self, task, python, venvDir):
+        """Worker thread, first use: create the private environment if needed, then pip install the requirements.
+
+        The environment is made from a system Python 3.10+, not from PythonSlicer (a launcher: a
+        virtual environment made from it cannot find its standard library outside Slicer).
+        """
         if not Path(python).exists() and Path(python) == venv_python(venvDir):
-            basePython = shutil.which("PythonSlicer") or sys.executable
+            basePython = find_base_python(self.startupEnvironment)
+            if basePython is None:
+                raise XRealError(_("No Python 3.10 or newer was found on this computer. Install one (python.org), or "
+                                   "choose a Python that has the engine's packages as 'Engine Python'."))
             if run_logged(create_venv_command(basePython, venvDir), task.report, self.spawn) != 0:
                 raise XRealError(_("Could not create the engine environment in {dir}.").format(dir=venvDir))
             python = str(venv_python(venvDir))
         requirements = enginepath.requirements_path(Path(__file__).parent)
         if run_logged(install_requirements_command(python, requirements), task.report, self.spawn) != 0:
             raise XRealError(_("Installing the engine's requirements failed; the log shows pip's message."))
-        if not requirements_installed(python):
+        if not requirements_installed(python, self.startupEnvironment):
             raise XRealError(_("The engine's requirements are still not importable in {python}.").format(python=python))
 
-    def startLocalEngine(self, task, python, model):
+    def startLocalEngine(self, task, python, model, dataDir):
         """Worker thread: start the bundled engine and read its info (no MRML/Qt here)."""
         self.stopLocalEngine()
-        self.launcher = EngineLauncher(python, model, self.dataDirectory(), spawn=self.spawn)
-        url = self.launcher.start(timeout=300, progress=self.engineLog.put)
-        self._setClient(url, self.launcher.token)
+        self.dropConnection()
+        launcher = EngineLauncher(python, model, dataDir, spawn=self.spawn)
+        self.launcher = launcher
+        try:
+            url = launcher.start(timeout=300, progress=self.engineLog.put)
+            if self.shuttingDown:  # Slicer closed while the engine was starting
+                raise XRealError(_("Slicer is closing."))
+            self._setClient(url, launcher.token)
+        except BaseException:
+            launcher.stop(timeout=5.0)
+            self.launcher = None
+            raise
 
     def connectRemote(self, task, url, token):
         """Worker thread: check the remote engine and read its info (a local engine is stopped: one engine at a time)."""
         self.stopLocalEngine()
+        self.dropConnection()
         self._setClient(url, token)
+
+    def dropConnection(self):
+        """Forget the current engine (a new one is being started or connected)."""
+        self.client = self.info = self.engineUrl = None
 
     def _setClient(self, url, token):
         client = EngineClient(url, token, timeout=30.0)
@@ -719,7 +797,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         if self.launcher is not None:
             self.launcher.stop()
             self.launcher = None
-            self.client = self.info = None
+            self.dropConnection()
 
     def engineDescription(self):
         return _("The local engine") if self.launcher is not None else _("The engine at {url}").format(url=self.engineUrl)
@@ -812,13 +890,17 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
     def createSegmentation(self, canvas, findings, withAnatomy=True):
         """One click: anatomy segments (the model's labels) + one pathology segment, named, coloured, coded."""
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{canvas.GetName()} masks")
-        segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(canvas)
-        labels = list(connection.model_anatomy_labels(self.info)) if self.info else None
-        if withAnatomy:
-            for template in self.vocabulary.anatomy_templates(labels):
-                self._addSegment(segmentation, template.name, template.color, template.terminology)
-        self.addPathologySegment(segmentation, findings[0] if findings else None)
+        try:
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(canvas)
+            labels = list(connection.model_anatomy_labels(self.info)) if self.info else None
+            if withAnatomy:
+                for template in self.vocabulary.anatomy_templates(labels):
+                    self._addSegment(segmentation, template.name, template.color, template.terminology)
+            self.addPathologySegment(segmentation, findings[0] if findings else None)
+        except Exception:
+            slicer.mrmlScene.RemoveNode(segmentation)  # leave the scene as it was
+            raise
         return segmentation
 
     def _addSegment(self, segmentation, name, color, terminology):
@@ -955,7 +1037,9 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             uids = result.series_uids if useSeg else [result.sc_series_uid]
             loadedIds = list(DICOMUtils.loadSeriesByUID(uids) or [])
             nodes = [slicer.mrmlScene.GetNodeByID(nodeId) for nodeId in loadedIds]
-            volumes = [n for n in nodes if n is not None and n.IsA("vtkMRMLScalarVolumeNode")]
+            volumes = [n for n in nodes if n is not None and n.IsA("vtkMRMLScalarVolumeNode")
+                       and not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            volumes.sort(key=lambda n: not self.isFromSeries(n, result.sc_series_uid))  # the SC first
             segmentations = [n for n in nodes if n is not None and n.IsA("vtkMRMLSegmentationNode")]
             if not volumes:
                 raise XRealError(_("The synthetic X-ray (SC) could not be loaded from the DICOM database."))
@@ -974,6 +1058,13 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
                 if node is not None:
                     slicer.mrmlScene.RemoveNode(node)
             raise
+
+    def isFromSeries(self, volume, seriesUid):
+        """Whether a volume loaded from the DICOM database belongs to the series ``seriesUid``."""
+        uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
+        if not uids or not slicer.dicomDatabase:
+            return False
+        return slicer.dicomDatabase.instanceValue(uids[0], "0020,000E") == seriesUid
 
     def loadFallbackSegments(self, result, volume):
         """No DICOM-SEG loader (Slicer <= 5.10 without QuantitativeReporting): rebuild from the plain masks."""
@@ -1005,69 +1096,78 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
         self.test_XRealSlicer_generate_from_template()
 
     def test_XRealSlicer_generate_from_template(self):
+        from DICOMLib import DICOMUtils
+
         logic = XRealSlicerLogic()
         python = os.environ.get("XREALSLICER_ENGINE_PYTHON") or settingsValue("enginePython", "") \
             or str(venv_python(logic.defaultEnvironmentDir()))
         model = os.environ.get("XREALSLICER_TEST_MODEL", "demo")
-        self.delayDisplay("Starting the local engine")
         logic.prepareSpawn()
-        logic.startLocalEngine(None, python, model)
+        if not requirements_installed(python, logic.startupEnvironment):
+            self.skipTest(f"no engine Python with the engine's packages at {python}; set XREALSLICER_ENGINE_PYTHON")
+        self.delayDisplay("Starting the local engine")
+        logic.startLocalEngine(None, python, model, logic.dataDirectory())
         try:
-            findings = connection.model_findings(logic.info)
-            templates = logic.templatePaths()
-            self.assertTrue(templates, "no anatomy template is installed")
-            volume, segmentation = logic.createCanvasFromTemplate(templates[0], findings)
-            names = [name for _id, name, _term in logic.segments(segmentation)]
-            self.assertIn("Heart", names)
-            self.assertIn("Pathology", names)
-
-            # paint the pathology: a disc inside the heart (overlap on purpose)
-            heartId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Heart")
-            heart = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, heartId, volume)
-            self.assertGreater(int(heart.sum()), 0, "the template has no heart")
-            centre = np.argwhere(heart[0]).mean(axis=0)
-            rows, columns = np.ogrid[: heart.shape[1], : heart.shape[2]]
-            disc = ((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= 8**2).astype(np.uint8)[np.newaxis]
-            pathologyId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
-            slicer.util.updateSegmentBinaryLabelmapFromArray(disc, segmentation, pathologyId, volume)
-
-            inputs = build_inputs(logic.readSegments(segmentation, volume), logic.canvasGeometry(volume),
-                                  logic.vocabulary, list(connection.model_anatomy_labels(logic.info)), findings)
-            self.assertEqual(len(inputs.pathologies), 1)
-            runDir = logic.newRunDirectory()
-            files = write_request_files(inputs, runDir / "request", {"seed": 0, "steps": 2, "anatomy_steps": 1})
-            runner = JobRunner(logic.client, poll_interval=0.2)
-            runner.start([JobSpec(files, runDir / "result", "self-test")])
-            deadline = time.time() + 600
-            while runner.busy and time.time() < deadline:
-                slicer.app.processEvents()
-                time.sleep(0.1)
-            events = runner.drain()
-            self.assertEqual(events[-1].state, DONE, events[-1].message)
-            result = runner.results[0]
-
-            self.delayDisplay("Loading the result")
-            nodes = logic.loadResult(result)
-            sc, seg = nodes["volume"], nodes["segmentation"]
-            scArray = slicer.util.arrayFromVolume(sc)
-            self.assertEqual(scArray.shape, slicer.util.arrayFromVolume(volume).shape)
-            loadedNames = [name for _id, name, _term in logic.segments(seg)]
-            for expected in ("Left lung", "Right lung", "Heart"):
-                self.assertIn(expected, loadedNames)
-            self.assertEqual(len(loadedNames), len(inputs.pathologies) + len(np.unique(inputs.anatomy)) - 1)
-            # SEG and SC overlap: the loaded heart, read on the SC grid, is the heart that was drawn
-            loadedHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
-                seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Heart"), sc)
-            self.assertEqual(loadedHeart.shape, scArray.shape)
-            overlap = np.logical_and(loadedHeart[0] > 0, inputs.anatomy == 3).sum() / max(1, (inputs.anatomy == 3).sum())
-            self.assertGreater(overlap, 0.95)
-
-            # the fallback reader (Slicer without a DICOM-SEG loader) rebuilds the same segments on the same pixels
-            fallback = logic.loadFallbackSegments(result, sc)
-            self.assertEqual(sorted(name for _id, name, _t in logic.segments(fallback)), sorted(loadedNames))
-            fallbackHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
-                fallback, fallback.GetSegmentation().GetSegmentIdBySegmentName("Heart"), sc)
-            self.assertTrue(np.array_equal(fallbackHeart > 0, loadedHeart > 0))
-            self.delayDisplay("Test passed")
+            with DICOMUtils.TemporaryDICOMDatabase():  # results go into a temporary database, never the user's
+                self._generateAndLoad(logic)
         finally:
             logic.stopLocalEngine()
+
+    def _generateAndLoad(self, logic):
+        findings = connection.model_findings(logic.info)
+        templates = logic.templatePaths()
+        self.assertTrue(templates, "no anatomy template is installed")
+        volume, segmentation = logic.createCanvasFromTemplate(templates[0], findings)
+        names = [name for _id, name, _term in logic.segments(segmentation)]
+        self.assertIn("Heart", names)
+        self.assertIn("Pathology", names)
+
+        # paint the pathology: a disc inside the heart (overlap on purpose)
+        heartId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Heart")
+        heart = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, heartId, volume)
+        self.assertGreater(int(heart.sum()), 0, "the template has no heart")
+        centre = np.argwhere(heart[0]).mean(axis=0)
+        rows, columns = np.ogrid[: heart.shape[1], : heart.shape[2]]
+        disc = ((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= 8**2).astype(np.uint8)[np.newaxis]
+        pathologyId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(disc, segmentation, pathologyId, volume)
+
+        inputs = build_inputs(logic.readSegments(segmentation, volume), logic.canvasGeometry(volume),
+                              logic.vocabulary, list(connection.model_anatomy_labels(logic.info)), findings)
+        self.assertEqual(len(inputs.pathologies), 1)
+        runDir = logic.newRunDirectory()
+        files = write_request_files(inputs, runDir / "request", {"seed": 0, "steps": 2, "anatomy_steps": 1})
+        runner = JobRunner(logic.client, poll_interval=0.2)
+        runner.start([JobSpec(files, runDir / "result", "self-test")])
+        deadline = time.time() + 600
+        while runner.busy and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        events = runner.drain()
+        self.assertTrue(events, "the engine reported nothing within 10 minutes")
+        self.assertEqual(events[-1].state, DONE, events[-1].message)
+        result = runner.results[0]
+
+        self.delayDisplay("Loading the result")
+        nodes = logic.loadResult(result)
+        sc, seg = nodes["volume"], nodes["segmentation"]
+        scArray = slicer.util.arrayFromVolume(sc)
+        self.assertEqual(scArray.shape, slicer.util.arrayFromVolume(volume).shape)
+        loadedNames = [name for _id, name, _term in logic.segments(seg)]
+        for expected in ("Left lung", "Right lung", "Heart"):
+            self.assertIn(expected, loadedNames)
+        self.assertEqual(len(loadedNames), len(inputs.pathologies) + len(np.unique(inputs.anatomy)) - 1)
+        # SEG and SC overlap: the loaded heart, read on the SC grid, is the heart that was drawn
+        loadedHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
+            seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Heart"), sc)
+        self.assertEqual(loadedHeart.shape, scArray.shape)
+        overlap = np.logical_and(loadedHeart[0] > 0, inputs.anatomy == 3).sum() / max(1, (inputs.anatomy == 3).sum())
+        self.assertGreater(overlap, 0.95)
+
+        # the fallback reader (Slicer without a DICOM-SEG loader) rebuilds the same segments on the same pixels
+        fallback = logic.loadFallbackSegments(result, sc)
+        self.assertEqual(sorted(name for _id, name, _t in logic.segments(fallback)), sorted(loadedNames))
+        fallbackHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
+            fallback, fallback.GetSegmentation().GetSegmentIdBySegmentName("Heart"), sc)
+        self.assertTrue(np.array_equal(fallbackHeart > 0, loadedHeart > 0))
+        self.delayDisplay("Test passed")

@@ -41,6 +41,7 @@ import socket
 import struct
 import sys
 import time
+import threading
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -848,6 +849,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="finished jobs and their results are deleted after this many hours (0 keeps them; default 72)")
     parser.add_argument("--pacs-config", type=Path, default=None, help="PACS configuration file for push_to / source")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--exit-with-stdin", action="store_true",
+                        help="shut down when standard input closes: a launcher keeps it open, so the engine "
+                             "never outlives it, even after a crash")
 
 
 def settings_from_args(args) -> ServiceSettings:
@@ -902,5 +906,19 @@ def run(args) -> int:
     server = uvicorn.Server(config)
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     app.state.exiting = lambda: server.should_exit
+    if args.exit_with_stdin:
+        threading.Thread(target=_shutdown_at_stdin_eof, args=(app.state.request_shutdown,), daemon=True,
+                         name="xreal-stdin-watch").start()
     server.run(sockets=[sock])
     return 0
+
+
+def _shutdown_at_stdin_eof(request_shutdown) -> None:
+    """Block until the launcher closes our stdin (or dies), then shut down like ``POST /shutdown``."""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    log.info("standard input closed: the launcher is gone, shutting down")
+    request_shutdown()

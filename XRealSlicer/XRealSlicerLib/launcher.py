@@ -5,7 +5,9 @@ never enter Slicer's interpreter (no package conflicts, and an out-of-memory in
 the engine cannot take Slicer down). The engine binds an ephemeral loopback port
 (``--port 0``) and prints it on its first stdout line; we read that line, wait
 for ``/health``, and stop it through the API (``shutdown``), falling back to
-terminate/kill so no orphan process is left behind.
+terminate/kill so no orphan process is left behind. The engine also runs with
+``--exit-with-stdin`` on a pipe we hold open: if Slicer crashes, the pipe closes
+and the engine shuts itself down.
 
 ``spawn`` is injectable: inside Slicer the GUI passes ``make_spawn(startup environment)``
 so the engine does not inherit Slicer's PYTHONPATH and library paths.
@@ -64,7 +66,7 @@ def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0
     would be read by argparse as an option.
     """
     command = [str(python), "-u", "-m", "xreal_engine.cli", "serve", "--host", host, "--port", "0",
-               "--model", str(model), "--data-dir", str(data_dir)]
+               "--model", str(model), "--data-dir", str(data_dir), "--exit-with-stdin"]
     if device and device != "auto":
         command += ["--device", device]
     if pacs_config:
@@ -74,6 +76,8 @@ def engine_command(python: str, model: str, data_dir: Path, host: str = "127.0.0
 
 def make_spawn(base_environment: Optional[Dict[str, str]] = None) -> Callable:
     """A spawn function: ``args`` with stdout+stderr merged into one text pipe, in ``base_environment``.
+
+    stdin is a pipe that stays open for the life of the process (see ``--exit-with-stdin``).
 
     Inside Slicer the base is ``slicer.util.startupEnvironment()`` (read on the main thread),
     i.e. the environment Slicer was started from, without Slicer's own PYTHONPATH and
@@ -87,7 +91,7 @@ def make_spawn(base_environment: Optional[Dict[str, str]] = None) -> Callable:
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                                 universal_newlines=True, bufsize=1, env=env, cwd=cwd, **kwargs)
 
     return spawn
@@ -179,12 +183,12 @@ class EngineLauncher:
                                      f"{self.last_output()}") from None
                 time.sleep(0.25)
 
-    def client(self):
+    def client(self, timeout: float = 30.0):
         if self.client_factory is not None:
             return self.client_factory(self.base_url, self.token)
         from xreal_engine.client import EngineClient
 
-        return EngineClient(self.base_url, self.token)
+        return EngineClient(self.base_url, self.token, timeout=timeout)
 
     def _read_output(self, progress: Optional[Callable[[str], None]]) -> None:
         """Drain the engine's output (so its pipe never fills); the first port line gives the URL."""
@@ -209,16 +213,22 @@ class EngineLauncher:
         tail = [line for line in list(self.log_lines)[-lines:] if line.strip()]
         return " | ".join(tail) if tail else "no output"
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """Ask the engine to shut down through the API; terminate, then kill, if it does not."""
         process = self.process
         if process is None:
             return
-        if process.poll() is None and self.port:
-            try:
-                self.client().shutdown()
-            except Exception:  # unreachable or already going: fall through to terminate
-                pass
+        if process.poll() is None:
+            if self.port:
+                try:
+                    self.client(timeout=3.0).shutdown()
+                except Exception:  # unreachable or already going: fall through
+                    pass
+            if process.stdin is not None:  # --exit-with-stdin: the same request, even if HTTP is stuck
+                try:
+                    process.stdin.close()
+                except OSError:
+                    pass
             _wait(process, timeout)
         if process.poll() is None:
             process.terminate()
@@ -228,11 +238,12 @@ class EngineLauncher:
             _wait(process, 5.0)
         if self._reader is not None:
             self._reader.join(2.0)
-        if process.stdout is not None:
-            try:
-                process.stdout.close()
-            except OSError:
-                pass
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         self.process = None
         self.port = None
 
@@ -271,14 +282,45 @@ def check_requirements_command(python: str) -> List[str]:
     return [str(python), "-c", code]
 
 
-def requirements_installed(python: str, timeout: float = 120.0) -> bool:
-    """True if ``python`` can run the engine (a blocking check: call it from a worker thread)."""
+def requirements_installed(python: str, environment: Optional[Dict[str, str]] = None, timeout: float = 120.0) -> bool:
+    """True if ``python`` can run the engine (a blocking check: call it from a worker thread).
+
+    ``environment`` must be the one the engine will run in (inside Slicer: the startup
+    environment); Slicer's own PYTHONHOME/PYTHONPATH would break another interpreter.
+    """
     if not Path(python).exists():
         return False
     try:
         result = subprocess.run(check_requirements_command(python), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, timeout=timeout)
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=timeout,
+                                env=None if environment is None else dict(environment, PYTHONNOUSERSITE="1"))
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
 
+
+MIN_ENGINE_PYTHON = (3, 10)
+
+
+def find_base_python(environment: Dict[str, str], timeout: float = 30.0) -> Optional[str]:
+    """A Python >= 3.10 on the PATH of ``environment`` to build the engine's private environment from, or None.
+
+    Not Slicer's PythonSlicer: that is a launcher, and a virtual environment made from it
+    cannot find its standard library outside Slicer's launcher environment.
+    """
+    import shutil
+
+    names = ("python3", "python", "py") if os.name == "nt" else ("python3", "python")
+    check = "import sys; sys.exit(0 if sys.version_info[:2] >= %r else 1)" % (MIN_ENGINE_PYTHON,)
+    for name in names:
+        path = shutil.which(name, path=environment.get("PATH", ""))
+        if not path:
+            continue
+        command = [path] + (["-3"] if name == "py" else []) + ["-c", check]
+        try:
+            if subprocess.run(command, env=dict(environment), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, timeout=timeout).returncode == 0:
+                return path
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None

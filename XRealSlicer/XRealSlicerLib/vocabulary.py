@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from xreal_engine.errors import InputError
+
 from .enginepath import vocabulary_path
 
 ANATOMY = "anatomy"
@@ -103,10 +105,14 @@ class Vocabulary:
         ]
 
     def finding_template(self, finding: str, segment_name: Optional[str] = None) -> SegmentTemplate:
-        """Template for a pathology segment of ``finding`` (name defaults to the finding's display name)."""
+        """Template for a pathology segment of ``finding`` (name defaults to the finding's display name).
+
+        InputError for a finding this module's vocabulary does not know (a newer remote engine).
+        """
         entry = self.finding_entry(finding)
         if entry is None:
-            raise KeyError(finding)
+            raise InputError(f"The finding '{finding}' is not in this module's vocabulary; the engine is newer than "
+                             "the XRealSlicer extension. Update the extension in the Extension Manager.")
         return SegmentTemplate(
             name=segment_name or entry["display_name"],
             color=_unit_color(entry["color"]),
