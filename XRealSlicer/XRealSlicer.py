@@ -206,6 +206,11 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self):
         if self._parameterNode:
+            # the side-by-side view limits the drawn masks to one view; elsewhere (e.g. the Segment
+            # Editor opened from the module list) they must be visible in every view again
+            segmentation = self._parameterNode.segmentation
+            if segmentation is not None and segmentation.GetDisplayNode() is not None:
+                segmentation.GetDisplayNode().RemoveAllViewNodeIDs()
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
