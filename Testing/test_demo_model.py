@@ -23,7 +23,7 @@ def demo_dir() -> Path:
 
 def test_metadata_matches_the_networks(demo_dir):
     info = ModelInfo.load(demo_dir)
-    assert info.model_id == "xreal-demo-v1"
+    assert info.model_id == "xreal-demo-v2"
     unet = json.loads((demo_dir / "unet" / "config.json").read_text())
     vae = json.loads((demo_dir / "vae" / "config.json").read_text())
     controller = json.loads((demo_dir / "anatomy_controller" / "config.json").read_text())
