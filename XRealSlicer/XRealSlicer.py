@@ -294,9 +294,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not python:
             python = str(venv_python(self.logic.defaultEnvironmentDir()))
         self.ui.engineStatusLabel.text = _("Checking the engine's Python ...")
-        self.logic.prepareSpawn()
-        environment = self.logic.startupEnvironment
-        self.runInBackground(lambda task, path: requirements_installed(path, environment),
+        self.runInBackground(lambda task, path: requirements_installed(path, self.logic.startupEnvironment),
                              lambda task: self._afterCheck(task, python, model), python)
 
     def _afterCheck(self, task, python, model):

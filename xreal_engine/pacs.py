@@ -357,8 +357,7 @@ def _dicomweb_client(node: PacsNode, session):
     """A dicomweb-client for ``node`` on ``session`` (a requests.Session the caller closes)."""
     from dicomweb_client.api import DICOMwebClient
 
-    session.verify = node.verify_tls
-    if node.verify_tls is not True:
+    if node.verify_tls is not True:  # True is requests' default (system CAs or REQUESTS_CA_BUNDLE)
         session.mount("https://", _verify_tls_adapter(node.verify_tls))
     client = DICOMwebClient(url=node.url, session=session, headers=dict(node.headers), timeout=node.timeout_s)
     client.set_http_retry_params(retry=False)  # we retry ourselves, counting attempts and covering network errors
