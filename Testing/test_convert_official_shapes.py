@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xreal_engine.convert import (
+from xreal_engine.model.convert import (
     FIRST_STAGE_PREFIX,
     UNET_PREFIX,
     BERT_PREFIX,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xreal_engine.convert import convert_checkpoints, convert_components
+from xreal_engine.model.convert import convert_checkpoints, convert_components
 from xreal_engine.errors import InputError, ModelError
 
 ATOL = 1e-4
@@ -358,7 +358,7 @@ def test_cli_convert_bad_path_is_one_line_and_exit_2(fixtures_dir, tmp_path):
 
 
 def test_converted_directory_loads_as_xreal_pipeline_with_the_exact_schedule(fixtures_dir, model_dir):
-    from xreal_engine.pipeline import XRealPipeline
+    from xreal_engine.model.pipeline import XRealPipeline
 
     reference = load_file(fixtures_dir / "schedule.safetensors")
     pipe = XRealPipeline.from_pretrained(model_dir)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from xreal_engine import vocabulary
-from xreal_engine.models import ModelInfo, resolve_model
+from xreal_engine.model.info import ModelInfo, resolve_model
 
 MAX_WEIGHTS_BYTES = 40 * 1024 * 1024
 
@@ -67,7 +67,7 @@ def test_weights_fit_the_budget_and_card_attributes_the_data(demo_dir):
 
 
 def test_demo_model_generates_from_a_template(demo_dir, repo_dir):
-    from xreal_engine.pipeline import XRealPipeline
+    from xreal_engine.model.pipeline import XRealPipeline
 
     pipe = XRealPipeline.from_pretrained(demo_dir)
     size = pipe.model_info.image_size

@@ -16,14 +16,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from xreal_engine.cli import main
-from xreal_engine.dicom import PROVENANCE_PREFIX
+from xreal_engine.io.dicom import PROVENANCE_PREFIX
 
 SEGIMAGE2ITKIMAGE = shutil.which("segimage2itkimage") or str(Path(sys.executable).parent / "segimage2itkimage")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from xreal_engine.models import create_random_model
+    from xreal_engine.model.random_model import create_random_model
 
     return create_random_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny")
 

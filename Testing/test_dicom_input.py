@@ -14,7 +14,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from xreal_engine.dicom import build_secondary_capture, read_xray
+from xreal_engine.io.dicom import build_secondary_capture, read_xray
 from xreal_engine.errors import InputError
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"

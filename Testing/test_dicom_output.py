@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from xreal_engine import __version__
-from xreal_engine.dicom import SegmentSpec, build_secondary_capture, build_segmentation, write_dicom_pair
+from xreal_engine.io.dicom import SegmentSpec, build_secondary_capture, build_segmentation, write_dicom_pair
 from xreal_engine.errors import InputError
 
 DCIODVFY = shutil.which("dciodvfy")

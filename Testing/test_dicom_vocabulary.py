@@ -10,7 +10,7 @@ from pydicom.sr.codedict import codes
 
 from xreal_engine import vocabulary
 from xreal_engine.errors import InputError
-from xreal_engine.masks import _parse_terminology
+from xreal_engine.io.masks import _parse_terminology
 
 REQUIRED_FINDINGS = [
     "cardiomegaly", "pneumonia", "pleural effusion", "pneumothorax", "consolidation",

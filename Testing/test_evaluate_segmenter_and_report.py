@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from xreal_engine import cli
-from xreal_engine.evaluate import (
+from xreal_engine.training.evaluate import (
     CONTACT_SHEET_FILE,
     REPORT_FILE,
     enlarge_heart,
@@ -43,7 +43,7 @@ def data_dir(shared_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from xreal_engine.models import create_random_model
+    from xreal_engine.model.random_model import create_random_model
 
     return create_random_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny")
 

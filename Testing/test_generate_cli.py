@@ -15,21 +15,21 @@ from PIL import Image
 from xreal_engine import cli
 from xreal_engine.errors import Cancelled
 from xreal_engine.generate import GenerationRequest, generate_to_directory, prepare_request
-from xreal_engine.models import ModelInfo
+from xreal_engine.model.info import ModelInfo
 
 RESULT_FILES = {"sc.dcm", "seg.dcm", "preview.png", "provenance.json", "segments.json", "segments"}
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from xreal_engine.models import create_random_model
+    from xreal_engine.model.random_model import create_random_model
 
     return create_random_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny")
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
-    from xreal_engine.generate import load_pipeline
+    from xreal_engine.model.loading import load_pipeline
 
     return load_pipeline(str(tiny_model), "cpu", "float32")
 

@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from xreal_engine.dicom import SegmentSpec, write_dicom_pair
+from xreal_engine.io.dicom import SegmentSpec, write_dicom_pair
 from xreal_engine.errors import InputError
-from xreal_engine.masks import load_masks, read_pathology_mask, resample_to_grid
+from xreal_engine.io.masks import load_masks, read_pathology_mask, resample_to_grid
 from xreal_engine.vocabulary import anatomy_entry, finding_entry
 
 KNOWN = {1, 2, 3, 4}
@@ -75,7 +75,7 @@ def test_png_label_map_and_binary_pathology(tmp_path):
     labels = anatomy_map()
     anatomy = save_png(tmp_path / "anatomy.png", labels)
     region = save_png(tmp_path / "nodule.png", nodule().astype(np.uint8) * 255)
-    result = load_masks(anatomy, [(region, "Nodule")], known_labels=KNOWN, known_findings=["nodule", "cardiomegaly"])
+    result = load_masks(anatomy, [(region, "nodule")], known_labels=KNOWN)
     np.testing.assert_array_equal(result.anatomy, labels)
     assert result.anatomy.dtype == np.uint8
     assert len(result.pathologies) == 1
@@ -280,13 +280,11 @@ def test_pathology_refusals(tmp_path):
     with pytest.raises(InputError, match="small.png is 64x64 pixels but the anatomy anatomy.png is 96x128"):
         load_masks(anatomy, [(small, "nodule")], known_labels=KNOWN)
     region = save_png(tmp_path / "region.png", nodule().astype(np.uint8) * 255)
-    with pytest.raises(InputError, match="The finding 'pneumonia' for region.png is not known to the model; it knows: nodule"):
-        load_masks(anatomy, [(region, "pneumonia")], known_labels=KNOWN, known_findings=["nodule"])
     # A region just outside an organ (within the small margin) is accepted: masks are drawn by hand.
     near = np.zeros(SHAPE, np.uint8)
     lung_cols = np.nonzero(anatomy_map()[64] == 1)[0]
     near[62:66, lung_cols.max() + 2 : lung_cols.max() + 4] = 255
-    accepted = load_masks(anatomy, [(save_png(tmp_path / "near.png", near), "")], known_labels=KNOWN, known_findings=["nodule", ""])
+    accepted = load_masks(anatomy, [(save_png(tmp_path / "near.png", near), "")], known_labels=KNOWN)
     assert accepted.pathologies[0].name == "removed finding"
 
 
@@ -369,7 +367,7 @@ def _seg_from(sources, pixel_array, segmentation_type, path):
 
 
 def _geometry_sc(z: float, frame_of_reference: str):
-    from xreal_engine.dicom import build_secondary_capture
+    from xreal_engine.io.dicom import build_secondary_capture
 
     sc = build_secondary_capture(np.zeros(SHAPE, np.float32), (1.0, 1.0), {})
     sc.ImagePositionPatient = [0.0, 0.0, z]

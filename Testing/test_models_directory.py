@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
-from xreal_engine import cli, models
+from xreal_engine import cli
+from xreal_engine.model import architecture, info as models
+from xreal_engine.model.sampling import XREAL_DEFAULTS
 from xreal_engine.errors import ModelError
-from xreal_engine.models import ModelInfo, create_random_model, resolve_model, weights_hash
+from xreal_engine.model.info import ModelInfo, resolve_model, weights_hash
+from xreal_engine.model.random_model import create_random_model
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def test_model_info_round_trip(tmp_path):
     info.save(tmp_path)
     loaded = ModelInfo.load(tmp_path)
     assert loaded == info
-    assert loaded.defaults == {**models.DEFAULT_SAMPLING, "num_inference_steps": 20, "anatomy_steps": 10}
+    assert loaded.defaults == {**XREAL_DEFAULTS, "num_inference_steps": 20, "anatomy_steps": 10}
     assert loaded.label_warnings == {"4": "aorta ignored"}
     assert loaded.pixel_spacing_mm == pytest.approx(400.0 / 256)
     data = json.loads((tmp_path / models.MODEL_INFO_FILE).read_text())
@@ -88,7 +91,7 @@ def test_full_preset_is_the_official_architecture():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
-    configs = models.component_configs("full")
+    configs = architecture.component_configs("full")
     with torch.device("meta"):
         unet = UNet2DConditionModel(**configs["unet"])
         autoencoder = AutoencoderKL(**configs["autoencoder"])
@@ -102,7 +105,7 @@ def test_full_preset_is_the_official_architecture():
     assert count(text_encoder) == 582_087_482
     assert unet.config.sample_size == 64 and text_encoder.config.max_position_embeddings == 150
     with pytest.raises(ModelError, match="Unknown model preset"):
-        models.component_configs("huge")
+        architecture.component_configs("huge")
 
 
 def test_info_command(model_dir, capsys):

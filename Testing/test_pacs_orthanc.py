@@ -61,7 +61,7 @@ def web_client(orthanc):
 
 def make_result(out_dir: Path, seed: int = 0) -> Path:
     """A synthetic SC + SEG pair as the engine writes it (random image, one lung and one finding)."""
-    from xreal_engine.dicom import SegmentSpec, write_dicom_pair
+    from xreal_engine.io.dicom import SegmentSpec, write_dicom_pair
 
     rng = np.random.default_rng(seed)
     image = rng.random((256, 256), dtype=np.float32)
@@ -401,7 +401,7 @@ def test_orthanc_down_then_back_push_succeeds_after_retries(orthanc, config, tmp
 
 
 def test_fetch_source_dicomweb_picks_first_image_and_writes_it(orthanc, config, source_series, tmp_path):
-    from xreal_engine.dicom import read_xray
+    from xreal_engine.io.dicom import read_xray
 
     path = pacs.fetch_source("orthanc-web", source_series["study"], source_series["series"], dest_dir=tmp_path, config=config,
                              **FAST)
@@ -450,7 +450,7 @@ def test_fetch_source_refusals(orthanc, config, source_series, tmp_path):
 
 def test_generate_from_pacs_source_joins_the_source_study(orthanc, config, web_client, source_series, tmp_path, capsys):
     """`xreal-engine generate --source` edits a real X-ray pulled from the PACS; the result goes back into its study."""
-    from xreal_engine.models import create_random_model
+    from xreal_engine.model.random_model import create_random_model
 
     model = create_random_model(tmp_path / "model", preset="tiny")
     region = np.zeros((256, 256), np.uint8)

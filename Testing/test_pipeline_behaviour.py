@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from xreal_engine.errors import Cancelled, InputError
-from xreal_engine.models import ModelInfo, create_random_model, weights_hash
-from xreal_engine.pipeline import XRealPipeline
+from xreal_engine.model.info import ModelInfo, weights_hash
+from xreal_engine.model.random_model import create_random_model
+from xreal_engine.model.pipeline import XRealPipeline
 
 SIZE, LATENT = 64, 16
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xreal_engine.convert import convert_checkpoints
-from xreal_engine.pipeline import XRealPipeline
+from xreal_engine.model.convert import convert_checkpoints
+from xreal_engine.model.pipeline import XRealPipeline
 
 FIXTURE_ATTENTION_HEADS = 4  # the fixture's UNet; the official model uses 8
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from xreal_engine.errors import ModelError
-from xreal_engine.jobs import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobService, JobStore, QueueFull,
+from xreal_engine.service.worker import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobService, JobStore, QueueFull,
                                new_job_id)
 
 SPEC = {"anatomy": "anatomy.png", "pathologies": [], "image": None, "parameters": {"seed": 0},
@@ -153,8 +153,9 @@ def test_a_model_that_produces_nan_fails_its_job_readably_and_the_service_keeps_
     from fastapi.testclient import TestClient
     from safetensors.numpy import load_file, save_file
 
-    from xreal_engine.models import ModelInfo, create_random_model
-    from xreal_engine.server import ServiceSettings, create_app
+    from xreal_engine.model.info import ModelInfo
+    from xreal_engine.model.random_model import create_random_model
+    from xreal_engine.service.app import ServiceSettings, create_app
 
     model_dir = create_random_model(tmp_path / "nan-model", preset="tiny")
     weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
@@ -194,8 +195,8 @@ def test_a_model_that_cannot_load_is_reported_and_jobs_get_503(tmp_path):
     import torch
     from fastapi.testclient import TestClient
 
-    from xreal_engine.models import create_random_model
-    from xreal_engine.server import ServiceSettings, create_app
+    from xreal_engine.model.random_model import create_random_model
+    from xreal_engine.service.app import ServiceSettings, create_app
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the failure needs one that does not")

@@ -109,14 +109,14 @@ def final(client: EngineClient, job_id: str, timeout: float = 180.0) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from xreal_engine.models import create_random_model
+    from xreal_engine.model.random_model import create_random_model
 
     return create_random_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny")
 
 
 @pytest.fixture(scope="module")
 def inputs(tiny_model, tmp_path_factory) -> dict:
-    from xreal_engine.models import ModelInfo
+    from xreal_engine.model.info import ModelInfo
 
     size = ModelInfo.load(tiny_model).image_size
     folder = tmp_path_factory.mktemp("inputs")

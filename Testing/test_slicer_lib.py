@@ -290,7 +290,7 @@ def test_launcher_passes_the_token_in_the_environment_not_on_the_command_line(tm
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from xreal_engine.models import create_random_model
+    from xreal_engine.model.random_model import create_random_model
 
     return create_random_model(tmp_path_factory.mktemp("model") / "tiny", preset="tiny")
 

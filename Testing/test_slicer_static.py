@@ -352,4 +352,4 @@ def test_cmake_configures_and_installs_the_engine_beside_the_module(tmp_path):
     assert install.returncode == 0, install.stderr[-2000:]
     installed = tmp_path / "installed" / "lib" / "Slicer-5.8" / "qt-scripted-modules"
     assert (installed / "xreal_engine" / "client.py").is_file()
-    assert (installed / "xreal_engine" / "cli.py").is_file()  # the launcher runs python -m xreal_engine.cli serve
+    assert (installed / "xreal_engine" / "cli" / "__main__.py").is_file()  # the launcher runs python -m xreal_engine.cli serve

@@ -223,7 +223,7 @@ def test_refusals_are_one_sentence(tiny_data, tmp_path, capsys):
 
 
 def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoders, tmp_path):
-    from xreal_engine.pipeline import XRealPipeline
+    from xreal_engine.model.pipeline import XRealPipeline
 
     config = write_yaml(tmp_path / "ldm.yaml", TINY_LDM)
     run_dir = tmp_path / "ldm"

@@ -72,8 +72,9 @@ def build_pipeline(device, preset: str = "full"):
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
     from transformers import BertTokenizer
 
-    from xreal_engine.models import ModelInfo, component_configs
-    from xreal_engine.pipeline import XRealPipeline
+    from xreal_engine.model.architecture import component_configs
+    from xreal_engine.model.info import ModelInfo
+    from xreal_engine.model.pipeline import XRealPipeline
 
     configs = component_configs(preset, vocab_size=30522)
     torch.manual_seed(0)

@@ -85,7 +85,7 @@ def one_job(client: EngineClient, anatomy: Path, region: Path, steps: int | None
 
 
 def bench_model(name: str, model_dir: str, jobs: int, steps: int | None, work: Path) -> None:
-    from xreal_engine.models import ModelInfo
+    from xreal_engine.model.info import ModelInfo
 
     size = ModelInfo.load(model_dir).image_size
     folder = work / name
@@ -123,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from xreal_engine.errors import ModelError
-    from xreal_engine.models import create_random_model, resolve_model
+    from xreal_engine.model.info import resolve_model
+    from xreal_engine.model.random_model import create_random_model
 
     print(f"engine service overhead; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="xreal-bench-service-") as tmp:

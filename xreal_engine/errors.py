@@ -19,3 +19,10 @@ class ModelError(XRealError):
 
 class Cancelled(XRealError):
     """The caller cancelled a running generation (raised from the progress callback)."""
+
+
+def shown(text, limit: int = 60) -> str:
+    """User text as it may be echoed in a message: control characters escaped, long text shortened."""
+    text = str(text)
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from ..errors import InputError, ModelError
+from ..model.architecture import scheduler_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TRAINER_STATE = "trainer_state.json"
@@ -347,18 +348,9 @@ def ldm_components(config: dict, vocab_size: int, latent_size: int, latent_chann
     return unet, text_encoder
 
 
-def scheduler_config() -> dict:
-    """The original XReal / LDM noise schedule (design.md section 3)."""
-    return {
-        "num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0295, "beta_schedule": "scaled_linear",
-        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
-        "timestep_spacing": "leading",
-    }
-
-
 def label_warnings(present: set[int]) -> dict:
     """A sentence for every anatomy label the training data never showed (the sampler cannot honour it)."""
-    from ..models import DEFAULT_ANATOMY_LABELS
+    from ..model.info import DEFAULT_ANATOMY_LABELS
 
     return {
         key: f"This model was trained without {name} masks; the {name} you drew is ignored."
@@ -368,7 +360,7 @@ def label_warnings(present: set[int]) -> dict:
 
 def save_model_directory(out_dir: Path, components: dict, info) -> Path:
     """``XRealPipeline.save_pretrained`` + ``xreal_model.json``, written via a staging directory."""
-    from ..pipeline import XRealPipeline
+    from ..model.pipeline import XRealPipeline
 
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -391,7 +383,7 @@ def train_ldm(args, config: dict) -> Path:
     from diffusers.training_utils import EMAModel
     from transformers import BertTokenizer
 
-    from ..models import DEFAULT_ANATOMY_LABELS, ModelInfo
+    from ..model.info import DEFAULT_ANATOMY_LABELS, ModelInfo
     from .data import make_dataset, present_labels, read_records
 
     training = config["training"]

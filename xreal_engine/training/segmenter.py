@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("Give either --model or --size, not both: the model fixes the image size.")
     size = args.size or 128
     if args.model is not None:
-        from ..models import resolve_model
+        from ..model.info import resolve_model
 
         size = int(resolve_model(args.model).image_size)
     if size < 32 or size % 16:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, ModelError
-from .files import check_new_directory, staged_directory
+from ..errors import InputError, ModelError
+from ..files import check_new_directory, staged_directory
+from .architecture import scheduler_config
 
 logger = logging.getLogger(__name__)
 
@@ -405,14 +406,10 @@ def make_scheduler(betas: torch.Tensor, alphas_cumprod: torch.Tensor | None):
         raise ModelError(
             "The backbone's betas buffer is not a sqrt-linear ('scaled_linear') schedule, which is the only one XReal uses."
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=steps, beta_start=beta_start, beta_end=beta_end, beta_schedule="scaled_linear",
-        steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = DDIMScheduler(**scheduler_config(beta_start, beta_end, steps))
     if alphas_cumprod is not None:
         # XRealPipeline recomputes the float64 cumprod from (beta_start, beta_end): it must equal the buffer.
-        from .pipeline import original_alphas_cumprod
+        from .architecture import original_alphas_cumprod
 
         recomputed = original_alphas_cumprod(beta_start, beta_end, steps).to(torch.float32)
         relative = ((recomputed - alphas_cumprod.to(torch.float32)) / alphas_cumprod.to(torch.float32)).abs().max()
@@ -456,7 +453,7 @@ def split_backbone(state: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 def official_findings() -> list[str]:
     """The MIMIC-CXR labels that xreal_engine/vocabulary.json can code (the SEG needs a code per finding)."""
-    from . import vocabulary
+    from .. import vocabulary
 
     known = {vocabulary.normalise_name(name) for name in vocabulary.finding_names()}
     findings = [label for label in MIMIC_CXR_LABELS if vocabulary.normalise_name(label) in known]
@@ -469,12 +466,13 @@ def official_findings() -> list[str]:
 def build_model_info(model_id: str, image_size: int, latent_size: int, scale_factor: float, description: str):
     """``xreal_model.json`` of converted official weights: all four anatomy labels (the anatomy controller
     was trained on lungs, heart and aorta), the MIMIC-CXR findings, the original sampling defaults."""
-    from .models import DEFAULT_ANATOMY_LABELS, DEFAULT_SAMPLING, ModelInfo
+    from .info import DEFAULT_ANATOMY_LABELS, ModelInfo
+    from .sampling import XREAL_DEFAULTS
 
     return ModelInfo(
         model_id=model_id, description=description, image_size=image_size, latent_size=latent_size,
         scale_factor=scale_factor, anatomy_labels=dict(DEFAULT_ANATOMY_LABELS), label_warnings={},
-        findings=official_findings(), defaults=dict(DEFAULT_SAMPLING),
+        findings=official_findings(), defaults=dict(XREAL_DEFAULTS),
     )
 
 

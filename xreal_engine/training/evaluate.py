@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .errors import InputError
-from .training.segmenter import (
+from ..errors import InputError
+from .segmenter import (
     STRUCTURES,
     AnatomySample,
     Segmenter,
@@ -384,8 +384,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .models import resolve_model
-    from .pipeline import XRealPipeline
+    from ..model.info import resolve_model
+    from ..model.pipeline import XRealPipeline
 
     _check_arguments(args)
     if args.threads:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import InputError, XRealError
+from ..errors import InputError, XRealError
 
 LOGGER = logging.getLogger(__name__)
 # pynetdicom logs query identifiers at INFO and dicomweb-client request headers (credentials) at

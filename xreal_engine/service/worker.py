@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import Cancelled, InputError, ModelError, XRealError
+from ..errors import Cancelled, InputError, ModelError, XRealError
 
 log = logging.getLogger("xreal_engine.jobs")
 

@@ -25,8 +25,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 from transformers import BertTokenizer, BertTokenizerFast
 
-from .errors import InputError, ModelError
-from .models import ModelInfo, check_model_dir
+from ..errors import InputError, ModelError
+from .architecture import check_xreal_schedule, original_alphas_cumprod, set_ddim_timesteps
+from .info import ModelInfo, canonical_finding, check_model_dir
+from .sampling import SamplingParameters
 
 RNG_MODES = ("generator", "original")
 # Anatomy labels 0..4 are scaled by 1/4 into [0, 1], as the anatomy controller was trained.
@@ -45,10 +47,17 @@ class XRealPipelineOutput:
     x_hat_hwc: Optional[np.ndarray]
 
 
-def original_alphas_cumprod(beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
-    """alphas_cumprod exactly as CompVis/XReal computes it: sqrt-linear betas and cumprod in float64, then float32."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)
+@dataclass
+class Stage:
+    """One diffusion stage (XReal's ``sample_spatial_input``): what it starts from and what it holds."""
+
+    name: str  # "anatomy", "pathology", "pathology k/n": the progress callback's stage
+    image: torch.Tensor  # (1, 3, S, S) in [0, 1]: encoded, then re-generated
+    known_mask: torch.Tensor  # latent-size mask, 1 = hold the encoded image there (soft values blend)
+    masked_steps: int  # hold the known region for the first N steps (all steps in a pathology stage)
+    prompt: torch.Tensor  # text embedding of the finding ("" for the anatomy stage)
+    uncond: Optional[torch.Tensor]  # the empty prompt's embedding when guidance is used, else None
+    guidance_scale: float
 
 
 def _to_hwc(image: torch.Tensor) -> np.ndarray:
@@ -95,10 +104,7 @@ class XRealPipeline(DiffusionPipeline):
     def _use_original_schedule(self) -> None:
         """Give the scheduler the original's float64-derived alphas_cumprod (diffusers' float32 one differs by 8e-7)."""
         config = self.scheduler.config
-        if config.beta_schedule != "scaled_linear" or config.trained_betas is not None:
-            raise ModelError("The scheduler must use beta_schedule 'scaled_linear' as XReal does.")
-        if config.set_alpha_to_one or config.prediction_type != "epsilon" or config.clip_sample:
-            raise ModelError("The scheduler must have set_alpha_to_one, clip_sample False and epsilon prediction.")
+        check_xreal_schedule(config)
         alphas_cumprod64 = original_alphas_cumprod(config.beta_start, config.beta_end, config.num_train_timesteps)
         self.scheduler.alphas_cumprod = alphas_cumprod64.float()
         self.scheduler.final_alpha_cumprod = self.scheduler.alphas_cumprod[0]
@@ -197,32 +203,35 @@ class XRealPipeline(DiffusionPipeline):
             image = self.vae.decode((1.0 / self.model_info.scale_factor) * latents.to(self._network_dtype)).sample
         return image.float().clamp(0, 1)
 
-    def _run_stage(self, stage, image, known_mask, mask_steps, cond, uncond, guidance_scale, steps, eta, draw,
-                   callback):
+    def _run_stage(self, stage: "Stage", params: SamplingParameters, draw, callback) -> torch.Tensor:
         """XReal's ``sample_spatial_input``: encode, DDIM from noise, hold the known region, decode.
 
         Timesteps are diffusers' 'leading' spacing + offset 1 (991, 981, ..., 1 for 100 steps), exactly
-        ``steps`` of them; for step counts that do not divide 1000 the original ran one step more.
+        ``steps`` of them (see ``architecture.set_ddim_timesteps``); for step counts that do not divide
+        1000 the original ran one step more.
         """
+        steps = params.num_inference_steps
         if callback is not None:
-            callback(stage, 0, steps)
-        x0 = self._encode_to_latent(image, draw)
+            callback(stage.name, 0, steps)
+        x0 = self._encode_to_latent(stage.image, draw)
         latents = draw("x_T", x0.shape)
-        self.scheduler.set_timesteps(steps)
-        timesteps = [int(t) for t in self.scheduler.timesteps]
+        timesteps = set_ddim_timesteps(self.scheduler, steps)
         timesteps_on_device = self.scheduler.timesteps.to(self.device)
         sqrt_alpha = self._sqrt_alphas_cumprod.to(self.device)
         sqrt_one_minus_alpha = self._sqrt_one_minus_alphas_cumprod.to(self.device)
         for i, t in enumerate(timesteps):
             t_device = timesteps_on_device[i]
-            if i < mask_steps:
+            # The blend comes BEFORE the step, as in the original's p_sample_ddim loop: the known latent
+            # x0 is re-noised to the timestep t this step starts from (q_sample) and pasted into the
+            # known region, so the step denoises a latent whose known part is exactly at noise level t.
+            if i < stage.masked_steps:
                 q_sample = sqrt_alpha[t_device] * x0 + sqrt_one_minus_alpha[t_device] * draw("q_sample", x0.shape)
-                latents = q_sample * known_mask + (1 - known_mask) * latents
+                latents = q_sample * stage.known_mask + (1 - stage.known_mask) * latents
             # Drawn at every step, also at eta 0, to keep the original's random-number stream.
-            latents, _ = self.ddim_step(latents, t, t_device, cond, uncond, guidance_scale, eta,
-                                        draw("ddim", latents.shape))
+            latents, _ = self.ddim_step(latents, t, t_device, stage.prompt, stage.uncond, stage.guidance_scale,
+                                        params.eta, draw("ddim", latents.shape))
             if callback is not None:
-                callback(stage, i + 1, steps)
+                callback(stage.name, i + 1, steps)
         return self._decode(latents)
 
     def _noise_source(self, rng: str, generator: Optional[torch.Generator]):
@@ -294,40 +303,6 @@ class XRealPipeline(DiffusionPipeline):
             raise InputError(f"The pathology mask {index + 1} is empty.")
         return mask
 
-    def _finding(self, finding, index: int) -> str:
-        if not isinstance(finding, str):
-            raise InputError(f"The finding of pathology {index + 1} must be text, not {type(finding).__name__}.")
-        known = self.model_info.findings
-        if finding.strip() and known and finding.strip().lower() not in {f.lower() for f in known}:
-            raise InputError(
-                f"The finding '{finding}' is not one this model knows ({', '.join(known)})."
-            )
-        return finding.strip()
-
-    def _settings(self, num_inference_steps, anatomy_steps, eta, guidance_scale, soft_mask_value, rng):
-        defaults = self.model_info.defaults
-        steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        if anatomy_steps is None:  # keep the model's anatomy fraction (50 of 100) for any number of steps
-            fraction = defaults["anatomy_steps"] / defaults["num_inference_steps"]
-            anatomy_steps = int(round(steps * fraction)) if isinstance(steps, (int, np.integer)) else 0
-        eta = defaults["eta"] if eta is None else eta
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        soft_mask_value = defaults["soft_mask_value"] if soft_mask_value is None else soft_mask_value
-        max_steps = self.scheduler.config.num_train_timesteps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= max_steps:
-            raise InputError(f"The number of steps must be an integer from 1 to {max_steps}, not {steps!r}.")
-        if isinstance(anatomy_steps, bool) or not isinstance(anatomy_steps, (int, np.integer)) \
-                or not 0 <= anatomy_steps <= steps:
-            raise InputError(f"The anatomy steps must be an integer from 0 to the number of steps ({steps}), "
-                             f"not {anatomy_steps!r}.")
-        for name, value, low, high in (("eta", eta, 0.0, 1.0), ("guidance scale", guidance_scale, 0.0, 50.0),
-                                       ("soft mask value", soft_mask_value, 0.0, 1.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise InputError(f"The {name} must be a number from {low:g} to {high:g}, not {value!r}.")
-        if rng not in RNG_MODES:
-            raise InputError(f"The rng option must be one of {', '.join(RNG_MODES)}, not {rng!r}.")
-        return int(steps), int(anatomy_steps), float(eta), float(guidance_scale), float(soft_mask_value)
-
     # ------------------------------------------------------------------ the sampler
 
     @torch.inference_mode()
@@ -344,6 +319,7 @@ class XRealPipeline(DiffusionPipeline):
         generator: Optional[torch.Generator] = None,
         rng: str = "generator",
         callback: Optional[Callable[[str, int, int], None]] = None,
+        parameters: Optional[SamplingParameters] = None,
     ) -> XRealPipelineOutput:
         """Generate one image (see docs/architecture.md). Unset settings take the model's defaults.
 
@@ -352,30 +328,37 @@ class XRealPipeline(DiffusionPipeline):
         (image_size, image_size) image in [0, 1] replaces the anatomy controller and anatomy stage; finding
         "" removes a finding. ``callback(stage, step, total)`` runs before and after every step and may
         raise ``errors.Cancelled``. Stages are "anatomy", then "pathology" (or "pathology k/n").
-        Without ``anatomy_steps``, the model's default fraction of the steps is used (50 of 100).
+        ``parameters`` (already resolved, e.g. by ``generate``) replaces the five single settings;
+        otherwise they are resolved by the one sampling policy (``model/sampling.py``).
         """
         info = self.model_info
-        steps, anatomy_steps, eta, guidance_scale, soft_mask_value = self._settings(
-            num_inference_steps, anatomy_steps, eta, guidance_scale, soft_mask_value, rng)
-        regions = [(self._pathology_mask(mask, k), self._finding(finding, k))
-                   for k, (mask, finding) in enumerate(pathologies)]
+        # 1. Check inputs: sampling settings by the one policy, then masks, findings and the source image.
+        if parameters is None:
+            parameters = SamplingParameters.resolve(
+                info.defaults, num_inference_steps=num_inference_steps, anatomy_steps=anatomy_steps, eta=eta,
+                guidance_scale=guidance_scale, soft_mask_value=soft_mask_value)
+        if rng not in RNG_MODES:
+            raise InputError(f"The rng option must be one of {', '.join(RNG_MODES)}, not {rng!r}.")
         edit_mode = image is not None
+        regions = [(self._pathology_mask(mask, k), canonical_finding(finding, info.findings, removal_allowed=True))
+                   for k, (mask, finding) in enumerate(pathologies)]
         if edit_mode:
             source = self._square(image, "source image", [info.image_size])
             if source.min() < 0 or source.max() > 1:
                 raise InputError("The source image must have values in [0, 1].")
             if not regions:
                 raise InputError("Edit mode needs at least one pathology region to add or remove.")
+        elif anatomy is None:
+            raise InputError("An anatomy label map is required unless an image to edit is given.")
         else:
-            if anatomy is None:
-                raise InputError("An anatomy label map is required unless an image to edit is given.")
             labels = self._anatomy_labels(anatomy)
-
         device = self.device
         draw = self._noise_source(rng, generator)
-        embeddings = {}  # each prompt is encoded once per image
 
-        def embed(prompt):
+        # 2. Encode prompts: each distinct prompt once per image.
+        embeddings = {}
+
+        def embed(prompt: str) -> torch.Tensor:
             if prompt not in embeddings:
                 embeddings[prompt] = self.encode_prompt(prompt)
             return embeddings[prompt]
@@ -384,17 +367,27 @@ class XRealPipeline(DiffusionPipeline):
         if edit_mode:
             current = source.to(device)[None, None].repeat(1, 3, 1, 1)
         else:
-            x_hat, x_a_gen = self._anatomy_stages(labels.to(device), steps, anatomy_steps, eta, soft_mask_value,
-                                                  embed, draw, callback)
-            current = x_a_gen
+            # 3. Anatomy controller: the label map becomes a rough image x_hat.
+            x_hat, anatomy_latent_mask = self._anatomy_controller_image(labels.to(device))
+            # 4. Anatomy stage: x_hat re-generated unconditionally, the anatomy held by a soft mask
+            #    (1 on the organs, soft_mask_value elsewhere) for the first anatomy_steps steps.
+            soft_mask = torch.where(anatomy_latent_mask > 0, 1.0, parameters.soft_mask_value)
+            anatomy_stage = Stage("anatomy", x_hat, soft_mask, parameters.anatomy_steps, embed(""), None, 1.0)
+            x_a_gen = current = self._run_stage(anatomy_stage, parameters, draw, callback)
+
+        # 5. Pathology stages: each region re-generated with its finding under classifier-free guidance,
+        #    everything outside it held at every step. An empty finding inpaints without a prompt.
         for k, (region, finding) in enumerate(regions):
-            stage = "pathology" if len(regions) == 1 else f"pathology {k + 1}/{len(regions)}"
-            known_mask = (1 - region.to(device))[None, None]
-            use_guidance = finding != "" and guidance_scale != 1.0
-            current = self._run_stage(
-                stage, current, known_mask, steps, embed(finding), embed("") if use_guidance else None,
-                guidance_scale, steps, eta, draw, callback,
+            use_guidance = finding != "" and parameters.guidance_scale != 1.0
+            stage = Stage(
+                name="pathology" if len(regions) == 1 else f"pathology {k + 1}/{len(regions)}",
+                image=current, known_mask=(1 - region.to(device))[None, None],
+                masked_steps=parameters.num_inference_steps, prompt=embed(finding),
+                uncond=embed("") if use_guidance else None, guidance_scale=parameters.guidance_scale,
             )
+            current = self._run_stage(stage, parameters, draw, callback)
+
+        # 6. Output: decoded images as numpy, the 2D image is the channel mean of x_p_gen.
         x_p_gen = _to_hwc(current)
         x_a_gen_hwc = None if x_a_gen is None else _to_hwc(x_a_gen)
         x_hat_hwc = None if x_hat is None else _to_hwc(x_hat)
@@ -405,13 +398,10 @@ class XRealPipeline(DiffusionPipeline):
             x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc,
         )
 
-    def _anatomy_stages(self, labels, steps, anatomy_steps, eta, soft_mask_value, embed, draw, callback):
-        """Anatomy controller (x_hat) and the anatomy stage (x_a_gen)."""
+    def _anatomy_controller_image(self, labels: torch.Tensor):
+        """(x_hat, the anatomy mask at latent size): the anatomy controller's reconstruction of the label map."""
         controller_input, resized = self.anatomy_masks(labels)
-        soft_mask = torch.where(resized > 0, 1.0, soft_mask_value)
         with self._autocast():
             z = self.anatomy_controller.encode(controller_input.to(self._network_dtype)).latent_dist.mode()
             x_hat = self.anatomy_controller.decode(z).sample.float().clamp(0, 1)
-        x_a_gen = self._run_stage("anatomy", x_hat, soft_mask, anatomy_steps, embed(""), None, 1.0, steps, eta,
-                                  draw, callback)
-        return x_hat, x_a_gen
+        return x_hat, resized

@@ -56,9 +56,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .errors import InputError, XRealError
-from .jobs import FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobService, JobStore, QueueFull, new_job_id
+from .. import __version__
+from ..errors import InputError, XRealError
+from ..model.sampling import MAX_SEED, SamplingParameters
+from .worker import FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobService, JobStore, QueueFull, new_job_id
 
 log = logging.getLogger("xreal_engine.server")
 
@@ -262,7 +263,7 @@ def _scrub(message: str, folder: Path) -> str:
 
 def build_generation_request(spec: dict, inputs_dir: Path):
     """The GenerationRequest of a stored job spec (file names are the server's own)."""
-    from .generate import GenerationRequest
+    from ..generate import GenerationRequest
 
     parameters = spec["parameters"]
     return GenerationRequest(
@@ -280,7 +281,7 @@ def build_generation_request(spec: dict, inputs_dir: Path):
 
 def run_generation(pipe, spec: dict, inputs_dir: Path, result_dir: Path, progress) -> dict:
     """The worker's job: validate the stored inputs again (cheap) and run the real generation."""
-    from .generate import generate_to_directory, prepare_request
+    from ..generate import generate_to_directory, prepare_request
 
     prepared = prepare_request(build_generation_request(spec, inputs_dir), pipe.model_info)
     return generate_to_directory(pipe, prepared, result_dir, progress=progress)
@@ -347,8 +348,8 @@ def describe_job(service: JobService, job: dict) -> dict:
 def model_description(settings: ServiceSettings, model_info, service: JobService | None,
                       pacs_nodes: list | None = None) -> dict:
     """Model, labels and findings with their codes, defaults and limits (GET info)."""
-    from .generate import PARAMETER_LIMITS
-    from .vocabulary import anatomy_entry, finding_entry
+    from ..model.sampling import limits
+    from ..vocabulary import anatomy_entry, finding_entry
 
     def code_of(lookup, key):
         try:
@@ -382,7 +383,7 @@ def model_description(settings: ServiceSettings, model_info, service: JobService
             "max_pathologies": MAX_PATHOLOGIES,
             "max_image_side": MAX_IMAGE_SIDE,
             "retention_hours": settings.retention_hours,
-            "parameters": {name: list(bounds) for name, bounds in PARAMETER_LIMITS.items()},
+            "parameters": limits(),
         },
         "pacs": pacs_nodes,
     }
@@ -397,7 +398,7 @@ def load_pacs(settings: ServiceSettings):
     Loaded once at start-up, so a broken --pacs-config stops ``serve`` with its message.
     """
     try:
-        from . import pacs
+        from .. import pacs
     except ImportError:
         return None, None
     return pacs, pacs.load_config(settings.pacs_config)
@@ -419,8 +420,8 @@ def _require_pacs(pacs, pacs_config, name: str, purpose: str, parameter: str) ->
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The FastAPI application; the job service starts and stops with it (lifespan)."""
-    from .generate import load_pipeline
-    from .models import ModelInfo, resolve_model
+    from ..model.info import ModelInfo, resolve_model
+    from ..model.loading import load_pipeline
 
     model_dir = resolve_model(settings.model)
     model_info = ModelInfo.load(model_dir)
@@ -592,13 +593,12 @@ def _api_router(settings: ServiceSettings, model_info, data_dir: Path, pacs, pac
         if anatomy is None and image is None and source is None:
             raise ApiError(400, "missing_anatomy",
                            "The request is missing 'anatomy' (the anatomy label map file).")
-        parameters = {"seed": secrets.randbelow(2**32) if seed is None else seed, "num_inference_steps": steps,
-                      "anatomy_steps": anatomy_steps, "guidance_scale": guidance, "eta": eta}
-        if steps is not None and anatomy_steps is None and 1 <= steps <= 1000:
-            # Keep the model's anatomy/total ratio (50 of 100) when only the step count is changed.
-            defaults = model_info.defaults
-            parameters["anatomy_steps"] = min(steps, round(defaults["anatomy_steps"] * steps / defaults["num_inference_steps"]))
-        _check_ranges(parameters)
+        try:  # the one sampling policy: same defaults, rules and sentences as the CLI
+            parameters = SamplingParameters.from_public(model_info.defaults, {
+                "seed": secrets.randbelow(MAX_SEED + 1) if seed is None else seed, "steps": steps,
+                "anatomy_steps": anatomy_steps, "guidance": guidance, "eta": eta})
+        except InputError as error:
+            raise ApiError(422, "parameter_out_of_range", str(error)) from None
         if push_to:
             _require_pacs(pacs, pacs_config, push_to, "destination", "push_to")
 
@@ -616,12 +616,12 @@ def _api_router(settings: ServiceSettings, model_info, data_dir: Path, pacs, pac
             if source is not None:
                 spec["image"], spec["source"] = _fetch_source(pacs, pacs_config, source, study, series, instance, folder)
             prepared = _prepare(spec, parameters, model_info, folder)
-            spec["parameters"] = dict(prepared.parameters)
+            spec["parameters"] = prepared.parameters.to_dict()
             spec["pathologies"] = [[name, pathology.finding]  # canonical finding names, as in provenance
                                    for (name, _), pathology in zip(spec["pathologies"], prepared.pathologies)]
             spec["mode"] = "edit" if prepared.edit_mode else "generate"
             stages = len(spec["pathologies"]) + (0 if prepared.edit_mode else 1)
-            spec["expected_steps"] = stages * prepared.parameters["num_inference_steps"]
+            spec["expected_steps"] = stages * prepared.parameters.num_inference_steps
             job_id = new_job_id()
             folder.rename(_reserve_job_dir(service, job_id) / "inputs")
             try:
@@ -759,30 +759,11 @@ def _queue_full(service: JobService) -> ApiError:
                     f"{retry_after} seconds.", {"Retry-After": str(retry_after)})
 
 
-def _check_ranges(parameters: dict) -> None:
-    """Parameter ranges, refused with one sentence before any file is read."""
-    from .generate import PARAMETER_LIMITS
-
-    labels = {"num_inference_steps": "steps", "anatomy_steps": "anatomy_steps", "guidance_scale": "guidance",
-              "eta": "eta", "seed": "seed"}
-    for name, label in labels.items():
-        value = parameters.get(name)
-        if value is None:
-            continue
-        low, high = PARAMETER_LIMITS[name]
-        if value != value or not low <= value <= high:  # value != value: NaN
-            raise ApiError(422, "parameter_out_of_range", f"The parameter '{label}' must be between {low} and {high}; got {value}.")
-    steps, anatomy_steps = parameters.get("num_inference_steps"), parameters.get("anatomy_steps")
-    if steps is not None and anatomy_steps is not None and anatomy_steps > steps:
-        raise ApiError(422, "parameter_out_of_range",
-                       f"The parameter 'anatomy_steps' ({anatomy_steps}) cannot exceed 'steps' ({steps}).")
-
-
-def _prepare(spec: dict, parameters: dict, model_info, folder: Path):
+def _prepare(spec: dict, parameters, model_info, folder: Path):
     """Run the shared validation (masks, labels, shapes, findings) without the model."""
-    from .generate import prepare_request
+    from ..generate import prepare_request
 
-    spec = dict(spec, parameters=parameters)
+    spec = dict(spec, parameters=parameters.to_dict())
     try:
         return prepare_request(build_generation_request(spec, folder), model_info)
     except XRealError as error:

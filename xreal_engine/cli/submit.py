@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from .cli import add_request_arguments, check_request_arguments
-from .client import EngineClient, EngineError
-from .errors import InputError
-from .files import check_new_directory
+from ..client import EngineClient, EngineError
+from ..errors import InputError
+from ..files import check_new_directory
+from .arguments import add_request_arguments, check_request_arguments
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
-from . import vocabulary
+from .. import vocabulary
+from ..errors import InputError
+from .formats import check_image_header
 
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 32, 4096, 2.0
 BODY_MARGIN_FRACTION = 0.05  # the body is the union of organs dilated by 5 % of the image side
@@ -57,12 +58,6 @@ class _Segment:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _is_dicom(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def to_2d(array: np.ndarray, name: str, what: str = "mask") -> np.ndarray:
@@ -191,12 +186,11 @@ def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | N
 
 def _read_source(path: Path) -> tuple[np.ndarray | None, list[_Segment] | None, tuple[float, float] | None]:
     """(plain array, or segments; spacing or None) of any supported mask file."""
-    if not path.is_file():
-        raise InputError(f"{path.name} does not exist.")
-    if _is_dicom(path):
+    fmt = check_image_header(path)
+    if fmt == "dicom":
         segments, spacing = _read_dicom_seg(path)
         return None, segments, spacing
-    if path.suffix.lower() == ".png":
+    if fmt == "png":
         return _read_png(path), None, None  # PNG records no spacing
     image = _read_itk(path)
     spacing = _spacing_row_col(image)
@@ -325,14 +319,13 @@ def load_masks(
     *,
     known_labels: set[int],
     label_warnings: dict[int, str] | None = None,
-    known_findings: list[str] | None = None,
     default_field_of_view_mm: float = 400.0,
 ) -> MaskSet:
     """Read and validate the anatomy map and the (mask path, finding) pairs; raise InputError on the first problem.
 
     ``known_labels``: the label values the model knows (0 is always allowed).
     ``label_warnings``: labels that are accepted but earn a warning (e.g. aorta for a model trained without it).
-    ``known_findings``: allowed findings (case-insensitive); None accepts any finding.
+    Findings are taken as given: the model's policy (``model.info.canonical_finding``) checks them.
     Pixel spacing comes from the anatomy file when it records one (NRRD, NIfTI, DICOM-SEG),
     else ``default_field_of_view_mm`` divided by the image size.
     """
@@ -356,15 +349,11 @@ def load_masks(
     if spacing is None or not all(s > 0 for s in spacing):
         spacing = (default_field_of_view_mm / anatomy.shape[0], default_field_of_view_mm / anatomy.shape[1])
 
-    allowed_findings = None if known_findings is None else {f.lower(): f for f in known_findings}
     body = None
     result: list[Pathology] = []
     for mask_path, finding in pathologies:
         mask_path = Path(mask_path)
         finding = "" if finding is None else str(finding)
-        if allowed_findings is not None and finding.lower() not in allowed_findings:
-            known = ", ".join(f for f in known_findings if f) or "none"
-            raise InputError(f"The finding '{finding}' for {mask_path.name} is not known to the model; it knows: {known}.")
         mask = read_pathology_mask(mask_path)
         if mask.shape != anatomy.shape:
             raise InputError(
@@ -377,8 +366,7 @@ def load_masks(
             body = _body_region(anatomy)
         if not (mask & body).any():
             raise InputError(f"The pathology mask {mask_path.name} lies entirely outside the body (lungs, heart, aorta); draw it inside the chest.")
-        canonical = allowed_findings[finding.lower()] if allowed_findings is not None else finding
-        result.append(Pathology(mask=mask, finding=canonical, name=_finding_display_name(canonical)))
+        result.append(Pathology(mask=mask, finding=finding, name=_finding_display_name(finding)))
     return MaskSet(anatomy=anatomy, pathologies=result, pixel_spacing_mm=(float(spacing[0]), float(spacing[1])), warnings=warnings)
 
 

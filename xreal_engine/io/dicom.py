@@ -45,9 +45,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sr.coding import Code
 
-from . import __version__
-from .errors import InputError
-from .vocabulary import anatomy_entry, finding_entry, removal_region_entry
+from .. import __version__
+from ..errors import InputError
+from ..vocabulary import anatomy_entry, finding_entry, removal_region_entry
 
 MANUFACTURER = "XRealSlicer project"
 MODEL_NAME = "xreal-engine"

@@ -1,0 +1,64 @@
+"""``xreal-engine`` command line.
+
+Each subcommand lives in the module that owns the work; that module exposes
+``configure_parser(parser)`` and ``run(args) -> int``. This file only wires them
+up and turns user-facing errors into one readable line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import XRealError
+
+# name -> (module, one-line help). Modules are imported only when their command runs.
+SUBCOMMANDS = {
+    "generate": ("xreal_engine.cli.generate", "generate a synthetic chest X-ray from anatomy and pathology masks"),
+    "info": ("xreal_engine.cli.info", "describe a model directory"),
+    "convert": ("xreal_engine.model.convert", "convert the official XReal checkpoints into a model directory"),
+    "serve": ("xreal_engine.service.app", "run the HTTP engine service"),
+    "submit": ("xreal_engine.cli.submit", "submit a job to a running engine service"),
+    "train": ("xreal_engine.training.cli", "train an autoencoder, anatomy controller, LDM or segmenter"),
+    "prepare-data": ("xreal_engine.training.data", "convert a data set to the training layout"),
+    "evaluate": ("xreal_engine.training.evaluate", "evaluate a model on held-out anatomy masks"),
+    "push": ("xreal_engine.pacs", "send result DICOM files to a configured PACS destination"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands are listed; only ``command``'s module is imported (it may need torch)."""
+    parser = argparse.ArgumentParser(prog="xreal-engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"xreal-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.set_defaults(_module=module_name)
+        if name == command:
+            importlib.import_module(module_name).configure_parser(command_parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except XRealError as error:
+        print(f"xreal-engine {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xreal-engine {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

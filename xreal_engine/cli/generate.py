@@ -1,0 +1,106 @@
+"""``xreal-engine generate``: one synthetic X-ray (or one edit) into a result directory, on this machine."""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+from ..files import check_new_directory
+from ..generate import GenerationRequest, generate_to_directory, prepare_request
+from ..model.info import ModelInfo, resolve_model
+from ..model.loading import load_pipeline, select_device
+from ..model.sampling import MAX_SEED
+from .arguments import add_request_arguments, check_request_arguments
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--model", default="demo", help="model directory, or 'demo' for the shipped demo model (default)")
+    add_request_arguments(parser)
+    parser.add_argument("--pacs-config", type=Path, help="PACS configuration file (see xreal-engine push --help)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+
+
+def run(args) -> int:
+    check_request_arguments(args)
+    select_device(args.device, args.dtype)  # refuse a bad --device/--dtype before any work
+    seed = args.seed if args.seed is not None else random.randrange(MAX_SEED + 1)
+    out_dir = args.out
+    check_new_directory(out_dir)
+
+    pacs_config = None
+    if args.source is not None or args.push_to is not None:
+        from ..pacs import load_config
+
+        pacs_config = load_config(args.pacs_config)
+        if args.push_to is not None:
+            pacs_config.node(args.push_to, "destination")  # an unknown destination is refused before any work
+
+    with tempfile.TemporaryDirectory(prefix="xreal-source-") as fetch_dir:
+        image_path = args.image
+        if args.source is not None:
+            from ..pacs import fetch_source
+
+            image_path = fetch_source(
+                args.source, args.study, args.series, args.instance, dest_dir=Path(fetch_dir), config=pacs_config
+            )
+        request = GenerationRequest(
+            anatomy_path=args.anatomy,
+            pathologies=list(zip(args.pathology_mask, args.finding)),
+            image_path=image_path,
+            seed=seed,
+            num_inference_steps=args.steps,
+            anatomy_steps=args.anatomy_steps,
+            guidance_scale=args.guidance,
+            eta=args.eta,
+        )
+        model_info = ModelInfo.load(resolve_model(args.model))
+        prepared = prepare_request(request, model_info)
+        for warning in prepared.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"Loading model {model_info.model_id} ...", file=sys.stderr)
+        pipe = load_pipeline(args.model, args.device, args.dtype)
+        print(f"Generating on {pipe.device} (seed {seed}) ...", file=sys.stderr)
+        with _ProgressBars() as progress:
+            provenance = generate_to_directory(pipe, prepared, out_dir, progress=progress)
+    print(f"Wrote {out_dir}/: sc.dcm, seg.dcm, preview.png, provenance.json, segments.json "
+          f"({provenance['generation_seconds']:.1f} s)")
+    if args.push_to is None:
+        return 0
+    from ..pacs import format_report, push_result
+
+    report = push_result(args.push_to, out_dir, config=pacs_config)  # the local result stays whatever happens
+    print(format_report(report))
+    return 0 if report["failed"] == 0 else 1
+
+
+class _ProgressBars:
+    """One tqdm bar per pipeline stage, on stderr."""
+
+    def __init__(self):
+        self._bar = None
+        self._stage = None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=total, desc=f"{stage:>10}", unit="step", file=sys.stderr, leave=True)
+        self._bar.n = step
+        self._bar.refresh()
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

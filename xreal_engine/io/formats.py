@@ -1,0 +1,94 @@
+"""File formats: the one sniff (from the bytes, never the name) and header-only size checks.
+
+Every reader of user files asks here first, so a DICOM is recognised the same way by the
+mask reader, the X-ray reader and the service's upload check, and an image whose header
+announces a huge or 3D size is refused before a single pixel is decoded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+
+# Larger than any radiograph, small enough to refuse decompression bombs before decoding.
+MAX_IMAGE_SIDE = 6000
+HEAD_BYTES = 4096
+FORMAT_NAMES = "PNG, NRRD, NIfTI or DICOM"
+
+
+def sniff_format(head: bytes) -> str | None:
+    """'png', 'dicom', 'nrrd', 'nifti.gz' or 'nifti' from a file's first bytes; None if none of them."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"NRRD000"):
+        return "nrrd"
+    if head.startswith(b"\x1f\x8b"):
+        return "nifti.gz"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"
+    return None
+
+
+def sniff_file(path: Path) -> str | None:
+    """The format of a file on disk (InputError if it cannot be opened)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path.name} is a directory, not a file.")
+    if not path.is_file():
+        raise InputError(f"{path.name} does not exist.")
+    try:
+        with open(path, "rb") as handle:
+            return sniff_format(handle.read(HEAD_BYTES))
+    except OSError as error:
+        raise InputError(f"{path.name} cannot be read ({error.strerror or error}).") from None
+
+
+def is_dicom(path: Path) -> bool:
+    return sniff_file(path) == "dicom"
+
+
+def header_sizes(path: Path, fmt: str) -> list[int]:
+    """Image dimensions from the header only (SimpleITK's ImageIO, pydicom without pixels); [] if unreadable."""
+    if fmt == "dicom":
+        import pydicom
+
+        try:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - unreadable headers are refused later by the reader, with the reason
+            return []
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        return [int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0)] + ([frames] if frames > 1 else [])
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return []
+    return [int(size) for size in reader.GetSize()]
+
+
+def check_image_header(path: Path, what: str | None = None) -> str:
+    """Sniff ``path`` and refuse, from its header alone, images too large or with more than one slice.
+
+    Returns the sniffed format (None for an unknown one: the reader then says what is wrong).
+    """
+    path = Path(path)
+    name = what or path.name
+    fmt = sniff_file(path)
+    if fmt is None:
+        return None
+    sizes = header_sizes(path, fmt)
+    if any(side > MAX_IMAGE_SIDE for side in sizes[:2]):
+        raise InputError(f"{name} is {' x '.join(str(s) for s in sizes)} pixels; the engine accepts at most "
+                         f"{MAX_IMAGE_SIDE} pixels per side.")
+    if len(sizes) > 2 and any(side > 1 for side in sizes[2:]) and fmt != "dicom":
+        slices = 1
+        for side in sizes[2:]:
+            slices *= side
+        raise InputError(f"{name} is a 3D volume with {slices} slices; give a single 2D image.")
+    return fmt
