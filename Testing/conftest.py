@@ -20,6 +20,20 @@ except ImportError:  # pragma: no cover
     pass
 
 
+# Modules whose tests all start processes (the engine service, Orthanc, CMake) or train networks.
+# Their tests are marked slow here, in one place; other slow tests carry @pytest.mark.slow themselves.
+# `pytest -m "not slow"` runs the rest in under two minutes; `make test` runs everything.
+SLOW_MODULES = {
+    "test_server_service", "test_server_pacs", "test_pacs_orthanc", "test_slicer_lib", "test_training_cli",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO_DIR

@@ -102,7 +102,7 @@ def test_generate_writes_complete_reproducible_result(tiny_model, inputs, tmp_pa
 def test_non_square_input_keeps_its_grid(pipe, tmp_path):
     labels = chest_labels(200, 300)
     anatomy = write_png(tmp_path / "anatomy.png", labels)
-    prepared = prepare_request(GenerationRequest(anatomy_path=anatomy, seed=1, num_inference_steps=2, anatomy_steps=1),
+    prepared = prepare_request(GenerationRequest(anatomy_path=anatomy, seed=1, sampling={"steps": 2, "anatomy_steps": 1}),
                                pipe.model_info)
     provenance = generate_to_directory(pipe, prepared, tmp_path / "out")
     sc = pydicom.dcmread(tmp_path / "out" / "sc.dcm")
@@ -115,8 +115,7 @@ def test_different_seeds_differ(pipe, inputs, tmp_path):
     anatomy, _ = inputs
     images = []
     for seed in (1, 2):
-        prepared = prepare_request(GenerationRequest(anatomy_path=anatomy, seed=seed, num_inference_steps=2,
-                                                     anatomy_steps=1), pipe.model_info)
+        prepared = prepare_request(GenerationRequest(anatomy_path=anatomy, seed=seed, sampling={"steps": 2, "anatomy_steps": 1}), pipe.model_info)
         generate_to_directory(pipe, prepared, tmp_path / f"s{seed}")
         images.append(np.array(Image.open(tmp_path / f"s{seed}" / "preview.png"), dtype=float))
     assert np.abs(images[0] - images[1]).mean() > 0.5
@@ -131,7 +130,7 @@ def test_edit_mode_keeps_the_source_outside_the_region(pipe, tmp_path):
     mask = write_png(tmp_path / "region.png", region)
     prepared = prepare_request(
         GenerationRequest(anatomy_path=None, pathologies=[(mask, "pneumonia")], image_path=image, seed=0,
-                          num_inference_steps=2, anatomy_steps=0), pipe.model_info)
+                          sampling={"steps": 2, "anatomy_steps": 0}), pipe.model_info)
     assert prepared.edit_mode
     provenance = generate_to_directory(pipe, prepared, tmp_path / "edit")
     assert provenance["mode"] == "edit"
@@ -146,7 +145,7 @@ def test_edit_mode_keeps_the_source_outside_the_region(pipe, tmp_path):
 def test_cancel_leaves_nothing_behind(pipe, inputs, tmp_path):
     anatomy, region = inputs
     prepared = prepare_request(GenerationRequest(anatomy_path=anatomy, pathologies=[(region, "pneumonia")], seed=0,
-                                                 num_inference_steps=4, anatomy_steps=2), pipe.model_info)
+                                                 sampling={"steps": 4, "anatomy_steps": 2}), pipe.model_info)
 
     def cancel_in_pathology_stage(stage, step, total):
         if stage.startswith("pathology") and step >= 1:

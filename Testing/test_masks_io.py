@@ -279,7 +279,6 @@ def test_pathology_refusals(tmp_path):
     small = save_png(tmp_path / "small.png", np.full((64, 64), 255, np.uint8))
     with pytest.raises(InputError, match="small.png is 64x64 pixels but the anatomy anatomy.png is 96x128"):
         load_masks(anatomy, [(small, "nodule")], known_labels=KNOWN)
-    region = save_png(tmp_path / "region.png", nodule().astype(np.uint8) * 255)
     # A region just outside an organ (within the small margin) is accepted: masks are drawn by hand.
     near = np.zeros(SHAPE, np.uint8)
     lung_cols = np.nonzero(anatomy_map()[64] == 1)[0]

@@ -23,8 +23,11 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from orthanc import free_port, orthanc_available, running_orthanc, write_dx
-from xreal_engine import cli, pacs
+from xreal_engine import cli
 from xreal_engine.errors import InputError
+from xreal_engine.pacs.config import (CONFIG_ENV, PacsError, TransientPacsError, list_nodes, load_config,
+                                      parse_config)
+from xreal_engine.pacs.transfer import fetch_source, push_files, push_result
 
 CALLING_AET = "XREALTEST"
 FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
@@ -43,7 +46,7 @@ def orthanc():
 
 @pytest.fixture(scope="module")
 def config(orthanc):
-    return pacs.parse_config({"nodes": {
+    return parse_config({"nodes": {
         "orthanc-web": {"type": "dicomweb", "url": orthanc.dicomweb_url,
                         "headers": {"Authorization": orthanc.authorization_header}, "timeout_s": 10},
         "orthanc-dimse": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
@@ -108,29 +111,29 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
     yaml_file.write_text("destinations:\n  web:\n    type: dicomweb\n    url: http://127.0.0.1:8042/dicom-web/\n"
                          "    headers: {Authorization: 'Bearer ${PACS_TOKEN}'}\n"
                          "sources:\n  archive: {type: dimse, host: pacs.local, port: 104, called_aet: ARCHIVE}\n")
-    config = pacs.load_config(yaml_file)
+    config = load_config(yaml_file)
     assert config.nodes["web"].headers == {"Authorization": "Bearer secret-token"}
     assert config.nodes["web"].url == "http://127.0.0.1:8042/dicom-web"
     assert config.nodes["archive"].calling_aet == "XREAL"
-    nodes = pacs.list_nodes(config)
+    nodes = list_nodes(config)
     assert [(n["name"], n["type"], n["can_push"], n["can_fetch"]) for n in nodes] == [
         ("archive", "dimse", False, True), ("web", "dicomweb", True, False)]
     assert "secret-token" not in json.dumps(nodes) and "secret-token" not in repr(config)
 
     json_file = tmp_path / "pacs.json"
     json_file.write_text(json.dumps({"nodes": {"both": {"type": "dimse", "host": "h", "port": 11112, "called_aet": "A"}}}))
-    monkeypatch.setenv(pacs.CONFIG_ENV, str(json_file))
-    assert pacs.list_nodes() == [{"name": "both", "type": "dimse", "can_push": True, "can_fetch": True,
+    monkeypatch.setenv(CONFIG_ENV, str(json_file))
+    assert list_nodes() == [{"name": "both", "type": "dimse", "can_push": True, "can_fetch": True,
                                   "address": "A@h:11112"}]
-    monkeypatch.delenv(pacs.CONFIG_ENV)
+    monkeypatch.delenv(CONFIG_ENV)
     monkeypatch.setenv("HOME", str(tmp_path / "empty-home"))
-    assert pacs.load_config().nodes == {}  # no default file: no PACS configured
+    assert load_config().nodes == {}  # no default file: no PACS configured
 
-    with pytest.raises(pacs.PacsError, match=r"Unknown PACS destination 'nope'.*configured destinations: web\."):
+    with pytest.raises(PacsError, match=r"Unknown PACS destination 'nope'.*configured destinations: web\."):
         config.node("nope", "destination")
-    with pytest.raises(pacs.PacsError, match="source only"):
+    with pytest.raises(PacsError, match="source only"):
         config.node("archive", "destination")
-    with pytest.raises(pacs.PacsError, match="of type dimse, not dicomweb"):
+    with pytest.raises(PacsError, match="of type dimse, not dicomweb"):
         config.node("dicomweb:archive", "source")
     assert config.node("dimse:archive", "source").port == 104
     bad_entries = {
@@ -148,10 +151,10 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
     }
     for text, message in bad_entries.items():
         json_file.write_text(text)
-        with pytest.raises(pacs.PacsError, match=message):
-            pacs.load_config(json_file)
-    with pytest.raises(pacs.PacsError, match="does not exist"):
-        pacs.load_config(tmp_path / "missing.json")
+        with pytest.raises(PacsError, match=message):
+            load_config(json_file)
+    with pytest.raises(PacsError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
 
     assert cli.main(["push", "--list", "--pacs-config", str(yaml_file)]) == 0
     listing = capsys.readouterr().out
@@ -168,7 +171,7 @@ def test_stow_push_then_qido_finds_and_wado_returns_identical_pixels(orthanc, co
     result = make_result(tmp_path / "result")
     files = [result / "sc.dcm", result / "seg.dcm"]
     before = file_digests(files)
-    report = pacs.push_result("orthanc-web", result, config=config, **FAST)
+    report = push_result("orthanc-web", result, config=config, **FAST)
     assert report["accepted"] == 2 and report["failed"] == 0 and report["ok"], report
     assert [item["status"] for item in report["instances"]] == ["accepted", "accepted"]
     assert all(item["detail"].startswith("HTTP 200") and item["attempts"] == 1 for item in report["instances"])
@@ -211,7 +214,7 @@ def test_cstore_push_over_dimse(orthanc, config, web_client, tmp_path):
     result = make_result(tmp_path / "result", seed=2)
     files = [result / "sc.dcm", result / "seg.dcm"]
     before = file_digests(files)
-    report = pacs.push_files("orthanc-dimse", files, config=config, **FAST)
+    report = push_files("orthanc-dimse", files, config=config, **FAST)
     assert report["accepted"] == 2, report
     assert all(item["detail"] == "C-STORE status 0x0000 Success" for item in report["instances"])
     assert file_digests(files) == before
@@ -226,11 +229,11 @@ def test_push_refuses_non_dicom_before_sending_anything(orthanc, config, tmp_pat
     not_dicom.write_text("not a DICOM file")
     count = orthanc.instance_count()
     with pytest.raises(InputError, match="notes.dcm is not a readable DICOM file"):
-        pacs.push_files("orthanc-web", [result / "sc.dcm", not_dicom], config=config, **FAST)
+        push_files("orthanc-web", [result / "sc.dcm", not_dicom], config=config, **FAST)
     assert orthanc.instance_count() == count
     with pytest.raises(InputError, match="has no seg.dcm"):
         (result / "seg.dcm").rename(tmp_path / "moved.dcm")
-        pacs.push_result("orthanc-web", result, config=config)
+        push_result("orthanc-web", result, config=config)
 
 
 # ----------------------------------------------------------------------------- failures and retries
@@ -253,19 +256,19 @@ def test_instance_refusals_fail_that_instance_only(orthanc, config, tmp_path, ca
     no_study = _variant(result / "sc.dcm", tmp_path / "no-study.dcm", drop="StudyInstanceUID")
     private = _variant(result / "sc.dcm", tmp_path / "private.dcm", sop_class="1.2.826.0.1.3680043.10.1234.1")
 
-    report = pacs.push_files("orthanc-web", [no_study, result / "sc.dcm"], config=config, **FAST)
+    report = push_files("orthanc-web", [no_study, result / "sc.dcm"], config=config, **FAST)
     assert [item["status"] for item in report["instances"]] == ["failed", "accepted"] and not report["ok"]
     assert report["instances"][0]["detail"].startswith("HTTP 400; failure reason 0xC000")  # STOW FailedSOPSequence
     assert report["instances"][0]["attempts"] == 1
 
-    report = pacs.push_files("orthanc-dimse", [no_study, private, result / "seg.dcm"], config=config, **FAST)
+    report = push_files("orthanc-dimse", [no_study, private, result / "seg.dcm"], config=config, **FAST)
     assert [item["status"] for item in report["instances"]] == ["failed", "failed", "accepted"]
     assert "C-STORE 0xA700" in report["instances"][0]["detail"]  # Orthanc's status for an unusable object
     assert report["instances"][0]["attempts"] == 4  # 0xA7xx "out of resources" is transient by the standard
     assert "no presentation context" in report["instances"][1]["detail"]
 
-    with pytest.raises(pacs.PacsError, match="accepts none of the proposed SOP classes") as caught:
-        pacs.push_files("orthanc-dimse", [private], config=config, **FAST)
+    with pytest.raises(PacsError, match="accepts none of the proposed SOP classes") as caught:
+        push_files("orthanc-dimse", [private], config=config, **FAST)
     assert caught.value.attempts == 1
 
     config_file = tmp_path / "pacs.json"
@@ -282,7 +285,7 @@ def test_refusals_are_clear_and_not_retried(orthanc, tmp_path):
     result = make_result(tmp_path / "result", seed=4)
     files = [result / "sc.dcm", result / "seg.dcm"]
     before = file_digests(files)
-    config = pacs.parse_config({"destinations": {
+    config = parse_config({"destinations": {
         "wrong-password": {"type": "dicomweb", "url": orthanc.dicomweb_url,
                            "headers": {"Authorization": "Basic eHJlYWw6d3Jvbmc="}},
         "wrong-path": {"type": "dicomweb", "url": orthanc.url + "/no-such-dicom-web",
@@ -294,10 +297,10 @@ def test_refusals_are_clear_and_not_retried(orthanc, tmp_path):
                 "wrong-aet": "rejected the association for C-STORE permanently"}
     for name, message in expected.items():
         started = time.monotonic()
-        with pytest.raises(pacs.PacsError, match=message) as caught:
-            pacs.push_files(name, files, config=config, retries=3, backoff_s=2.0)
+        with pytest.raises(PacsError, match=message) as caught:
+            push_files(name, files, config=config, retries=3, backoff_s=2.0)
         assert caught.value.attempts == 1, f"{name}: a permanent refusal must not be retried"
-        assert not isinstance(caught.value, pacs.TransientPacsError)
+        assert not isinstance(caught.value, TransientPacsError)
         assert time.monotonic() - started < 2.0
         assert "\n" not in str(caught.value)
         assert [item["status"] for item in caught.value.report["instances"]] == ["failed", "failed"]
@@ -316,12 +319,12 @@ def test_unreachable_destination_is_retried_then_reported(tmp_path, capsys):
         "dimse-down": {"type": "dimse", "host": "127.0.0.1", "port": closed_port, "called_aet": "ORTHANC",
                        "timeout_s": 2},
     }}))
-    config = pacs.load_config(config_file)
+    config = load_config(config_file)
     for name, message in (("web-down", "connection refused"), ("dimse-down", "cannot open a DICOM association")):
-        with pytest.raises(pacs.PacsError, match=f"failed after 4 attempts: .*{message}") as caught:
-            pacs.push_files(name, files, config=config, **FAST)
+        with pytest.raises(PacsError, match=f"failed after 4 attempts: .*{message}") as caught:
+            push_files(name, files, config=config, **FAST)
         assert caught.value.attempts == 4
-        assert isinstance(caught.value, pacs.TransientPacsError)  # an outage, not the request's fault
+        assert isinstance(caught.value, TransientPacsError)  # an outage, not the request's fault
         assert caught.value.report["instances"][0]["attempts"] == 4
     exit_code = cli.main(["push", "--to", "web-down", "--pacs-config", str(config_file), "--retries", "1", str(result)])
     captured = capsys.readouterr()
@@ -367,8 +370,8 @@ def test_busy_or_hung_http_server_is_retried(tmp_path, handler, message):
     try:
         config = {"destinations": {"busy": {"type": "dicomweb", "timeout_s": 0.3,
                                             "url": f"http://127.0.0.1:{server.server_port}/dicom-web"}}}
-        with pytest.raises(pacs.PacsError, match=f"after 3 attempts: .*{message}"):
-            pacs.push_files("busy", [result / "sc.dcm"], config=config, retries=2, backoff_s=0.05)
+        with pytest.raises(PacsError, match=f"after 3 attempts: .*{message}"):
+            push_files("busy", [result / "sc.dcm"], config=config, retries=2, backoff_s=0.05)
         assert server.requests_seen == 3
     finally:
         server.shutdown()
@@ -382,12 +385,12 @@ def test_orthanc_down_then_back_push_succeeds_after_retries(orthanc, config, tmp
     before = file_digests(files)
     orthanc.stop()
     try:
-        with pytest.raises(pacs.PacsError, match="failed after 3 attempts") as caught:
-            pacs.push_files("orthanc-dimse", files, config=config, retries=2, backoff_s=0.05)
+        with pytest.raises(PacsError, match="failed after 3 attempts") as caught:
+            push_files("orthanc-dimse", files, config=config, retries=2, backoff_s=0.05)
         assert caught.value.attempts == 3
         restarter = threading.Timer(0.5, orthanc.start)
         restarter.start()
-        report = pacs.push_files("orthanc-web", files, config=config, retries=6, backoff_s=1.0)
+        report = push_files("orthanc-web", files, config=config, retries=6, backoff_s=1.0)
         restarter.join()
     finally:
         if orthanc.process is None:
@@ -403,8 +406,8 @@ def test_orthanc_down_then_back_push_succeeds_after_retries(orthanc, config, tmp
 def test_fetch_source_dicomweb_picks_first_image_and_writes_it(orthanc, config, source_series, tmp_path):
     from xreal_engine.io.dicom import read_xray
 
-    path = pacs.fetch_source("orthanc-web", source_series["study"], source_series["series"], dest_dir=tmp_path, config=config,
-                             **FAST)
+    path = fetch_source("orthanc-web", source_series["study"], source_series["series"], dest_dir=tmp_path, config=config,
+                        **FAST)
     first = source_series["first"]
     assert path == tmp_path / f"{first.SOPInstanceUID}.dcm"
     fetched = pydicom.dcmread(path)
@@ -413,38 +416,38 @@ def test_fetch_source_dicomweb_picks_first_image_and_writes_it(orthanc, config, 
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary leftovers
 
     second = source_series["second"]
-    path = pacs.fetch_source("dicomweb:orthanc-web", source_series["study"], source_series["series"],
-                             instance=second.SOPInstanceUID, dest_dir=tmp_path / "second", config=config, **FAST)
+    path = fetch_source("dicomweb:orthanc-web", source_series["study"], source_series["series"],
+                        instance=second.SOPInstanceUID, dest_dir=tmp_path / "second", config=config, **FAST)
     assert pydicom.dcmread(path).SOPInstanceUID == second.SOPInstanceUID
 
 
 @pytest.mark.parametrize("source", ["orthanc-dimse", "orthanc-move"])
 def test_fetch_source_dimse_cfind_then_cget_or_cmove(orthanc, config, source_series, tmp_path, source):
-    path = pacs.fetch_source(source, source_series["study"], source_series["series"], dest_dir=tmp_path,
-                             config=config, **FAST)
+    path = fetch_source(source, source_series["study"], source_series["series"], dest_dir=tmp_path,
+                        config=config, **FAST)
     fetched, first = pydicom.dcmread(path), source_series["first"]
     assert fetched.SOPInstanceUID == first.SOPInstanceUID and fetched.PixelData == first.PixelData
 
 
 def test_fetch_source_refusals(orthanc, config, source_series, tmp_path):
     result = make_result(tmp_path / "result", seed=8)
-    pacs.push_result("orthanc-web", result, config=config, **FAST)
+    push_result("orthanc-web", result, config=config, **FAST)
     seg = pydicom.dcmread(result / "seg.dcm")
     for source in ("orthanc-web", "orthanc-dimse"):
         with pytest.raises(InputError, match="single-frame X-ray"):  # a series holding only a SEG
-            pacs.fetch_source(source, seg.StudyInstanceUID, seg.SeriesInstanceUID, dest_dir=tmp_path, config=config)
-        with pytest.raises(pacs.PacsError, match="No instances were found"):
-            pacs.fetch_source(source, source_series["study"], generate_uid(), dest_dir=tmp_path, config=config)
-        with pytest.raises(pacs.PacsError, match="was not found"):
-            pacs.fetch_source(source, source_series["study"], source_series["series"], instance=generate_uid(),
-                              dest_dir=tmp_path, config=config)
-    stranger = pacs.parse_config({"sources": {"pacs": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
-                                                       "called_aet": orthanc.aet, "calling_aet": "STRANGER"}}})
-    with pytest.raises(pacs.TransientPacsError, match="after 2 attempts.*calling AE title STRANGER"):
-        pacs.fetch_source("pacs", source_series["study"], source_series["series"], dest_dir=tmp_path, config=stranger,
-                          retries=1, backoff_s=0.05)
+            fetch_source(source, seg.StudyInstanceUID, seg.SeriesInstanceUID, dest_dir=tmp_path, config=config)
+        with pytest.raises(PacsError, match="No instances were found"):
+            fetch_source(source, source_series["study"], generate_uid(), dest_dir=tmp_path, config=config)
+        with pytest.raises(PacsError, match="was not found"):
+            fetch_source(source, source_series["study"], source_series["series"], instance=generate_uid(),
+                         dest_dir=tmp_path, config=config)
+    stranger = parse_config({"sources": {"pacs": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                                                  "called_aet": orthanc.aet, "calling_aet": "STRANGER"}}})
+    with pytest.raises(TransientPacsError, match="after 2 attempts.*calling AE title STRANGER"):
+        fetch_source("pacs", source_series["study"], source_series["series"], dest_dir=tmp_path, config=stranger,
+                     retries=1, backoff_s=0.05)
     with pytest.raises(InputError, match="study UID.*must be a DICOM UID"):
-        pacs.fetch_source("orthanc-web", "1.2.3/../x", source_series["series"], dest_dir=tmp_path, config=config)
+        fetch_source("orthanc-web", "1.2.3/../x", source_series["series"], dest_dir=tmp_path, config=config)
     assert not list(tmp_path.glob("*.dcm"))
 
 
@@ -506,14 +509,14 @@ def test_push_over_https_with_the_pacs_ca_bundle_and_a_clear_refusal_without(ort
     result = make_result(tmp_path / "result", seed=8)
     files = [result / "sc.dcm", result / "seg.dcm"]
     node = {"type": "dicomweb", "url": url, "timeout_s": 10, "headers": {"Authorization": orthanc.authorization_header}}
-    config = pacs.parse_config({"destinations": {"with-ca": dict(node, verify_tls=str(ca_bundle)), "system-cas": node}})
+    config = parse_config({"destinations": {"with-ca": dict(node, verify_tls=str(ca_bundle)), "system-cas": node}})
     study = pydicom.dcmread(files[0]).StudyInstanceUID
 
-    with pytest.raises(pacs.PacsError, match="TLS with .* failed for STOW-RS .*certificate verify failed.*verify_tls") as caught:
-        pacs.push_files("system-cas", files, config=config, retries=3, backoff_s=2.0)
-    assert caught.value.attempts == 1 and not isinstance(caught.value, pacs.TransientPacsError)
+    with pytest.raises(PacsError, match="TLS with .* failed for STOW-RS .*certificate verify failed.*verify_tls") as caught:
+        push_files("system-cas", files, config=config, retries=3, backoff_s=2.0)
+    assert caught.value.attempts == 1 and not isinstance(caught.value, TransientPacsError)
     assert web_client.search_for_instances(study_instance_uid=study) == []
 
-    report = pacs.push_files("with-ca", files, config=config, **FAST)
+    report = push_files("with-ca", files, config=config, **FAST)
     assert report["ok"] and report["accepted"] == 2, report
     assert len(web_client.search_for_instances(study_instance_uid=study)) == 2

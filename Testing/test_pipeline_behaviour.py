@@ -95,10 +95,14 @@ def test_several_pathologies_run_in_order_and_encode_each_prompt_once(pipe, monk
     prompts = []
     encode = pipe.encode_prompt
     monkeypatch.setattr(pipe, "encode_prompt", lambda p: prompts.append(p) or encode(p))
+    monkeypatch.setattr(pipe, "_empty_prompt_cache", None, raising=False)
     stages = []
     pathologies = [(region(2, 2), "cardiomegaly"), (region(10, 10), "pneumonia"), (region(6, 6), "cardiomegaly")]
     several = run(pipe, pathologies=pathologies, callback=lambda s, i, n: stages.append(s))
     assert sorted(prompts) == ["", "cardiomegaly", "pneumonia"]
+    prompts.clear()
+    run(pipe, pathologies=pathologies[:1])
+    assert prompts == ["cardiomegaly"]  # the empty prompt is cached across images
     assert list(dict.fromkeys(stages)) == ["anatomy", "pathology 1/3", "pathology 2/3", "pathology 3/3"]
     assert not np.array_equal(several.image, run(pipe, pathologies=pathologies[:1]).image)
 
@@ -131,6 +135,7 @@ def test_edit_mode_removal_uses_the_empty_prompt_without_guidance(pipe, monkeypa
     prompts = []
     encode = pipe.encode_prompt
     monkeypatch.setattr(pipe, "encode_prompt", lambda p: prompts.append(p) or encode(p))
+    monkeypatch.setattr(pipe, "_empty_prompt_cache", None, raising=False)
     calls = []
     unet_forward = pipe.unet.forward
     monkeypatch.setattr(pipe.unet, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or unet_forward(x, *a, **k))
@@ -236,3 +241,37 @@ def test_bad_input_is_refused_with_one_sentence(pipe, kwargs, message):
     with pytest.raises(InputError) as error:
         pipe(generator=torch.Generator().manual_seed(0), **kwargs)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp", "unipc"])
+def test_every_sampler_holds_the_known_region_at_every_step(pipe, monkeypatch, sampler):
+    """The UNet always sees the known region exactly at its step's noise level: x = sqrt(a) x0 + sqrt(1-a) noise."""
+    captured = capture_latents(pipe, monkeypatch)
+    seen = []
+    unet_forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward",
+                        lambda x, t, *a, **k: seen.append((x[:1].clone(), int(t))) or unet_forward(x, t, *a, **k))
+    steps = 6
+    out = run(pipe, image=np.full((SIZE, SIZE), 0.5), pathologies=[(region(6, 6, 5), "pneumonia")],
+              num_inference_steps=steps, sampler=sampler)
+    assert np.isfinite(out.image).all() and len(seen) == steps
+    (x0,) = captured["x0"]
+    known = ~torch.from_numpy(region(6, 6, 5)).bool().expand_as(x0[0])[None]
+    alphas = pipe.scheduler.alphas_cumprod
+    for latents, t in seen:
+        noise = (latents - alphas[t].sqrt() * x0) / (1 - alphas[t]).sqrt()
+        assert 0.75 < noise[known].std() < 1.25 and abs(noise[known].mean()) < 0.2, (sampler, t)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc"])
+def test_multistep_solvers_follow_the_anatomy_fraction(pipe, monkeypatch, sampler):
+    """The anatomy hold covers the same number of steps for every sampler; the result differs from DDIM."""
+    holds = []
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    for solver in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        add_noise = solver.add_noise
+        monkeypatch.setattr(solver, "add_noise", lambda self, *a, _f=add_noise: holds.append(1) or _f(self, *a))
+    out = run(pipe, num_inference_steps=5, anatomy_steps=3, sampler=sampler)
+    assert len(holds) == 3 + 5  # anatomy stage: 3 of 5 steps; the pathology stage: every step
+    assert not np.array_equal(out.image, run(pipe, num_inference_steps=5, anatomy_steps=3).image)

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from xreal_engine.errors import ModelError
-from xreal_engine.service.worker import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobService, JobStore, QueueFull,
-                               new_job_id)
+from xreal_engine.model.sampling import SamplingParameters
+from xreal_engine.service.spec import JobSpec
+from xreal_engine.service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, QueueFull, new_job_id
+from xreal_engine.service.worker import JobService
 
-SPEC = {"anatomy": "anatomy.png", "pathologies": [], "image": None, "parameters": {"seed": 0},
-        "expected_steps": 2}
+SPEC = JobSpec.build(anatomy="anatomy.png", pathologies=[], image=None,
+                     parameters=SamplingParameters(num_inference_steps=2, anatomy_steps=1, guidance_scale=1.0,
+                                                   eta=0.0, soft_mask_value=0.2, seed=0))
 
 
 def add_job(store: JobStore, request_id: str | None = None, max_queued: int = 100) -> dict:
@@ -105,7 +109,7 @@ def test_worker_runs_in_order_isolates_failures_and_cancels_within_a_step(tmp_pa
     def run_job(pipe, spec, inputs_dir, result_dir, progress):
         job_id = inputs_dir.parent.name
         order.append(job_id)
-        kind = spec["kind"]
+        kind = spec.anatomy.removesuffix(".png")
         if kind == "oom":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if kind == "model":
@@ -124,7 +128,7 @@ def test_worker_runs_in_order_isolates_failures_and_cancels_within_a_step(tmp_pa
     for kind in ("oom", "model", "ok", "slow"):
         job_id = new_job_id()
         store.inputs_dir(job_id).mkdir(parents=True)
-        ids[kind], _ = service.submit(job_id, None, dict(SPEC, kind=kind), [])
+        ids[kind], _ = service.submit(job_id, None, replace(SPEC, anatomy=f"{kind}.png"), [])
     service.start()
     try:
         deadline = time.monotonic() + 30
@@ -155,7 +159,8 @@ def test_a_model_that_produces_nan_fails_its_job_readably_and_the_service_keeps_
 
     from xreal_engine.model.info import ModelInfo
     from xreal_engine.model.random_model import create_random_model
-    from xreal_engine.service.app import ServiceSettings, create_app
+    from xreal_engine.service.app import create_app
+    from xreal_engine.service.settings import ServiceSettings
 
     model_dir = create_random_model(tmp_path / "nan-model", preset="tiny")
     weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
@@ -196,7 +201,8 @@ def test_a_model_that_cannot_load_is_reported_and_jobs_get_503(tmp_path):
     from fastapi.testclient import TestClient
 
     from xreal_engine.model.random_model import create_random_model
-    from xreal_engine.service.app import ServiceSettings, create_app
+    from xreal_engine.service.app import create_app
+    from xreal_engine.service.settings import ServiceSettings
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the failure needs one that does not")
@@ -218,3 +224,16 @@ def job_engine_version() -> str:
     from xreal_engine import __version__
 
     return __version__
+
+
+def test_the_job_spec_travels_through_the_store_as_it_was_submitted(tmp_path):
+    from xreal_engine.service.spec import PacsSource
+
+    spec = JobSpec.build(anatomy=None, pathologies=[("pathology-1.png", "Pleural effusion"), ("pathology-2.png", "")],
+                         image="image.dcm", parameters=SPEC.parameters, push_to="archive",
+                         source=PacsSource(source="pacs", study="1.2", series="1.2.3"))
+    assert (spec.mode, spec.expected_steps) == ("edit", 4)
+    assert JobSpec.from_json(spec.to_json()) == spec
+    store = JobStore(tmp_path)
+    job, _ = store.add(new_job_id(), None, spec, [], 10, retry_after=1)
+    assert store.get(job["id"])["spec"] == spec

@@ -190,6 +190,104 @@ def test_connection_rules():
     assert history[0] == "http://h5" and len(history) == 10 and history.count("http://h5") == 1
 
 
+# ----------------------------------------------------------------------------- sampling settings: the engine's one policy
+
+DEMO_LIKE = {"num_inference_steps": 100, "anatomy_steps": 80, "eta": 1.0, "guidance_scale": 7.0,
+             "soft_mask_value": 0.2}
+# (public name, value, accepted): both ends of every range and just outside; anatomy steps against steps=20
+SAMPLING_BOUNDARIES = [
+    ("steps", 1, True), ("steps", 1000, True), ("steps", 0, False), ("steps", 1001, False),
+    ("anatomy_steps", 0, True), ("anatomy_steps", 20, True), ("anatomy_steps", -1, False),
+    ("anatomy_steps", 21, False),
+    ("guidance", 0.0, True), ("guidance", 50.0, True), ("guidance", -0.001, False), ("guidance", 50.001, False),
+    ("eta", 0.0, True), ("eta", 1.0, True), ("eta", -0.001, False), ("eta", 1.001, False),
+    ("seed", 0, True), ("seed", 2**32 - 1, True), ("seed", -1, False), ("seed", 2**32, False),
+]
+
+
+def _engine_resolve(defaults, given):
+    """What the engine resolves for the same public values (CLI and service use this)."""
+    from xreal_engine.model.sampling import SETTINGS, SamplingParameters
+
+    field = {setting.public_name: name for name, setting in SETTINGS.items()}
+    return SamplingParameters.resolve(defaults, **{field[key]: value for key, value in given.items()})
+
+
+@pytest.mark.parametrize("name, value, accepted", SAMPLING_BOUNDARIES)
+def test_sampling_values_at_both_ends_of_every_range(name, value, accepted):
+    from XRealSlicerLib import parameters
+
+    defaults = parameters.model_defaults({"defaults": DEMO_LIKE})
+    given = {"steps": 20, name: value} if name == "anatomy_steps" else {name: value}
+    if accepted:
+        resolved = parameters.resolve(defaults, **given)
+        assert resolved == _engine_resolve(defaults, given)
+        assert parameters.request_values(resolved)[name] == value
+        return
+    with pytest.raises(InputError) as refused:
+        parameters.resolve(defaults, **given)
+    with pytest.raises(InputError) as engine_refused:
+        _engine_resolve(defaults, given)
+    assert str(refused.value) == str(engine_refused.value)  # one sentence, the engine's
+    assert f"('{name}')" in str(refused.value) and repr(value) in str(refused.value)
+
+
+@pytest.mark.parametrize("given", [
+    {}, {"steps": 20}, {"steps": 20, "anatomy_steps": 20}, {"steps": 1}, {"steps": 1000}, {"steps": 3},
+    {"steps": 7, "anatomy_steps": 0, "guidance": 0.0, "eta": 0.0, "seed": 9},
+])
+@pytest.mark.parametrize("model_defaults", [DEMO_LIKE, {}, {"num_inference_steps": 10, "anatomy_steps": 5}],
+                         ids=["demo", "xreal", "tiny"])
+def test_slicer_resolves_sampling_settings_like_the_engine(given, model_defaults):
+    from XRealSlicerLib import parameters
+
+    defaults = parameters.model_defaults({"defaults": model_defaults})
+    resolved = parameters.resolve(defaults, **given)
+    assert resolved == _engine_resolve(defaults, given)
+    sent = parameters.request_values(resolved, seed=11)
+    assert set(sent) == {"steps", "anatomy_steps", "guidance", "eta", "seed"} and sent["seed"] == 11
+    assert parameters.resolve(defaults, **dict(sent)) == resolved.with_seed(11)  # what the engine gets back
+
+
+def test_steps_alone_keep_the_models_anatomy_fraction():
+    """The bug: Steps 20 sent 20 anatomy steps from Slicer while the CLI and the service used 16 (80 of 100)."""
+    from XRealSlicerLib import parameters
+
+    defaults = parameters.model_defaults({"defaults": DEMO_LIKE})
+    assert parameters.request_values(parameters.resolve(defaults, steps=20)) == {
+        "steps": 20, "anatomy_steps": 16, "guidance": 7.0, "eta": 1.0}
+    follow = parameters.anatomy_steps_after_steps_change
+    assert follow(defaults, 100, 20, 80) == 16  # following the fraction: 80 of 100 -> 16 of 20
+    assert follow(defaults, 20, 1000, 16) == 800
+    assert follow(defaults, None, 20, 3) == 16  # nothing to compare with: follow
+    assert follow(defaults, 100, 20, 30) == 30  # set by the user: kept ...
+    with pytest.raises(InputError, match=r"\('anatomy_steps'\).*number of steps \(20\)"):
+        parameters.resolve(defaults, steps=20, anatomy_steps=30)  # ... and refused at Generate, not clipped
+    for steps in (1, 2, 3, 7, 20, 999, 1000):  # the panel shows what the engine would resolve
+        assert follow(defaults, 100, steps, 80) == parameters.resolve(defaults, steps=steps).anatomy_steps
+
+
+def test_parameter_node_ranges_and_defaults_come_from_the_policy():
+    from XRealSlicerLib import parameters
+    from xreal_engine.model.sampling import SETTINGS, XREAL_DEFAULTS
+
+    for field, name in parameters.NODE_FIELDS.items():
+        low, high = parameters.node_range(field)
+        setting = SETTINGS[name]
+        assert (type(low), type(high)) == (setting.kind, setting.kind) and low == setting.low
+        assert high == (min(setting.high, 2**31 - 1) if field == "seed" else setting.high)  # a QSpinBox is a C int
+    assert parameters.NODE_DEFAULTS == {"steps": XREAL_DEFAULTS["num_inference_steps"],
+                                        "anatomySteps": XREAL_DEFAULTS["anatomy_steps"],
+                                        "guidance": XREAL_DEFAULTS["guidance_scale"]}
+    assert parameters.node_defaults(parameters.model_defaults({"defaults": DEMO_LIKE})) == {
+        "steps": 100, "anatomySteps": 80, "guidance": 7.0}
+    # /info of a newer engine may name settings this module does not know; a bad default is the engine's sentence
+    assert parameters.model_defaults({"defaults": dict(DEMO_LIKE, future_setting=3)}) == DEMO_LIKE
+    assert parameters.model_defaults(None) == parameters.model_defaults({}) == XREAL_DEFAULTS
+    with pytest.raises(InputError, match=r"\('anatomy_steps'\)"):
+        parameters.model_defaults({"defaults": {"num_inference_steps": 10, "anatomy_steps": 20}})
+
+
 def test_background_call_and_logged_commands():
     import time
 
@@ -217,7 +315,7 @@ def test_background_call_and_logged_commands():
 
 def test_pacs_lists_from_the_engine_configuration(tmp_path):
     """Destinations and sources as the engine's PACS module lists them (real config file, no secrets)."""
-    from xreal_engine import pacs
+    from xreal_engine.pacs.config import list_nodes, load_config
 
     config = tmp_path / "pacs.json"
     config.write_text(json.dumps({
@@ -226,7 +324,7 @@ def test_pacs_lists_from_the_engine_configuration(tmp_path):
         "sources": {"archive": {"type": "dimse", "host": "127.0.0.1", "port": 104, "called_aet": "ARCHIVE"}},
         "nodes": {"both": {"type": "dicomweb", "url": "http://127.0.0.1:8043/dicom-web"}},
     }))
-    nodes = pacs.list_nodes(pacs.load_config(config))
+    nodes = list_nodes(load_config(config))
     assert "secret" not in json.dumps(nodes)
     for shape in (nodes, {"nodes": nodes}, {"destinations": ["both", "orthanc"], "sources": ["archive", "both"]}):
         destinations, sources = connection.pacs_nodes({"pacs": shape})
@@ -285,6 +383,87 @@ def test_launcher_passes_the_token_in_the_environment_not_on_the_command_line(tm
     assert launcher.environment()["XREAL_ENGINE_TOKEN"] == "-starts-with-a-dash"
 
 
+# A stand-in engine process: announces a port, then behaves like ``serve --exit-with-stdin``: exits
+# when its stdin closes, after ``argv[1]`` seconds (a slow, graceful shutdown on a loaded machine).
+FAKE_ENGINE = r"""
+import sys, time
+print("Loading model ...", flush=True)
+if sys.argv[1] == "crash-loading":
+    sys.exit(3)
+print("xreal-engine listening on http://127.0.0.1:40999", flush=True)
+if sys.argv[1] == "crash-listening":
+    sys.exit(3)
+sys.stdin.read()
+time.sleep(float(sys.argv[1]))
+"""
+
+
+class _FakeClient:
+    def __init__(self, healthy=True):
+        self.healthy = healthy
+
+    def health(self):
+        from xreal_engine.client import EngineUnreachable
+
+        if not self.healthy:
+            raise EngineUnreachable("not yet")
+        return {"status": "ok"}
+
+    def shutdown(self):  # the stand-in listens on no port: the launcher falls back to closing stdin
+        from xreal_engine.client import EngineUnreachable
+
+        raise EngineUnreachable("no HTTP here")
+
+
+def _fake_launcher(tmp_path, behaviour, healthy=True, **kwargs):
+    from XRealSlicerLib.launcher import EngineLauncher, default_spawn
+
+    def spawn(args, env_update, cwd):
+        return default_spawn([sys.executable, "-u", "-c", FAKE_ENGINE, behaviour], env_update, cwd)
+
+    return EngineLauncher(sys.executable, "demo", tmp_path / "data", spawn=spawn,
+                          client_factory=lambda url, token: _FakeClient(healthy), **kwargs)
+
+
+def _start_then_stop(launcher):
+    """(exit code, seconds that ``stop()`` took)."""
+    import time
+
+    launcher.start(timeout=120)
+    process = launcher.process
+    started = time.monotonic()
+    launcher.stop()
+    assert launcher.process is None
+    return process.returncode, time.monotonic() - started
+
+
+def test_launcher_stop_waits_generously_and_ends_when_the_engine_exits(tmp_path):
+    """A busy machine shuts down slowly (the fixture once saw -15 after 10 s); the wait ends at the exit."""
+    from XRealSlicerLib.launcher import STOP_TIMEOUT_SECONDS
+
+    launcher = _fake_launcher(tmp_path, "1.5")
+    assert launcher.stop_timeout == STOP_TIMEOUT_SECONDS >= 60
+    returncode, seconds = _start_then_stop(launcher)
+    assert returncode == 0 and seconds < STOP_TIMEOUT_SECONDS / 2  # graceful, and over when the process exited
+    # configurable: an engine that takes too long is terminated after stop_timeout
+    returncode, seconds = _start_then_stop(_fake_launcher(tmp_path, "600", stop_timeout=0.5))
+    assert returncode != 0 and seconds < 30
+
+
+@pytest.mark.parametrize("behaviour", ["crash-loading", "crash-listening"])
+def test_launcher_start_ends_as_soon_as_the_engine_exits(tmp_path, behaviour):
+    """A long start-up timeout costs nothing when the engine exits: the wait ends at once, with its output."""
+    import time
+
+    from xreal_engine.errors import ModelError
+
+    launcher = _fake_launcher(tmp_path, behaviour, healthy=False, start_timeout=600)
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="stopped while starting"):
+        launcher.start()
+    assert time.monotonic() - started < 60 and launcher.process is None
+
+
 # ----------------------------------------------------------------------------- against a real engine
 
 
@@ -325,7 +504,7 @@ def engine(tiny_model, orthanc, tmp_path_factory):
     launcher.start(timeout=240)
     yield launcher
     process = launcher.process
-    launcher.stop()
+    launcher.stop()  # waits up to STOP_TIMEOUT_SECONDS (a busy machine is slow) and ends when the engine exits
     # stopped through the API (uvicorn exits 0), not terminated or killed; no process left behind
     assert process.returncode == 0 and launcher.process is None
 
@@ -352,6 +531,7 @@ def _run(runner, jobs, timeout=300):
 
 
 def test_two_step_job_through_the_runner_and_fallback_reader(engine, vocabulary, tmp_path):
+    from XRealSlicerLib import parameters
     from XRealSlicerLib.jobs import DONE, JobRunner, JobSpec
     from XRealSlicerLib.results import read_fallback_segments
 
@@ -361,7 +541,9 @@ def test_two_step_job_through_the_runner_and_fallback_reader(engine, vocabulary,
     segments = _drawing(vocabulary, shape=(size, size), finding=findings[0])
     canvas = CanvasGeometry((1, size, size), (fov / size, fov / size, 1.0))
     inputs = build_inputs(segments, canvas, vocabulary, list(connection.model_anatomy_labels(info)), findings)
-    files = write_request_files(inputs, tmp_path / "request", {"seed": 5, "steps": 2, "anatomy_steps": 1})
+    # only the steps: the engine resolves the anatomy steps, and Slicer's lib must agree with it
+    files = write_request_files(inputs, tmp_path / "request", {"seed": 5, "steps": 2})
+    expected = parameters.resolve(parameters.model_defaults(info), steps=2, seed=5)
 
     runner = JobRunner(engine.client(), poll_interval=0.1)
     events = _run(runner, [JobSpec(files, tmp_path / "result", "seed 5")])
@@ -377,6 +559,7 @@ def test_two_step_job_through_the_runner_and_fallback_reader(engine, vocabulary,
     assert result.sc_series_uid == sc.SeriesInstanceUID and result.seg_series_uid == seg.SeriesInstanceUID
     assert result.study_uid == sc.StudyInstanceUID
     assert result.provenance["seed"] == 5 and result.provenance["steps"] == 2
+    assert {key: result.provenance[key] for key in expected.to_public()} == expected.to_public()
 
     rebuilt = read_fallback_segments(result.directory, vocabulary)
     names = [s.name for s in rebuilt]

@@ -1,21 +1,30 @@
-"""Static checks that stand in for running Slicer (which cannot run here).
+"""Checks that stand in for running Slicer (which cannot run here).
 
-- the .ui file is valid Qt Designer XML, and every ``self.ui.<name>`` the module uses exists in it;
-- parameter-node bindings (SlicerParameterName) name real fields of the parameter node wrapper;
-- every Python file under XRealSlicer/ parses as Python 3.9 (Slicer 5.8) and 3.12 syntax;
-- the module and its Lib import nothing heavy (no torch/diffusers/monai/..., only the engine's stdlib parts),
-  checked by reading the imports and by importing XRealSlicerLib in a fresh interpreter;
-- every Slicer API name XRealSlicer.py uses exists in Slicer's source (slicer-api-symbols.txt);
-- CMake lists every script and resource, and lists nothing that is missing; the extension metadata is complete;
-- Resources/requirements.txt is the engine's dependency list.
+Behaviour where there is one to run:
+- the .ui file is valid Qt Designer XML (parsed), its bindings name fields of the parameter node;
+- the parameter node's class body, run with stand-ins for Slicer's names, takes the sampling ranges and
+  defaults from the engine's policy (XRealSlicerLib.parameters), and the .ui pins no other ranges;
+- every Python file under XRealSlicer/ (and the engine files Slicer imports) parses as Python 3.9
+  (Slicer 5.8) and 3.12;
+- XRealSlicerLib imports in a fresh interpreter without torch & co. and loads only the engine's stdlib parts;
+- real CMake configures and installs the extension against a stand-in Slicer: every script and resource
+  is declared (and nothing missing), the metadata is complete and in order, the whole engine tree
+  (model/, cli/ ...) is installed beside the module;
+- Resources/requirements.txt is the engine's dependency list; the vocabulary is the engine's file.
+
+Text, where only the text can show it (XRealSlicer.py needs Slicer to import): the ``self.ui`` names
+the module uses, its imports, every Slicer API name it uses (slicer-api-symbols.txt), version-dependent
+calls it must avoid, and that no vocabulary code is copied into the module.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
+import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -29,7 +38,8 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "XRealSlicer.ui"
 
 HEAVY_MODULES = {"torch", "diffusers", "transformers", "monai", "accelerate", "fastapi", "uvicorn", "highdicom",
                  "safetensors", "pynetdicom", "dicomweb_client", "PIL", "scipy"}
-ENGINE_MODULES_ALLOWED = {"xreal_engine", "xreal_engine.client", "xreal_engine.errors"}
+ENGINE_MODULES_ALLOWED = {"xreal_engine", "xreal_engine.client", "xreal_engine.errors", "xreal_engine.model",
+                          "xreal_engine.model.sampling"}
 SLICER_ONLY_MODULES = {"slicer", "qt", "vtk", "ctk", "DICOMLib", "DICOM", "SampleData", "SegmentEditor"}
 # VTK base-class methods (vtkObject's are listed; these come from vtkMatrix4x4 / Qt and are not in the list)
 BASE_METHODS = {"IsA"}
@@ -93,8 +103,66 @@ def test_parameter_bindings_match_the_parameter_node():
     assert {"canvasVolume", "segmentation", "seed", "steps", "anatomySteps", "guidance"} <= bound
 
 
+def _lib():
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    from XRealSlicerLib import parameters
+
+    return parameters
+
+
+class _WithinRange:
+    """Stand-in for slicer.parameterNodeWrapper.WithinRange (validators.py): keeps its two bounds."""
+
+    def __init__(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+
+
+def _parameter_node_class():
+    """XRealSlicerParameterNode's class body, run with the module's own Lib/engine imports and Slicer stand-ins."""
+    _lib()
+    tree = ast.parse(MODULE_PY.read_text())
+    imports = [node for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 0
+               and node.module.split(".")[0] in ("XRealSlicerLib", "xreal_engine")]
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "XRealSlicerParameterNode")
+    wrapper.decorator_list = []  # @parameterNodeWrapper needs Slicer; the annotations and defaults do not
+    namespace = {"Annotated": typing.Annotated, "WithinRange": _WithinRange,
+                 "vtkMRMLScalarVolumeNode": type("vtkMRMLScalarVolumeNode", (), {}),
+                 "vtkMRMLSegmentationNode": type("vtkMRMLSegmentationNode", (), {})}
+    code = compile(ast.Module(body=imports + [wrapper], type_ignores=[]), str(MODULE_PY), "exec", dont_inherit=True)
+    exec(code, namespace)  # dont_inherit: the annotations are evaluated as in XRealSlicer.py, not as strings
+    return namespace["XRealSlicerParameterNode"]
+
+
+def test_parameter_node_takes_sampling_ranges_and_defaults_from_the_engine_policy():
+    parameters = _lib()
+    node = _parameter_node_class()
+    hints = typing.get_type_hints(node, include_extras=True)
+    for field in parameters.NODE_FIELDS:
+        (within,) = [item for item in hints[field].__metadata__ if isinstance(item, _WithinRange)]
+        assert (within.minimum, within.maximum) == parameters.node_range(field), field
+    for field, value in parameters.NODE_DEFAULTS.items():
+        assert getattr(node, field) == value, field
+
+
+def test_ui_spin_boxes_pin_no_sampling_range_of_their_own():
+    """connectGui sets a bound spin box's range from its WithinRange (Slicer's guiConnectors.py); a range in
+    the .ui would only be a second copy that can disagree with the engine's."""
+    parameters = _lib()
+    bound = {}
+    for widget in _ui_tree().getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName" and prop.find("string").text in parameters.NODE_FIELDS:
+                bound[prop.find("string").text] = widget
+    assert set(bound) == set(parameters.NODE_FIELDS)
+    for field, widget in bound.items():
+        pinned = [prop.get("name") for prop in widget.findall("property") if prop.get("name") in ("minimum", "maximum")]
+        assert not pinned, f"{widget.get('name')} pins {pinned} in the .ui; the parameter node gives its range"
+
+
 # the engine files Slicer's own Python imports (the rest runs in the engine's Python)
-ENGINE_FILES_IMPORTED_BY_SLICER = ["xreal_engine/__init__.py", "xreal_engine/client.py", "xreal_engine/errors.py"]
+ENGINE_FILES_IMPORTED_BY_SLICER = ["xreal_engine/__init__.py", "xreal_engine/client.py", "xreal_engine/errors.py",
+                                   "xreal_engine/model/__init__.py", "xreal_engine/model/sampling.py"]
 
 
 @pytest.mark.parametrize("version", [(3, 9), (3, 12)])
@@ -127,16 +195,20 @@ def test_module_and_lib_import_nothing_heavy():
 
 
 def test_lib_imports_in_a_bare_interpreter_without_torch():
+    lib_modules = sorted("XRealSlicerLib." + p.stem for p in LIB_DIR.glob("*.py") if p.stem != "__init__")
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "import XRealSlicerLib.request, XRealSlicerLib.jobs, XRealSlicerLib.launcher, XRealSlicerLib.results,"
-        " XRealSlicerLib.series, XRealSlicerLib.connection, XRealSlicerLib.tasks\n"
+        "import importlib, json, sys; sys.path.insert(0, %r)\n"
+        "[importlib.import_module(name) for name in %r]\n"
         "heavy = sorted(m for m in %r if m in sys.modules)\n"
-        "print(','.join(heavy))\n" % (str(MODULE_DIR), sorted(HEAVY_MODULES))
+        "engine = sorted(m for m in sys.modules if m.split('.')[0] == 'xreal_engine')\n"
+        "print(json.dumps({'heavy': heavy, 'engine': engine}))\n" % (str(MODULE_DIR), lib_modules, sorted(HEAVY_MODULES))
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(MODULE_DIR))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout}"
+    loaded = json.loads(result.stdout)
+    assert loaded["heavy"] == [], f"heavy modules imported: {loaded['heavy']}"
+    # only the engine's stdlib parts enter Slicer's Python (the policy included: the Lib resolves with it)
+    assert "xreal_engine.model.sampling" in loaded["engine"] and set(loaded["engine"]) <= ENGINE_MODULES_ALLOWED
 
 
 # ----------------------------------------------------------------------------- Slicer API names
@@ -233,43 +305,6 @@ def test_version_dependent_calls_are_avoided_or_guarded():
 # ----------------------------------------------------------------------------- CMake and packaging
 
 
-def _cmake_list(text: str, variable: str):
-    match = re.search(r"set\(%s\s+(.*?)\)" % variable, text, re.S)
-    assert match, variable
-    return [item.replace("${MODULE_NAME}", "XRealSlicer") for item in match.group(1).split()]
-
-
-def test_cmake_lists_every_script_and_resource():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
-    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
-    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
-    for name in scripts + resources:
-        assert (MODULE_DIR / name).is_file(), f"listed but missing: {name}"
-    on_disk_py = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "Testing" not in p.parts}
-    assert on_disk_py == set(scripts)
-    on_disk_res = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
-                   if p.is_file() and p.suffix in (".ui", ".png", ".txt")}
-    assert on_disk_res == set(resources)
-    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
-    testing = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text()
-    assert re.search(r"^slicer_add_python_unittest\(SCRIPT .*XRealSlicer\.py\)", testing.replace("${MODULE_NAME}", "XRealSlicer"), re.M)
-    assert "add_subdirectory(Python)" in (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text()
-
-
-def test_extension_metadata_is_complete():
-    text = (REPO_DIR / "CMakeLists.txt").read_text()
-    assert re.search(r"^project\(XRealSlicer\)", text, re.M)
-    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
-        match = re.search(r'set\(EXTENSION_%s "([^"]+)"\)' % variable, text)
-        assert match and match.group(1).strip(), f"EXTENSION_{variable} is missing"
-    order = ["find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(XRealSlicer)",
-             "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
-    positions = [text.index(line) for line in order]
-    assert positions == sorted(positions)
-    readme = re.search(r'set\(EXTENSION_README_FILE "([^"]+)"\)', text)
-    assert readme is None or (REPO_DIR / readme.group(1)).is_file()
-
-
 def test_requirements_are_the_engine_dependencies():
     import tomllib
 
@@ -279,36 +314,65 @@ def test_requirements_are_the_engine_dependencies():
     assert sorted(requirements) == sorted(dependencies)
 
 
+def _code_values(entry):
+    if isinstance(entry, dict):
+        if {"scheme", "value"} <= set(entry):
+            yield str(entry["value"])
+        for value in entry.values():
+            yield from _code_values(value)
+    elif isinstance(entry, list):
+        for value in entry:
+            yield from _code_values(value)
+
+
 def test_the_vocabulary_is_read_from_the_engine_not_copied():
+    from XRealSlicerLib.enginepath import vocabulary_path
+    from XRealSlicerLib.vocabulary import Vocabulary
+
+    _lib()
+    engine_file = REPO_DIR / "xreal_engine" / "vocabulary.json"
+    assert vocabulary_path().resolve() == engine_file.resolve()
+    assert Vocabulary.load().data == json.loads(engine_file.read_text())
     assert not list(MODULE_DIR.rglob("vocabulary.json")), "Slicer must read xreal_engine/vocabulary.json itself"
+    # text only: no code of the vocabulary is copied into the module's sources
+    codes = {code for code in _code_values(json.loads(engine_file.read_text())) if len(code) >= 5}
     source = "\n".join(p.read_text() for p in _python_files())
-    assert "123037004" not in source and "8186001" not in source  # no SNOMED codes duplicated in the module
+    assert len(codes) > 10
+    copied = sorted(code for code in codes if re.search(r"\b%s\b" % re.escape(code), source))
+    assert not copied, f"vocabulary codes copied into the module: {copied}"
 
 
 STUB_USE_SLICER = r"""
 # Stand-in for Slicer's UseSlicer.cmake: the macros the extension calls, with the checks Slicer's own
-# versions make (unknown keywords and missing files are fatal), recording what was declared.
+# versions make (unknown keywords and missing files are fatal), recording what was declared, in order.
 set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
 set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+set(XREAL_STUB_REPORT ${CMAKE_BINARY_DIR}/stub-report.txt)
+file(WRITE ${XREAL_STUB_REPORT} "use-file\n")
+file(APPEND ${XREAL_STUB_REPORT} "project ${PROJECT_NAME}\n")
 foreach(field HOMEPAGE CATEGORY CONTRIBUTORS DESCRIPTION ICONURL SCREENSHOTURLS DEPENDS)
-  if(NOT DEFINED EXTENSION_${field})
+  if("${EXTENSION_${field}}" STREQUAL "")
     message(FATAL_ERROR "EXTENSION_${field} is not set before find_package(Slicer)")
   endif()
+  file(APPEND ${XREAL_STUB_REPORT} "extension ${field}\n")
 endforeach()
-set(XREAL_STUB_REPORT ${CMAKE_BINARY_DIR}/stub-report.txt)
-file(WRITE ${XREAL_STUB_REPORT} "")
+if(DEFINED EXTENSION_README_FILE AND NOT EXISTS ${CMAKE_SOURCE_DIR}/${EXTENSION_README_FILE})
+  message(FATAL_ERROR "EXTENSION_README_FILE ${EXTENSION_README_FILE} does not exist")
+endif()
 macro(slicerMacroBuildScriptedModule)
   cmake_parse_arguments(STUB "WITH_GENERIC_TESTS;WITH_SUBDIR;VERBOSE" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
   if(STUB_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "Unknown keywords: ${STUB_UNPARSED_ARGUMENTS}")
   endif()
-  foreach(file ${STUB_SCRIPTS} ${STUB_RESOURCES})
-    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
-      message(FATAL_ERROR "nonexistent file ${file}")
-    endif()
-    file(APPEND ${XREAL_STUB_REPORT} "file ${file}\n")
+  foreach(kind SCRIPTS RESOURCES)
+    foreach(file ${STUB_${kind}})
+      if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+        message(FATAL_ERROR "nonexistent file ${file}")
+      endif()
+      file(APPEND ${XREAL_STUB_REPORT} "${kind} ${file}\n")
+    endforeach()
   endforeach()
-  file(APPEND ${XREAL_STUB_REPORT} "module ${STUB_NAME}\n")
+  file(APPEND ${XREAL_STUB_REPORT} "module ${STUB_NAME} generic-tests=${STUB_WITH_GENERIC_TESTS}\n")
 endmacro()
 macro(slicer_add_python_unittest)
   cmake_parse_arguments(STUB "" "SCRIPT;TESTNAME_PREFIX" "SLICER_ARGS" ${ARGN})
@@ -317,39 +381,82 @@ macro(slicer_add_python_unittest)
     message(FATAL_ERROR "nonexistent test script ${STUB_SCRIPT}")
   endif()
   get_filename_component(name ${script} NAME_WE)
-  file(APPEND ${XREAL_STUB_REPORT} "test py_${STUB_TESTNAME_PREFIX}${name}\n")
+  file(APPEND ${XREAL_STUB_REPORT} "test py_${STUB_TESTNAME_PREFIX}${name} ${script}\n")
 endmacro()
 """
 
 
-def test_cmake_configures_and_installs_the_engine_beside_the_module(tmp_path):
+@pytest.fixture(scope="module")
+def cmake_build(tmp_path_factory):
     """Real CMake runs the extension's CMakeLists against a stand-in Slicer (Slicer itself cannot be built here)."""
     import shutil
 
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
-    stub = tmp_path / "stub"
+    root = tmp_path_factory.mktemp("cmake")
+    stub = root / "stub"
     stub.mkdir()
     (stub / "UseSlicer.cmake").write_text(STUB_USE_SLICER)
-    (stub / "empty.cmake").write_text("")
+    for step in ("generate-config", "cpack"):
+        (stub / f"{step}.cmake").write_text(f'file(APPEND ${{XREAL_STUB_REPORT}} "{step}\\n")\n')
     (stub / "SlicerConfig.cmake").write_text(
         "set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)\n"
-        "set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)\n"
-        "set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)\n")
-    build = tmp_path / "build"
+        "set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/generate-config.cmake)\n"
+        "set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/cpack.cmake)\n")
+    build = root / "build"
     configure = subprocess.run([cmake, "-S", str(REPO_DIR), "-B", str(build), f"-DSlicer_DIR={stub}",
                                 "-DBUILD_TESTING=ON"], capture_output=True, text=True, timeout=300)
     assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
-    report = (build / "stub-report.txt").read_text().splitlines()
-    assert "module XRealSlicer" in report and "test py_XRealSlicer" in report
-    assert "file XRealSlicerLib/request.py" in report and "file Resources/UI/XRealSlicer.ui" in report
-    modules = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
-    assert (modules / "xreal_engine" / "client.py").is_file() and (modules / "xreal_engine" / "vocabulary.json").is_file()
-    assert not list((modules / "xreal_engine").rglob("__pycache__"))
-    install = subprocess.run([cmake, "--install", str(build), "--prefix", str(tmp_path / "installed")],
-                             capture_output=True, text=True, timeout=300)
+    return {"cmake": cmake, "build": build, "root": root,
+            "report": (build / "stub-report.txt").read_text().splitlines()}
+
+
+def test_cmake_declares_every_script_and_resource(cmake_build):
+    report = cmake_build["report"]
+    scripts = {line.split(" ", 1)[1] for line in report if line.startswith("SCRIPTS ")}
+    resources = {line.split(" ", 1)[1] for line in report if line.startswith("RESOURCES ")}
+    on_disk_py = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "Testing" not in p.parts}
+    assert scripts == on_disk_py  # nothing missing (configure would have failed), nothing left out
+    on_disk_res = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
+                   if p.is_file() and p.suffix in (".ui", ".png", ".txt")}
+    assert resources == on_disk_res
+    assert "module XRealSlicer generic-tests=TRUE" in report
+    assert f"test py_XRealSlicer {MODULE_PY.resolve()}" in report  # the module's self-test runs under ctest
+
+
+def test_extension_metadata_is_complete_and_in_order(cmake_build):
+    report = cmake_build["report"]
+    assert "project XRealSlicer" in report  # the stub already failed on an empty EXTENSION_* or missing README
+    assert len([line for line in report if line.startswith("extension ")]) == 7
+    steps = [line.split()[0] for line in report if line.split()[0] in ("use-file", "module", "generate-config",
+                                                                       "cpack")]
+    assert steps == ["use-file", "module", "generate-config", "cpack"]
+
+
+def test_cmake_configures_and_installs_the_engine_beside_the_module(cmake_build):
+    """The whole xreal_engine/ tree (subpackages model/, cli/ ... included) goes beside XRealSlicer.py, built
+    and installed: Slicer's Python imports xreal_engine.model.sampling, the launcher runs xreal_engine.cli."""
+    engine = REPO_DIR / "xreal_engine"
+    source_files = {p.relative_to(engine).as_posix() for p in engine.rglob("*")
+                    if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    install = subprocess.run([cmake_build["cmake"], "--install", str(cmake_build["build"]), "--prefix",
+                              str(cmake_build["root"] / "installed")], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
-    installed = tmp_path / "installed" / "lib" / "Slicer-5.8" / "qt-scripted-modules"
-    assert (installed / "xreal_engine" / "client.py").is_file()
-    assert (installed / "xreal_engine" / "cli" / "__main__.py").is_file()  # the launcher runs python -m xreal_engine.cli serve
+    built = cmake_build["build"] / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    installed = cmake_build["root"] / "installed" / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    for modules in (built, installed):
+        bundled = modules / "xreal_engine"
+        for name in ("client.py", "errors.py", "vocabulary.json", "model/__init__.py", "model/sampling.py",
+                     "cli/__main__.py"):
+            assert (bundled / name).is_file(), f"{name} is not in {bundled}"
+        assert not list(bundled.rglob("__pycache__"))
+        copied = {p.relative_to(bundled).as_posix() for p in bundled.rglob("*") if p.is_file()}
+        assert source_files <= copied, f"not bundled: {sorted(source_files - copied)[:10]}"
+    # the installed copy is importable the way Slicer imports it: the policy without torch
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from xreal_engine.model.sampling import SamplingParameters\n"
+            "assert SamplingParameters.resolve({}, num_inference_steps=20).anatomy_steps == 10\n"
+            "assert 'torch' not in sys.modules\n" % str(installed))
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

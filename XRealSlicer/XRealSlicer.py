@@ -34,6 +34,7 @@ from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from XRealSlicerLib import connection, enginepath, series
+from XRealSlicerLib import parameters as sampling
 from XRealSlicerLib.jobs import DONE, FAILED, FINAL, JobRunner, JobSpec, error_text
 from XRealSlicerLib.launcher import (
     EngineLauncher,
@@ -90,15 +91,20 @@ class XRealSlicer(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class XRealSlicerParameterNode:
-    """What the user chose in the panel (saved with the scene)."""
+    """What the user chose in the panel (saved with the scene).
+
+    The sampling settings' ranges and defaults are the engine's sampling policy (XRealSlicerLib.parameters);
+    connectGui gives each spin box its field's WithinRange.
+    """
 
     canvasVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     editMode: bool = False
-    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
-    steps: Annotated[int, WithinRange(1, 1000)] = 100
-    anatomySteps: Annotated[int, WithinRange(0, 1000)] = 50
-    guidance: Annotated[float, WithinRange(0.0, 50.0)] = 7.0
+    seed: Annotated[int, WithinRange(*sampling.node_range("seed"))] = 0
+    steps: Annotated[int, WithinRange(*sampling.node_range("steps"))] = sampling.NODE_DEFAULTS["steps"]
+    anatomySteps: Annotated[int, WithinRange(*sampling.node_range("anatomySteps"))] = \
+        sampling.NODE_DEFAULTS["anatomySteps"]
+    guidance: Annotated[float, WithinRange(*sampling.node_range("guidance"))] = sampling.NODE_DEFAULTS["guidance"]
     variations: Annotated[int, WithinRange(1, 64)] = 1
     interpolate: bool = False
     interpolationSteps: Annotated[int, WithinRange(2, 64)] = 8
@@ -121,6 +127,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._stepsSeen = None  # the Steps the Anatomy steps were last matched to (onParameterNodeModified)
         self._task = None  # BackgroundCall for engine start / connect / install
         self._taskDone = None  # main-thread continuation of self._task
         self._runner = None
@@ -226,12 +233,28 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, inputParameterNode):
+        # observed like Slicer's module template (Utilities/Templates/Modules/Scripted/TemplateKey.py)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            self._stepsSeen = self._parameterNode.steps  # a loaded scene keeps its own anatomy steps
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.updatePathologySegmentList()
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        """Steps changed: Anatomy steps keep the model's fraction of the schedule unless the user set them."""
+        node = self._parameterNode
+        if node is None or node.steps == self._stepsSeen:
+            return
+        oldSteps, self._stepsSeen = self._stepsSeen, node.steps
+        anatomySteps = sampling.anatomy_steps_after_steps_change(self.logic.samplingDefaults, oldSteps, node.steps,
+                                                                 node.anatomySteps)
+        if anatomySteps != node.anatomySteps:
+            node.anatomySteps = anatomySteps
 
     # ------------------------------------------------------------------ errors and status
 
@@ -372,19 +395,11 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def applyModelDefaults(self):
         """Model defaults into the parameter node (once per connection), model findings into the lists."""
-        defaults = connection.model_defaults(self.logic.info)
         if self._parameterNode:
-            def clamped(value, low, high, kind):
-                try:
-                    return kind(min(max(kind(value), low), high))
-                except (TypeError, ValueError):
-                    return None
-
-            for name, key, low, high, kind in (("steps", "num_inference_steps", 1, 1000, int),
-                                                ("anatomySteps", "anatomy_steps", 0, 1000, int),
-                                                ("guidance", "guidance_scale", 0.0, 50.0, float)):
-                value = clamped(defaults.get(key, getattr(self._parameterNode, name)), low, high, kind)
-                if value is not None:
+            values = sampling.node_defaults(self.logic.samplingDefaults)  # checked by the policy on connecting
+            self._stepsSeen = values["steps"]  # the model's own anatomy steps, not the follow rule's
+            with slicer.util.NodeModify(self._parameterNode):  # one Modified event (as wrapper.py uses it)
+                for name, value in values.items():
                     setattr(self._parameterNode, name, value)
         self.ui.findingComboBox.clear()
         findings = connection.model_findings(self.logic.info)
@@ -511,7 +526,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ generate
 
     def onRandomSeed(self):
-        self._parameterNode.seed = random.randint(0, 2147483647)
+        self._parameterNode.seed = random.randint(*sampling.node_range("seed"))
 
     def onGenerateOrCancel(self):
         if self._runner is not None and self._runner.busy:
@@ -541,6 +556,9 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise XRealError(_("Select or create a canvas first (Canvas section)."))
         if segmentation is None:
             raise XRealError(_("Create the segments first (Masks section)."))
+        # the engine's own rules and sentences, before anything is read or written
+        resolved = sampling.resolve(self.logic.samplingDefaults, steps=parameters.steps,
+                                    anatomy_steps=parameters.anatomySteps, guidance=parameters.guidance)
         self.logic.ensureDicomDatabase()  # results are imported into it; may ask the user, so before the run
         info = self.logic.info
         inputs = build_inputs(
@@ -548,8 +566,6 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             list(connection.model_anatomy_labels(info)), connection.model_findings(info), edit_mode=parameters.editMode)
         for warning in inputs.warnings:
             self.appendLog([warning])
-        values = {"steps": parameters.steps, "anatomy_steps": min(parameters.anatomySteps, parameters.steps),
-                  "guidance": parameters.guidance}
         runDir = self.logic.newRunDirectory()
         editImage, editFile, source = None, None, None
         if parameters.editMode:
@@ -560,8 +576,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pushTo = self.ui.pushDestinationComboBox.currentData or None
 
         def requestFor(name, inputsForJob, seed):
-            files = write_request_files(inputsForJob, runDir / name, dict(values, seed=seed), edit_image=editImage,
-                                        edit_image_file=editFile)
+            files = write_request_files(inputsForJob, runDir / name, sampling.request_values(resolved, seed),
+                                        edit_image=editImage, edit_image_file=editFile)
             files.push_to, files.source = pushTo, source
             return JobSpec(files, runDir / name / "result", name)
 
@@ -705,6 +721,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.info = None
         self.engineUrl = None
         self.engineLog = queue.Queue()
+        self.samplingDefaults = sampling.model_defaults()  # the connected model's (XReal's while none is)
         self._spawn = None
         self.startupEnvironment = None
         self.shuttingDown = False
@@ -782,12 +799,13 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
 
     def dropConnection(self):
         """Forget the current engine (a new one is being started or connected)."""
-        self.client = self.info = self.engineUrl = None
+        self.client = self.info = self.engineUrl = None  # samplingDefaults stay those the panel's values came from
 
     def _setClient(self, url, token):
         client = EngineClient(url, token, timeout=30.0)
         info = client.info()
-        self.client, self.info, self.engineUrl = client, info, url
+        samplingDefaults = sampling.model_defaults(info)  # a bad default refuses the engine with its sentence
+        self.client, self.info, self.engineUrl, self.samplingDefaults = client, info, url, samplingDefaults
 
     def drainEngineLog(self):
         """Engine output lines received since the last call (the launcher's reader thread queues them)."""
@@ -1139,7 +1157,8 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
                               logic.vocabulary, list(connection.model_anatomy_labels(logic.info)), findings)
         self.assertEqual(len(inputs.pathologies), 1)
         runDir = logic.newRunDirectory()
-        files = write_request_files(inputs, runDir / "request", {"seed": 0, "steps": 2, "anatomy_steps": 1})
+        values = sampling.request_values(sampling.resolve(logic.samplingDefaults, steps=2, anatomy_steps=1), seed=0)
+        files = write_request_files(inputs, runDir / "request", values)
         runner = JobRunner(logic.client, poll_interval=0.2)
         runner.start([JobSpec(files, runDir / "result", "self-test")])
         deadline = time.time() + 600

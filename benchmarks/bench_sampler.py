@@ -1,6 +1,6 @@
 """Speed and memory of the XReal sampler at the full official size, with random weights.
 
-Builds the official architecture from diffusers configs (``xreal_engine.models.component_configs
+Builds the official architecture from diffusers configs (``xreal_engine.model.architecture.component_configs
 ("full")``: UNet 224 channels x (1,2,4,4), 2 res blocks, cross-attention at 3 levels, 8 heads,
 context 1280; LDM-BERT 32 x 1280 with 150 positions; two AutoencoderKL 128 x (1,2,4) at 256^2),
 no weights file needed, and prints for float32 and for reduced-precision autocast (bfloat16 on

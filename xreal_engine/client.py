@@ -124,7 +124,7 @@ class EngineClient:
     def submit(self, anatomy_path=None, pathologies=(), image_path=None, *, seed: int | None = None,
                steps: int | None = None, anatomy_steps: int | None = None, guidance: float | None = None,
                eta: float | None = None, request_id: str | None = None, push_to: str | None = None,
-               source: dict | None = None) -> dict:
+               source: dict | None = None, sampler: str | None = None, fast: bool | None = None) -> dict:
         """Upload masks (and an image to edit) and queue a job; returns the job status dict.
 
         ``pathologies`` is a list of (mask path, finding). ``source`` is
@@ -142,7 +142,8 @@ class EngineClient:
         if image_path is not None:
             files.append(("image", Path(image_path)))
         parameters = {"seed": seed, "steps": steps, "anatomy_steps": anatomy_steps, "guidance": guidance,
-                      "eta": eta, "request_id": request_id or uuid.uuid4().hex, "push_to": push_to}
+                      "eta": eta, "sampler": sampler, "fast": None if fast is None else str(bool(fast)).lower(),
+                      "request_id": request_id or uuid.uuid4().hex, "push_to": push_to}
         parameters.update(source or {})
         fields.extend((name, str(value)) for name, value in parameters.items() if value is not None)
         with MultipartBody(fields, files) as body:

@@ -46,12 +46,9 @@ class GenerationRequest:
     pathologies: list = field(default_factory=list)  # [(mask path, finding)]
     image_path: Optional[Path] = None  # edit mode: the X-ray to edit (PNG / NRRD / NIfTI / DICOM)
     seed: int = 0
-    # Sampling settings; None = the model's default (resolved by model/sampling.py, the one policy).
-    num_inference_steps: Optional[int] = None
-    anatomy_steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    eta: Optional[float] = None
-    soft_mask_value: Optional[float] = None
+    # Sampling settings by public name (steps, anatomy_steps, guidance, eta, soft_mask_value, sampler, fast);
+    # missing or None = the model's default. model/sampling.py, the one policy, resolves and checks them.
+    sampling: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -85,10 +82,7 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
     """Read and validate every input of ``request`` against ``model_info``; raise InputError if unusable."""
     from .io import masks as mask_io
 
-    parameters = SamplingParameters.resolve(
-        model_info.defaults, seed=request.seed, num_inference_steps=request.num_inference_steps,
-        anatomy_steps=request.anatomy_steps, guidance_scale=request.guidance_scale, eta=request.eta,
-        soft_mask_value=request.soft_mask_value)
+    parameters = SamplingParameters.from_public(model_info.defaults, {**request.sampling, "seed": request.seed})
     edit_mode = request.image_path is not None
     regions = [(Path(path), canonical_finding(finding, model_info.findings, removal_allowed=edit_mode))
                for path, finding in request.pathologies]

@@ -83,10 +83,6 @@ def model_anatomy_labels(info: dict) -> Dict[int, str]:
     return {int(k): str(v) for k, v in labels.items()}
 
 
-def model_defaults(info: dict) -> dict:
-    return dict(info.get("defaults") or {})
-
-
 def model_geometry(info: dict) -> Tuple[int, float]:
     """(image size in pixels, field of view in mm) for a blank canvas at the model's geometry."""
     model = info.get("model") or {}
@@ -99,7 +95,7 @@ def pacs_nodes(info: dict) -> Tuple[List[str], List[str]]:
     """(destinations, sources) configured in the engine; both empty hides the PACS feature.
 
     Accepts ``{"destinations": [...], "sources": [...]}`` (names or node objects) and the
-    engine's node list (``xreal_engine.pacs.list_nodes``: ``name``, ``can_push``, ``can_fetch``),
+    engine's node list (``xreal_engine.pacs.config.list_nodes``: ``name``, ``can_push``, ``can_fetch``),
     either directly or under ``"nodes"``.
     """
     pacs = info.get("pacs") or {}

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 from xreal_engine.errors import XRealError
 
+from .parameters import REQUEST_FIELDS
 from .request import RequestFiles
 from .results import GenerationResult, read_result
 
@@ -262,8 +263,7 @@ def error_text(error: Exception) -> str:
 
 def submit_request(client, files: RequestFiles) -> dict:
     """Upload one request (anatomy, pathology masks + findings, edit image or PACS source, parameters)."""
-    allowed = ("seed", "steps", "anatomy_steps", "guidance", "eta")
-    parameters = {k: v for k, v in files.parameters.items() if k in allowed and v is not None}
+    parameters = {k: v for k, v in files.parameters.items() if k in REQUEST_FIELDS and v is not None}
     return client.submit(
         files.anatomy_path,
         [(Path(path), finding) for path, finding in files.pathologies],

@@ -35,6 +35,12 @@ PORT_PATTERNS = (
     re.compile(r"\bport\b\D{0,3}(\d{2,5})", re.IGNORECASE),  # "port 8123", "port=8123"
 )
 LOG_LINES_KEPT = 400
+# Generous waits: a loaded machine (a CPU engine busy with a diffusion step, a CI runner) is slow, not broken.
+# Every wait ends as soon as the process exits or answers; only a stuck engine uses them up.
+START_TIMEOUT_SECONDS = 180.0  # model loading included
+STOP_TIMEOUT_SECONDS = 60.0  # graceful shutdown (it may finish a diffusion step first), then terminate/kill
+FORCED_STOP_SECONDS = 10.0  # after terminate, and again after kill
+POLL_SECONDS = 0.25
 
 
 def parse_port_line(line: str) -> Optional[int]:
@@ -105,7 +111,8 @@ class EngineLauncher:
 
     def __init__(self, python: str, model: str, data_dir: Path, token: Optional[str] = None, device: str = "auto",
                  spawn: Callable = default_spawn, engine_root: Optional[Path] = None,
-                 client_factory: Optional[Callable] = None, pacs_config: Optional[Path] = None):
+                 client_factory: Optional[Callable] = None, pacs_config: Optional[Path] = None,
+                 start_timeout: float = START_TIMEOUT_SECONDS, stop_timeout: float = STOP_TIMEOUT_SECONDS):
         self.python = str(python)
         self.model = model
         self.data_dir = Path(data_dir)
@@ -115,6 +122,8 @@ class EngineLauncher:
         self.spawn = spawn
         self.engine_root = Path(engine_root) if engine_root else find_engine_root()
         self.client_factory = client_factory
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
         self.process = None
         self.port: Optional[int] = None
         self.log_lines: Deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
@@ -137,8 +146,13 @@ class EngineLauncher:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self, timeout: float = 180.0, progress: Optional[Callable[[str], None]] = None) -> str:
-        """Start the engine and wait until it answers ``/health``; ModelError with its last output otherwise."""
+    def start(self, timeout: Optional[float] = None, progress: Optional[Callable[[str], None]] = None) -> str:
+        """Start the engine and wait until it answers ``/health``; ModelError with its last output otherwise.
+
+        ``timeout`` (default ``start_timeout``) bounds the whole start; it ends early when the engine
+        answers or exits.
+        """
+        timeout = self.start_timeout if timeout is None else timeout
         if self.is_running():
             return self.base_url
         if not Path(self.python).exists():
@@ -153,7 +167,7 @@ class EngineLauncher:
         self._reader.start()
         deadline = time.monotonic() + timeout
         try:
-            while not self._port_found.wait(0.1):
+            while not self._port_found.wait(POLL_SECONDS):
                 if self.process.poll() is not None:
                     self._reader.join(2.0)
                     raise ModelError(f"The local engine stopped while starting: {self.last_output()}")
@@ -181,7 +195,7 @@ class EngineLauncher:
                 if time.monotonic() > deadline:
                     raise ModelError(f"The local engine did not become ready within {timeout:.0f} s: "
                                      f"{self.last_output()}") from None
-                time.sleep(0.25)
+                _wait(self.process, POLL_SECONDS)  # the next try, or at once the news that it exited
 
     def client(self, timeout: float = 30.0):
         if self.client_factory is not None:
@@ -213,8 +227,12 @@ class EngineLauncher:
         tail = [line for line in list(self.log_lines)[-lines:] if line.strip()]
         return " | ".join(tail) if tail else "no output"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the engine to shut down through the API; terminate, then kill, if it does not."""
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Ask the engine to shut down through the API; terminate, then kill, if it does not.
+
+        The graceful wait (``timeout``, default ``stop_timeout``) ends as soon as the process exits.
+        """
+        timeout = self.stop_timeout if timeout is None else timeout
         process = self.process
         if process is None:
             return
@@ -232,10 +250,10 @@ class EngineLauncher:
             _wait(process, timeout)
         if process.poll() is None:
             process.terminate()
-            _wait(process, 5.0)
+            _wait(process, FORCED_STOP_SECONDS)
         if process.poll() is None:
             process.kill()
-            _wait(process, 5.0)
+            _wait(process, FORCED_STOP_SECONDS)
         if self._reader is not None:
             self._reader.join(2.0)
         for stream in (process.stdin, process.stdout):
@@ -249,6 +267,7 @@ class EngineLauncher:
 
 
 def _wait(process, timeout: float) -> None:
+    """Wait until ``process`` exits, at most ``timeout`` seconds (returns at once when it does)."""
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -19,12 +19,12 @@ SUBCOMMANDS = {
     "generate": ("xreal_engine.cli.generate", "generate a synthetic chest X-ray from anatomy and pathology masks"),
     "info": ("xreal_engine.cli.info", "describe a model directory"),
     "convert": ("xreal_engine.model.convert", "convert the official XReal checkpoints into a model directory"),
-    "serve": ("xreal_engine.service.app", "run the HTTP engine service"),
+    "serve": ("xreal_engine.service.serve", "run the HTTP engine service"),
     "submit": ("xreal_engine.cli.submit", "submit a job to a running engine service"),
     "train": ("xreal_engine.training.cli", "train an autoencoder, anatomy controller, LDM or segmenter"),
     "prepare-data": ("xreal_engine.training.data", "convert a data set to the training layout"),
     "evaluate": ("xreal_engine.training.evaluate", "evaluate a model on held-out anatomy masks"),
-    "push": ("xreal_engine.pacs", "send result DICOM files to a configured PACS destination"),
+    "push": ("xreal_engine.pacs.transfer", "send result DICOM files to a configured PACS destination"),
 }
 
 

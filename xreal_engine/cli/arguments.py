@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ..model.sampling import SETTINGS
+from ..model.sampling import FAST_PRESET, SAMPLERS, SETTINGS
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,12 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float,
                         help=f"classifier-free guidance of the pathology stage, {_range('guidance_scale')} (default 7)")
     parser.add_argument("--eta", type=float, help=f"DDIM eta, {_range('eta')} (default 1 as the original)")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="ddim (XReal's, the default), dpmpp (DPM-Solver++ 2M) or unipc: the last two need far "
+                             "fewer steps")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"fast preset: {FAST_PRESET['sampler']} with {FAST_PRESET['num_inference_steps']} steps "
+                             "(anatomy held for the model's share of them) unless --sampler/--steps say otherwise")
     parser.add_argument("--out", type=Path, required=True, help="result directory (must not exist or be empty)")
 
 
@@ -53,9 +59,9 @@ def check_request_arguments(args) -> None:
 
 
 def sampling_arguments(args) -> dict:
-    """The sampling settings the user gave, by public name (None = the model's default)."""
-    return {"seed": args.seed, "steps": args.steps, "anatomy_steps": args.anatomy_steps, "guidance": args.guidance,
-            "eta": args.eta}
+    """The sampling settings the user gave besides the seed, by public name (None = the model's default)."""
+    return {"steps": args.steps, "anatomy_steps": args.anatomy_steps, "guidance": args.guidance,
+            "eta": args.eta, "sampler": args.sampler, "fast": args.fast or None}
 
 
 def _range(name: str) -> str:

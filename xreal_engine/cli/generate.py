@@ -12,7 +12,7 @@ from ..generate import GenerationRequest, generate_to_directory, prepare_request
 from ..model.info import ModelInfo, resolve_model
 from ..model.loading import load_pipeline, select_device
 from ..model.sampling import MAX_SEED
-from .arguments import add_request_arguments, check_request_arguments
+from .arguments import add_request_arguments, check_request_arguments, sampling_arguments
 
 
 def configure_parser(parser) -> None:
@@ -32,7 +32,7 @@ def run(args) -> int:
 
     pacs_config = None
     if args.source is not None or args.push_to is not None:
-        from ..pacs import load_config
+        from ..pacs.config import load_config
 
         pacs_config = load_config(args.pacs_config)
         if args.push_to is not None:
@@ -41,7 +41,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="xreal-source-") as fetch_dir:
         image_path = args.image
         if args.source is not None:
-            from ..pacs import fetch_source
+            from ..pacs.transfer import fetch_source
 
             image_path = fetch_source(
                 args.source, args.study, args.series, args.instance, dest_dir=Path(fetch_dir), config=pacs_config
@@ -51,10 +51,7 @@ def run(args) -> int:
             pathologies=list(zip(args.pathology_mask, args.finding)),
             image_path=image_path,
             seed=seed,
-            num_inference_steps=args.steps,
-            anatomy_steps=args.anatomy_steps,
-            guidance_scale=args.guidance,
-            eta=args.eta,
+            sampling=sampling_arguments(args),
         )
         model_info = ModelInfo.load(resolve_model(args.model))
         prepared = prepare_request(request, model_info)
@@ -69,7 +66,7 @@ def run(args) -> int:
           f"({provenance['generation_seconds']:.1f} s)")
     if args.push_to is None:
         return 0
-    from ..pacs import format_report, push_result
+    from ..pacs.transfer import format_report, push_result
 
     report = push_result(args.push_to, out_dir, config=pacs_config)  # the local result stays whatever happens
     print(format_report(report))

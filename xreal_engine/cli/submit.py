@@ -13,7 +13,7 @@ import sys
 from ..client import EngineClient, EngineError
 from ..errors import InputError
 from ..files import check_new_directory
-from .arguments import add_request_arguments, check_request_arguments
+from .arguments import add_request_arguments, check_request_arguments, sampling_arguments
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,7 @@ def run(args) -> int:
     client = EngineClient(args.url, token=token)
     try:
         job = client.submit(args.anatomy, list(zip(args.pathology_mask, args.finding)), args.image,
-                            seed=args.seed, steps=args.steps, anatomy_steps=args.anatomy_steps,
-                            guidance=args.guidance, eta=args.eta, push_to=args.push_to, source=source)
+                            seed=args.seed, push_to=args.push_to, source=source, **sampling_arguments(args))
         print(f"Job {job['id']} queued (seed {job['parameters']['seed']}).", file=sys.stderr)
         for warning in job.get("warnings", []):
             print(f"warning: {warning}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """DICOM out (synthetic Secondary Capture + Segmentation) and DICOM X-ray in.
 
+Why this file is long: the reader and both writers share one set of rules (synthetic marking,
+geometry, patient/study reuse, UIDs) that must stay consistent; they are kept side by side.
+
 Geometry written into every Secondary Capture (and, through highdicom, the SEG):
 
 * Frame of Reference UID (new per image), Position Reference Indicator empty;

@@ -31,6 +31,8 @@ def read_source_image(path: Path):
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"The image file {path.name} is a colour image; give a grayscale X-ray.")
     array = to_2d(sitk.GetArrayFromImage(image), f"The image file {path.name}", what="X-ray")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"The image file {path.name} contains NaN or infinite values.")
     spacing = image.GetSpacing()
     return _to_unit_range(array), (float(spacing[1]), float(spacing[0])), None  # SimpleITK spacing is (x, y)
 

@@ -9,6 +9,7 @@ torch is imported only by the functions that need it.
 from __future__ import annotations
 
 from ..errors import ModelError
+from .sampling import SAMPLERS
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -37,6 +38,25 @@ def check_xreal_schedule(config) -> None:
         raise ModelError("The scheduler must use beta_schedule 'scaled_linear' as XReal does.")
     if config.set_alpha_to_one or config.prediction_type != "epsilon" or config.clip_sample:
         raise ModelError("The scheduler must have set_alpha_to_one, clip_sample False and epsilon prediction.")
+
+
+def make_solver(sampler: str, ddim_config):
+    """A fresh multistep solver for one stage, on XReal's noise schedule.
+
+    'trailing' spacing starts the solver at the last training timestep (999), where its first
+    input, pure noise, belongs; XReal's 'leading' spacing is kept for DDIM only, to match the
+    original exactly.
+    """
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    common = {key: ddim_config[key] for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                 "prediction_type")}
+    if sampler == "dpmpp":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                           timestep_spacing="trailing")
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(**common, solver_order=2, timestep_spacing="trailing")
+    raise ModelError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
 
 
 def set_ddim_timesteps(scheduler, steps: int) -> list[int]:

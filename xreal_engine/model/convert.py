@@ -7,6 +7,9 @@ parameter, and every checkpoint tensor of a component must be used, or the conve
 refused with a ``ModelError`` naming the keys. Checkpoints are read with
 ``torch.load(weights_only=True)`` (no pickled code runs) and memory-mapped when possible,
 so the 6.7 GB official backbone does not need to be copied into RAM twice.
+
+Why this file is long: it is one audited mapping, CompVis keys -> diffusers keys, for the three
+checkpoints, with the shape inference each part needs; the parts are read and checked together.
 """
 
 from __future__ import annotations

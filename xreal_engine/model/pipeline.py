@@ -11,6 +11,10 @@ code, which is how the golden fixtures are reproduced.
 Sampler state (latents, masks, noise, schedule) stays in float32 on the
 pipeline's device; the networks run in the weights' dtype (under autocast when
 that is not float32), so float16/bfloat16 only changes the network arithmetic.
+
+Why this file is long: like diffusers' pipelines it keeps the whole sampler in one class, so that
+``__call__`` reads top to bottom; the input checks are in ``inputs.py``, the schedule in
+``architecture.py`` and the settings in ``sampling.py``.
 """
 
 import contextlib
@@ -26,8 +30,9 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import BertTokenizer, BertTokenizerFast
 
 from ..errors import InputError, ModelError
-from .architecture import check_xreal_schedule, original_alphas_cumprod, set_ddim_timesteps
+from .architecture import check_xreal_schedule, make_solver, original_alphas_cumprod, set_ddim_timesteps
 from .info import ModelInfo, canonical_finding, check_model_dir
+from .inputs import anatomy_labels, pathology_mask, square_array
 from .sampling import SamplingParameters
 
 RNG_MODES = ("generator", "original")
@@ -155,26 +160,30 @@ class XRealPipeline(DiffusionPipeline):
             embedding = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return embedding.to(self._network_dtype)
 
-    def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale):
-        """eps with classifier-free guidance; cond and uncond go through the UNet in ONE batch."""
+    def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale, prompt_pair=None):
+        """eps with classifier-free guidance; cond and uncond go through the UNet in ONE batch.
+
+        ``prompt_pair``: ``cat([uncond, cond])`` made once per stage instead of once per step.
+        """
         with self._autocast():
             if uncond is None:
                 eps = self.unet(latents.to(self._network_dtype), timestep, encoder_hidden_states=cond).sample
                 return eps.float()
             both = self.unet(
                 torch.cat([latents, latents]).to(self._network_dtype), timestep,
-                encoder_hidden_states=torch.cat([uncond, cond]),
+                encoder_hidden_states=torch.cat([uncond, cond]) if prompt_pair is None else prompt_pair,
             ).sample.float()
         eps_uncond, eps_cond = both.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def ddim_step(self, latents, t: int, t_device, cond, uncond, guidance_scale: float, eta: float, noise):
+    def ddim_step(self, latents, t: int, t_device, cond, uncond, guidance_scale: float, eta: float, noise,
+                  prompt_pair=None):
         """One step of the original's ``p_sample_ddim``: returns (x_prev, pred_x0).
 
         ``t`` is the timestep as an int (scheduler arithmetic), ``t_device`` the same on the device (UNet).
         The scheduler must have had ``set_timesteps`` called. ``noise`` is used only when eta > 0.
         """
-        eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale)
+        eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale, prompt_pair)
         step = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise)
         return step.prev_sample, step.pred_original_sample
 
@@ -204,17 +213,27 @@ class XRealPipeline(DiffusionPipeline):
         return image.float().clamp(0, 1)
 
     def _run_stage(self, stage: "Stage", params: SamplingParameters, draw, callback) -> torch.Tensor:
-        """XReal's ``sample_spatial_input``: encode, DDIM from noise, hold the known region, decode.
-
-        Timesteps are diffusers' 'leading' spacing + offset 1 (991, 981, ..., 1 for 100 steps), exactly
-        ``steps`` of them (see ``architecture.set_ddim_timesteps``); for step counts that do not divide
-        1000 the original ran one step more.
-        """
+        """XReal's ``sample_spatial_input``: encode, denoise from noise holding the known region, decode."""
         steps = params.num_inference_steps
         if callback is not None:
             callback(stage.name, 0, steps)
         x0 = self._encode_to_latent(stage.image, draw)
         latents = draw("x_T", x0.shape)
+        prompt_pair = None if stage.uncond is None else torch.cat([stage.uncond, stage.prompt])
+        if params.sampler == "ddim":
+            latents = self._ddim_loop(stage, params, x0, latents, prompt_pair, draw, callback)
+        else:
+            latents = self._solver_loop(stage, params, x0, latents, prompt_pair, draw, callback)
+        return self._decode(latents)
+
+    def _ddim_loop(self, stage, params, x0, latents, prompt_pair, draw, callback):
+        """XReal's DDIM, equal to the original (fixtures to ~1e-6).
+
+        Timesteps are diffusers' 'leading' spacing + offset 1 (991, 981, ..., 1 for 100 steps), exactly
+        ``steps`` of them (``architecture.set_ddim_timesteps``); for step counts that do not divide
+        1000 the original ran one step more.
+        """
+        steps = params.num_inference_steps
         timesteps = set_ddim_timesteps(self.scheduler, steps)
         timesteps_on_device = self.scheduler.timesteps.to(self.device)
         sqrt_alpha = self._sqrt_alphas_cumprod.to(self.device)
@@ -229,10 +248,40 @@ class XRealPipeline(DiffusionPipeline):
                 latents = q_sample * stage.known_mask + (1 - stage.known_mask) * latents
             # Drawn at every step, also at eta 0, to keep the original's random-number stream.
             latents, _ = self.ddim_step(latents, t, t_device, stage.prompt, stage.uncond, stage.guidance_scale,
-                                        params.eta, draw("ddim", latents.shape))
+                                        params.eta, draw("ddim", latents.shape), prompt_pair)
             if callback is not None:
                 callback(stage.name, i + 1, steps)
-        return self._decode(latents)
+        return latents
+
+    def _solver_loop(self, stage, params, x0, latents, prompt_pair, draw, callback):
+        """A diffusers multistep solver (DPM-Solver++ / UniPC) with XReal's blend.
+
+        The same blends as DDIM, placed where a multistep solver needs them: the known latent is
+        re-noised with ``scheduler.add_noise`` to the timestep the NEXT step starts from and pasted
+        AFTER each step. After, not before: UniPC's corrector rewrites the sample it is given at the
+        start of ``step``, which would otherwise undo the hold. The hold covers the first
+        ``masked_steps`` steps, the same fraction of the schedule as in DDIM. ``eta`` does not apply.
+        """
+        steps = params.num_inference_steps
+        scheduler = make_solver(params.sampler, self.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        timesteps = scheduler.timesteps
+
+        def hold(latents, index):
+            noised = scheduler.add_noise(x0, draw("q_sample", x0.shape), timesteps[index:index + 1])
+            return noised * stage.known_mask + (1 - stage.known_mask) * latents
+
+        latents = latents * scheduler.init_noise_sigma
+        if stage.masked_steps > 0:
+            latents = hold(latents, 0)
+        for i, t in enumerate(timesteps):
+            eps = self._predict_noise(latents, t, stage.prompt, stage.uncond, stage.guidance_scale, prompt_pair)
+            latents = scheduler.step(eps, t, latents).prev_sample
+            if i + 1 < min(stage.masked_steps, steps):
+                latents = hold(latents, i + 1)
+            if callback is not None:
+                callback(stage.name, i + 1, steps)
+        return latents
 
     def _noise_source(self, rng: str, generator: Optional[torch.Generator]):
         """draw(kind, shape) -> float32 standard normal on the pipeline's device, in the chosen RNG order."""
@@ -257,52 +306,6 @@ class XRealPipeline(DiffusionPipeline):
             return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
         return draw
 
-    # ------------------------------------------------------------------ input validation
-
-    def _square(self, array, name: str, sizes: Sequence[int]) -> torch.Tensor:
-        if isinstance(array, torch.Tensor):
-            array = array.detach().cpu().numpy()
-        try:
-            array = np.asarray(array, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise InputError(f"The {name} is not a numeric array.") from None
-        if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] not in sizes:
-            allowed = " or ".join(f"{s}x{s}" for s in sizes)
-            raise InputError(f"The {name} has shape {array.shape}; this model needs a 2D {allowed} array.")
-        if not np.isfinite(array).all():
-            raise InputError(f"The {name} contains NaN or infinite values.")
-        return torch.from_numpy(array.astype(np.float32))
-
-    def _anatomy_labels(self, anatomy) -> torch.Tensor:
-        info = self.model_info
-        labels = self._square(anatomy, "anatomy label map", [info.image_size])
-        values = {float(v) for v in torch.unique(labels).tolist()}
-        ignored = {int(k) for k in info.label_warnings if k not in info.anatomy_labels}
-        allowed = {0.0} | {float(v) for v in info.label_values()} | {float(v) for v in ignored}
-        unknown = sorted(values - allowed)
-        if unknown:
-            shown = ", ".join(f"{v:g}" for v in unknown[:5])
-            raise InputError(
-                f"The anatomy label map contains values {shown} that this model does not know "
-                f"(allowed: {', '.join(f'{v:g}' for v in sorted(allowed))})."
-            )
-        for value in ignored:  # labels the model was trained without are background to it
-            labels[labels == value] = 0
-        return labels
-
-    def _pathology_mask(self, mask, index: int) -> torch.Tensor:
-        info = self.model_info
-        mask = self._square(mask, f"pathology mask {index + 1}", [info.image_size, info.latent_size])
-        if not torch.isin(mask, torch.tensor([0.0, 1.0])).all():
-            raise InputError(f"The pathology mask {index + 1} must be binary (0 and 1 only).")
-        if mask.shape[0] != info.latent_size:
-            # A latent pixel is regenerated if any of its image pixels is in the region.
-            factor = info.image_size // info.latent_size
-            mask = F.max_pool2d(mask[None, None], kernel_size=factor)[0, 0]
-        if not mask.any():
-            raise InputError(f"The pathology mask {index + 1} is empty.")
-        return mask
-
     # ------------------------------------------------------------------ the sampler
 
     @torch.inference_mode()
@@ -320,6 +323,7 @@ class XRealPipeline(DiffusionPipeline):
         rng: str = "generator",
         callback: Optional[Callable[[str, int, int], None]] = None,
         parameters: Optional[SamplingParameters] = None,
+        sampler: Optional[str] = None,
     ) -> XRealPipelineOutput:
         """Generate one image (see docs/architecture.md). Unset settings take the model's defaults.
 
@@ -328,7 +332,8 @@ class XRealPipeline(DiffusionPipeline):
         (image_size, image_size) image in [0, 1] replaces the anatomy controller and anatomy stage; finding
         "" removes a finding. ``callback(stage, step, total)`` runs before and after every step and may
         raise ``errors.Cancelled``. Stages are "anatomy", then "pathology" (or "pathology k/n").
-        ``parameters`` (already resolved, e.g. by ``generate``) replaces the five single settings;
+        ``sampler``: "ddim" (XReal's, the default), "dpmpp" or "unipc" (diffusers' multistep solvers).
+        ``parameters`` (already resolved, e.g. by ``generate``) replaces the single settings;
         otherwise they are resolved by the one sampling policy (``model/sampling.py``).
         """
         info = self.model_info
@@ -336,14 +341,14 @@ class XRealPipeline(DiffusionPipeline):
         if parameters is None:
             parameters = SamplingParameters.resolve(
                 info.defaults, num_inference_steps=num_inference_steps, anatomy_steps=anatomy_steps, eta=eta,
-                guidance_scale=guidance_scale, soft_mask_value=soft_mask_value)
+                guidance_scale=guidance_scale, soft_mask_value=soft_mask_value, sampler=sampler)
         if rng not in RNG_MODES:
             raise InputError(f"The rng option must be one of {', '.join(RNG_MODES)}, not {rng!r}.")
         edit_mode = image is not None
-        regions = [(self._pathology_mask(mask, k), canonical_finding(finding, info.findings, removal_allowed=True))
+        regions = [(pathology_mask(mask, k, info), canonical_finding(finding, info.findings, removal_allowed=True))
                    for k, (mask, finding) in enumerate(pathologies)]
         if edit_mode:
-            source = self._square(image, "source image", [info.image_size])
+            source = square_array(image, "source image", [info.image_size])
             if source.min() < 0 or source.max() > 1:
                 raise InputError("The source image must have values in [0, 1].")
             if not regions:
@@ -351,20 +356,41 @@ class XRealPipeline(DiffusionPipeline):
         elif anatomy is None:
             raise InputError("An anatomy label map is required unless an image to edit is given.")
         else:
-            labels = self._anatomy_labels(anatomy)
-        device = self.device
+            labels = anatomy_labels(anatomy, info)
         draw = self._noise_source(rng, generator)
 
-        # 2. Encode prompts: each distinct prompt once per image.
+        # 2. Encode prompts: each distinct prompt once per image, the empty prompt once per pipeline.
         embeddings = {}
 
         def embed(prompt: str) -> torch.Tensor:
+            if prompt == "":
+                return self._empty_prompt_embedding()
             if prompt not in embeddings:
                 embeddings[prompt] = self.encode_prompt(prompt)
             return embeddings[prompt]
 
+        # One autocast for the whole image (a no-op in float32): entering it per network call would
+        # throw away its cache of low-precision weight casts at every step.
+        with self._autocast():
+            current, x_hat, x_a_gen = self._stages(None if edit_mode else labels, source if edit_mode else None,
+                                                   regions, parameters, embed, draw, callback)
+
+        # 6. Output: decoded images as numpy, the 2D image is the channel mean of x_p_gen.
+        x_p_gen = _to_hwc(current)
+        x_a_gen_hwc = None if x_a_gen is None else _to_hwc(x_a_gen)
+        x_hat_hwc = None if x_hat is None else _to_hwc(x_hat)
+        return XRealPipelineOutput(
+            image=x_p_gen.mean(axis=2),
+            anatomy_image=None if x_a_gen_hwc is None else x_a_gen_hwc.mean(axis=2),
+            x_hat=None if x_hat_hwc is None else x_hat_hwc.mean(axis=2),
+            x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc,
+        )
+
+    def _stages(self, labels, source, regions, parameters, embed, draw, callback):
+        """Sections 3-5 of ``__call__``: returns (x_p_gen, x_hat, x_a_gen) as (1, 3, S, S) tensors."""
+        device = self.device
         x_hat = x_a_gen = None
-        if edit_mode:
+        if source is not None:
             current = source.to(device)[None, None].repeat(1, 3, 1, 1)
         else:
             # 3. Anatomy controller: the label map becomes a rough image x_hat.
@@ -387,16 +413,14 @@ class XRealPipeline(DiffusionPipeline):
             )
             current = self._run_stage(stage, parameters, draw, callback)
 
-        # 6. Output: decoded images as numpy, the 2D image is the channel mean of x_p_gen.
-        x_p_gen = _to_hwc(current)
-        x_a_gen_hwc = None if x_a_gen is None else _to_hwc(x_a_gen)
-        x_hat_hwc = None if x_hat is None else _to_hwc(x_hat)
-        return XRealPipelineOutput(
-            image=x_p_gen.mean(axis=2),
-            anatomy_image=None if x_a_gen_hwc is None else x_a_gen_hwc.mean(axis=2),
-            x_hat=None if x_hat_hwc is None else x_hat_hwc.mean(axis=2),
-            x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc,
-        )
+        return current, x_hat, x_a_gen
+
+    def _empty_prompt_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding, cached across images (per device and dtype)."""
+        key = (self.device, self._network_dtype, id(self.text_encoder))
+        if (getattr(self, "_empty_prompt_cache", None) or (None,))[0] != key:
+            self._empty_prompt_cache = (key, self.encode_prompt(""))
+        return self._empty_prompt_cache[1]
 
     def _anatomy_controller_image(self, labels: torch.Tensor):
         """(x_hat, the anatomy mask at latent size): the anatomy controller's reconstruction of the label map."""

@@ -24,6 +24,12 @@ from ..errors import InputError
 # The diffusion schedule has 1000 training timesteps; a sampler can take at most one step per timestep.
 MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
+# "ddim" is XReal's sampler (the default, equal to the original); the others are diffusers' multistep
+# solvers (DPM-Solver++ 2M, UniPC), which need far fewer steps.
+SAMPLERS = ("ddim", "dpmpp", "unipc")
+# The documented fast preset (--fast): what it sets unless the request sets it too. Measured on the demo
+# model in benchmarks/README.md and the model card.
+FAST_PRESET = {"sampler": "dpmpp", "num_inference_steps": 15}
 
 
 @dataclass(frozen=True)
@@ -104,16 +110,27 @@ class SamplingParameters:
     eta: float
     soft_mask_value: float
     seed: Optional[int] = None  # None only where a torch.Generator is passed instead (the pipeline)
+    sampler: str = "ddim"
 
     @classmethod
     def resolve(cls, defaults: Mapping, *, num_inference_steps=None, anatomy_steps=None, guidance_scale=None,
-                eta=None, soft_mask_value=None, seed=None) -> "SamplingParameters":
+                eta=None, soft_mask_value=None, seed=None, sampler=None, fast: bool = False) -> "SamplingParameters":
         """Fill what the request leaves unset from the model's ``defaults`` and check every rule.
 
         Unset anatomy steps follow the step count (the model's fraction of the schedule);
-        given anatomy steps may not exceed the step count.
+        given anatomy steps may not exceed the step count. ``fast`` fills unset settings from
+        ``FAST_PRESET`` first (an explicit value still wins).
         """
         defaults = check_model_defaults(defaults)
+        if fast is not True and fast is not False:
+            raise InputError(f"The fast option must be true or false; got {_shown(fast)}.")
+        if fast:
+            num_inference_steps = FAST_PRESET["num_inference_steps"] if num_inference_steps is None \
+                else num_inference_steps
+            sampler = FAST_PRESET["sampler"] if sampler is None else sampler
+        sampler = "ddim" if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise InputError(f"The sampler ('sampler') must be one of {', '.join(SAMPLERS)}; got {_shown(sampler)}.")
         given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "eta": eta,
                  "soft_mask_value": soft_mask_value}
         values = {name: SETTINGS[name].check(defaults[name] if value is None else value)
@@ -125,16 +142,17 @@ class SamplingParameters:
             values["anatomy_steps"] = SETTINGS["anatomy_steps"].check(anatomy_steps, steps,
                                                                       f"the number of steps ({steps})")
         values["seed"] = None if seed is None else SETTINGS["seed"].check(seed)
-        return cls(**values)
+        return cls(**values, sampler=sampler)
 
     @classmethod
     def from_public(cls, defaults: Mapping, values: Mapping) -> "SamplingParameters":
         """Resolve from public names (``steps``, ``guidance``, ...: CLI flags and HTTP fields); None = unset."""
         by_public = {setting.public_name: name for name, setting in SETTINGS.items()}
+        by_public.update(sampler="sampler", fast="fast")
         unknown = sorted(set(values) - set(by_public))
         if unknown:
             raise InputError(f"Unknown sampling settings {unknown}; known: {', '.join(by_public)}.")
-        return cls.resolve(defaults, **{by_public[key]: value for key, value in values.items()})
+        return cls.resolve(defaults, **{by_public[key]: value for key, value in values.items() if value is not None})
 
     def with_seed(self, seed: int) -> "SamplingParameters":
         return replace(self, seed=SETTINGS["seed"].check(seed))
@@ -143,11 +161,21 @@ class SamplingParameters:
         """Field names -> values (the service's stored job spec)."""
         return asdict(self)
 
+    def without_seed(self) -> dict:
+        """The settings that are the same for every seed of a run (reports of many images)."""
+        return {name: value for name, value in asdict(self).items() if name != "seed"}
+
     def to_public(self) -> dict:
         """Public names -> values (provenance.json, the service's job view)."""
-        return {SETTINGS[name].public_name: value for name, value in asdict(self).items()}
+        return {(SETTINGS[name].public_name if name in SETTINGS else name): value
+                for name, value in asdict(self).items()}
 
 
 def limits() -> dict:
     """Every setting's range, for ``GET /info`` and user interfaces: {field name: [low, high]}."""
     return {name: [setting.kind(setting.low), setting.kind(setting.high)] for name, setting in SETTINGS.items()}
+
+
+def choices() -> dict:
+    """The settings that are a choice, and the fast preset, for ``GET /info`` and user interfaces."""
+    return {"sampler": list(SAMPLERS), "fast_preset": dict(FAST_PRESET)}

@@ -1,4 +1,5 @@
-"""Training tools: the data layout and ``prepare-data`` (``data.py``), the ``train`` command (``cli.py``).
+"""Training tools: the data layout and ``prepare-data`` (``data.py``), the ``train`` command (``cli.py``), the
+segmenter that scores generated images (``segmenter.py``) and the ``evaluate`` command (``evaluate.py``).
 
 The training data layout every ``train`` sub-command reads::
 

@@ -1,5 +1,8 @@
 """``xreal-engine train``: autoencoder, anatomy-controller, ldm (and the evaluation ``segmenter``).
 
+Why this file is long: the train commands share the Trainer, config and publishing helpers at its top;
+split it into one file per command when a fourth trainer (ControlNet) joins.
+
 Every sub-command reads the DATA layout (``xreal_engine/training/__init__.py``), a small
 YAML config (``xreal_engine/configs/<name>.yaml`` unless ``--config``), and writes::
 

@@ -1,0 +1,46 @@
+"""What every endpoint shares: the engine's context on ``app.state``, the bearer scheme, job lookup."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request, Security
+from fastapi.security import HTTPBearer
+
+from .errors import ApiError
+from .settings import ServiceSettings
+from .worker import JobService
+
+JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+
+# Documents the bearer scheme on the OpenAPI page; the check itself is GuardMiddleware's.
+bearer = HTTPBearer(auto_error=False, description="The engine's access token (when one is configured).")
+protected = [Security(bearer)]
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What create_app resolved once at start-up (``app.state.context``)."""
+
+    settings: ServiceSettings
+    model_info: object
+    data_dir: Path
+    pacs: object  # the PACS functions (pacs_access.load_pacs), None without PACS support
+    pacs_config: object
+
+
+def context_of(request: Request) -> EngineContext:
+    return request.app.state.context
+
+
+def service_of(request: Request) -> JobService:
+    return request.app.state.service
+
+
+def job_or_404(service: JobService, job_id: str) -> dict:
+    job = service.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", f"There is no job {job_id[:40]!r} (it may have been deleted or purged).")
+    return job

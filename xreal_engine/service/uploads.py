@@ -1,0 +1,62 @@
+"""Storing one upload under a server-chosen name, after checking its content type, format and size.
+
+The format comes from the bytes (``io/formats.py``'s one sniff), never from the client's
+name or content type, and an image whose header announces more than ``MAX_IMAGE_SIDE``
+pixels per side is refused before a single pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fastapi import UploadFile
+
+from ..io.formats import HEAD_BYTES, MAX_IMAGE_SIDE, header_sizes, sniff_format
+from .errors import ApiError
+
+# Declared content types we accept; the bytes are checked as well (see io/formats.sniff_format).
+ACCEPTED_CONTENT_TYPES = {
+    "", "application/octet-stream", "image/png", "application/dicom", "image/dicom", "image/x-nrrd",
+    "application/x-nrrd", "application/gzip", "application/x-gzip", "application/x-nifti", "image/x-nifti",
+    "application/x-nifti-gz",
+}
+SUFFIXES = {"png": ".png", "dicom": ".dcm", "nifti.gz": ".nii.gz", "nifti": ".nii"}
+
+
+def suffix_for(fmt: str, client_name: str | None) -> str:
+    """The server-side suffix; the client's name only decides between .nrrd and .seg.nrrd."""
+    if fmt == "nrrd":
+        return ".seg.nrrd" if (client_name or "").lower().endswith(".seg.nrrd") else ".nrrd"
+    return SUFFIXES[fmt]
+
+
+def store_upload(upload: UploadFile, what: str, stem: str, folder: Path) -> str:
+    """Copy one upload to ``folder/<stem><suffix>`` after checking type, format and size; return the name."""
+    client_name = upload.filename or ""
+    if any(bad in client_name for bad in ("/", "\\", "\x00")) or client_name in (".", ".."):
+        raise ApiError(400, "bad_filename",
+                       f"The {what} has a file name with folders or control characters; send a plain file name.")
+    content_type = (upload.content_type or "").split(";")[0].strip().lower()
+    if content_type not in ACCEPTED_CONTENT_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       f"The {what} was sent as '{content_type}'; send a PNG, NRRD, NIfTI or DICOM file.")
+    upload.file.seek(0)
+    head = upload.file.read(HEAD_BYTES)
+    if not head:
+        raise ApiError(422, "empty_file", f"The {what} is an empty file.")
+    fmt = sniff_format(head)
+    if fmt is None:
+        raise ApiError(415, "unsupported_format",
+                       f"The {what} is not a PNG, NRRD, NIfTI or DICOM file; export it in one of these formats.")
+    name = stem + suffix_for(fmt, upload.filename)
+    target = folder / name
+    upload.file.seek(0)
+    with open(target, "wb") as out:
+        shutil.copyfileobj(upload.file, out, 1 << 20)
+    sides = header_sizes(target, fmt)
+    if any(side > MAX_IMAGE_SIDE for side in sides[:2]):
+        raise ApiError(422, "image_too_large",
+                       f"The {what} is {' x '.join(str(s) for s in sides)} pixels; the engine accepts at most "
+                       f"{MAX_IMAGE_SIDE} pixels per side.")
+    return name
