@@ -325,6 +325,7 @@ def _run_cli(arguments: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(_engine_command() + arguments, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # starts a process
 def test_cli_convert_end_to_end(fixtures_dir, tmp_path):
     paths = checkpoint_paths(fixtures_dir)
     out = tmp_path / "cli-model"
@@ -341,6 +342,7 @@ def test_cli_convert_end_to_end(fixtures_dir, tmp_path):
         assert (out / name).is_dir(), name
 
 
+@pytest.mark.slow  # starts a process
 def test_cli_convert_bad_path_is_one_line_and_exit_2(fixtures_dir, tmp_path):
     paths = checkpoint_paths(fixtures_dir)
     out = tmp_path / "never"

@@ -63,6 +63,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # starts a process
 def test_generate_writes_complete_reproducible_result(tiny_model, inputs, tmp_path):
     anatomy, region = inputs
     common = ["generate", "--model", str(tiny_model), "--anatomy", str(anatomy), "--pathology-mask", str(region),

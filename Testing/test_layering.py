@@ -14,15 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xreal_engine"
 
 # Who may not import whom (prefixes of dotted module names below xreal_engine).
 FORBIDDEN = {
-    "model": ("cli", "service", "pacs", "training", "generate"),
-    "io": ("cli", "service", "pacs", "training", "generate", "model"),
-    "generate": ("cli", "service", "pacs", "training"),
-    "pacs": ("cli", "service", "training", "generate", "model"),
-    "training": ("cli", "service", "pacs"),
-    "service": ("cli",),
-    "client": ("cli", "service", "model", "io", "pacs", "training", "generate"),
-    "errors": ("",), "vocabulary": ("cli", "service", "model", "io", "pacs", "training", "generate", "client"),
-    "files": ("cli", "service", "model", "io", "pacs", "training", "generate", "client"),
+    "model": ("cli", "service", "pacs", "training", "generate", "batch"),
+    "io": ("cli", "service", "pacs", "training", "generate", "model", "batch"),
+    "generate": ("cli", "service", "pacs", "training", "batch"),
+    "pacs": ("cli", "service", "training", "generate", "model", "batch"),
+    "training": ("cli", "service", "pacs", "batch"),
+    "batch": ("cli", "service", "pacs"),
+    "service": ("cli", "batch"),
+    "client": ("cli", "service", "model", "io", "pacs", "training", "generate", "batch"),
+    "errors": ("",), "vocabulary": ("cli", "service", "model", "io", "pacs", "training", "generate", "client", "batch"),
+    "files": ("cli", "service", "model", "io", "pacs", "training", "generate", "client", "batch"),
 }
 # Modules that Slicer's bare Python (or a machine without torch) imports.
 STDLIB_ONLY = ("errors", "vocabulary", "files", "client", "model.info", "model.sampling", "cli", "cli.arguments",

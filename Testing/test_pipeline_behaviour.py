@@ -1,13 +1,16 @@
-"""XRealPipeline behaviour on a tiny random model: round trip, stages, callback/cancel, edit mode, bad input."""
+"""XRealPipeline behaviour on a tiny random model: round trip, stages, callback/cancel, edit mode, bad input,
+samplers; off the CPU without a GPU (device="meta"), precision placement, out-of-memory, thread defaults."""
 
 import numpy as np
 import pytest
 import torch
 
-from xreal_engine.errors import Cancelled, InputError
+from xreal_engine.errors import Cancelled, InputError, ModelError
+from xreal_engine.model import loading
+from xreal_engine.model import pipeline as pipeline_module
 from xreal_engine.model.info import ModelInfo, weights_hash
 from xreal_engine.model.random_model import create_random_model
-from xreal_engine.model.pipeline import XRealPipeline
+from xreal_engine.model.pipeline import XRealPipeline, out_of_memory_message
 
 SIZE, LATENT = 64, 16
 
@@ -267,11 +270,117 @@ def test_every_sampler_holds_the_known_region_at_every_step(pipe, monkeypatch, s
 def test_multistep_solvers_follow_the_anatomy_fraction(pipe, monkeypatch, sampler):
     """The anatomy hold covers the same number of steps for every sampler; the result differs from DDIM."""
     holds = []
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    for solver in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
-        add_noise = solver.add_noise
-        monkeypatch.setattr(solver, "add_noise", lambda self, *a, _f=add_noise: holds.append(1) or _f(self, *a))
+    hold = pipe._hold
+    monkeypatch.setattr(pipe, "_hold", lambda stage, *a: holds.append(stage.name) or hold(stage, *a))
     out = run(pipe, num_inference_steps=5, anatomy_steps=3, sampler=sampler)
-    assert len(holds) == 3 + 5  # anatomy stage: 3 of 5 steps; the pathology stage: every step
+    # anatomy stage: 3 of 5 steps; the pathology stage: every step
+    assert holds == ["anatomy"] * 3 + ["pathology"] * 5
     assert not np.array_equal(out.image, run(pipe, num_inference_steps=5, anatomy_steps=3).image)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp", "unipc"])
+def test_multistep_solvers_end_a_pathology_stage_at_the_known_latent(pipe, monkeypatch, sampler):
+    """Their last step jumps from a noisy timestep to 0, so the held region is pasted back clean at the end
+    (DDIM's last step starts from timestep 1 and lands within noise of it: the test above)."""
+    captured = capture_latents(pipe, monkeypatch)
+    run(pipe, image=np.full((SIZE, SIZE), 0.5), pathologies=[(region(6, 6, 5), "pneumonia")], num_inference_steps=4,
+        sampler=sampler)
+    (x0,), (final,) = captured["x0"], captured["final"]
+    inside = torch.from_numpy(region(6, 6, 5)).bool().expand_as(x0[0])[None]
+    assert torch.equal(final[~inside], x0[~inside]) and not torch.equal(final[inside], x0[inside])
+
+
+# ----------------------------------------------------------------------------- devices, precision, memory, threads
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp", "unipc"])
+def test_every_tensor_of_the_sampler_lives_on_the_pipeline_device(model_dir, monkeypatch, sampler):
+    """On "meta" (no data, like a GPU to the host) an op that mixes in a CPU tensor fails, and so does any
+    read of a value (a device sync): the whole sampler, both stages, runs there."""
+    pipe = XRealPipeline.from_pretrained(model_dir).to("meta")
+    results = []
+    monkeypatch.setattr(pipeline_module, "_to_hwc", lambda image: results.append(image) or np.zeros((SIZE, SIZE, 3)))
+    unet_inputs = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward",
+                        lambda x, t, **k: unet_inputs.append((x, t, k["encoder_hidden_states"])) or forward(x, t, **k))
+    pipe(chest_labels(), [(region(6, 6, 5), "cardiomegaly")], num_inference_steps=3, anatomy_steps=2, sampler=sampler,
+         rng="original")
+    assert len(results) == 3 and all(image.device.type == "meta" for image in results)  # x_p_gen, x_a_gen, x_hat
+    assert len(unet_inputs) == 6 and [x.shape[0] for x, _, _ in unet_inputs] == [1] * 3 + [2] * 3
+    assert all(tensor.device.type == "meta" for inputs in unet_inputs for tensor in inputs)
+
+
+def test_a_generator_on_another_device_is_refused(model_dir):
+    pipe = XRealPipeline.from_pretrained(model_dir).to("meta")
+    with pytest.raises(InputError, match="torch.Generator\\(device='meta'\\)"):
+        pipe(chest_labels(), [(region(6, 6, 5), "cardiomegaly")], num_inference_steps=2, generator=torch.Generator())
+
+
+def test_low_precision_casts_the_denoiser_and_keeps_the_autoencoders_float32(model_dir, monkeypatch):
+    pipe = XRealPipeline.from_pretrained(model_dir).set_precision(torch.bfloat16)
+    assert pipe.dtype == pipe.unet.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == pipe.anatomy_controller.dtype == torch.float32
+    entered = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append(a) or pytest.fail("autocast entered"))
+    out = pipe(chest_labels(), [(region(6, 6, 5), "cardiomegaly")], num_inference_steps=2, anatomy_steps=1,
+               generator=torch.Generator().manual_seed(0))
+    reference = XRealPipeline.from_pretrained(model_dir)(chest_labels(), [(region(6, 6, 5), "cardiomegaly")], num_inference_steps=2,
+                                                        anatomy_steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.image.dtype == np.float32 and np.isfinite(out.image).all() and not entered
+    np.testing.assert_array_equal(out.x_hat, reference.x_hat)  # the anatomy controller is float32 in both
+
+
+def test_running_out_of_memory_is_one_sentence_that_suggests_the_fast_preset(model_dir, monkeypatch):
+    pipe = XRealPipeline.from_pretrained(model_dir)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 8 GiB total capacity)")
+
+    monkeypatch.setattr(pipe.unet, "forward", out_of_memory)
+    with pytest.raises(ModelError) as error:
+        pipe(chest_labels(), [(region(6, 6, 5), "cardiomegaly")], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    message = str(error.value)
+    assert "ran out of memory" in message and "--fast" in message and "bfloat16" in message and "\n" not in message
+
+    def other_error(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(pipe.unet, "forward", other_error)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # any other error is not hidden
+        pipe(chest_labels(), [(region(6, 6, 5), "cardiomegaly")], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_gpu_message_suggests_float16():
+    message = out_of_memory_message(torch.device("cuda:0"), torch.float32)
+    assert message.startswith("The GPU ran out of memory") and "--fast" in message and "--dtype float16" in message
+    assert "float16" not in out_of_memory_message(torch.device("cuda"), torch.float16).replace("in float16", "")
+
+
+def test_auto_picks_cuda_and_float16_when_a_gpu_is_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loading.select_device("auto", "auto") == (torch.device("cuda"), torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.select_device("auto", "auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        loading.select_device("cuda", "auto")
+
+
+def test_threads_never_exceed_the_cores_and_respect_the_environment(monkeypatch):
+    monkeypatch.setattr(loading, "usable_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert loading.resolve_threads() == 1  # half of 2 cores: never one thread per core of a shared machine
+    monkeypatch.setattr(loading, "usable_cores", lambda: 16)
+    assert loading.resolve_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert loading.resolve_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # unset-like values fall back to the default
+    assert loading.resolve_threads() == 8
+    assert loading.resolve_threads(5) == 5  # --threads wins
+    with pytest.raises(InputError, match="--threads"):
+        loading.resolve_threads(0)
+    previous = torch.get_num_threads()
+    try:
+        assert loading.configure_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

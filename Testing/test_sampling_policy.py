@@ -220,7 +220,8 @@ def tiny_pipe(model_with_demo_fraction):
     return load_pipeline(str(model_with_demo_fraction), "cpu", "float32")
 
 
-@pytest.mark.parametrize("steps", [1, 2, 7, 501, 999, 1000])
+@pytest.mark.parametrize("steps", [1, 2, 7, pytest.param(501, marks=pytest.mark.slow),
+                                   pytest.param(999, marks=pytest.mark.slow), pytest.param(1000, marks=pytest.mark.slow)])
 def test_steps_alone_works_at_both_ends_and_past_the_leading_spacing_limit(tiny_pipe, request_files, steps):
     import torch
 

@@ -174,7 +174,7 @@ def test_a_model_that_produces_nan_fails_its_job_readably_and_the_service_keeps_
     Image.fromarray(labels).save(anatomy)
 
     app = create_app(ServiceSettings(model=str(model_dir), device="cpu", data_dir=tmp_path / "data"))
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1", headers={"X-XReal-Client": "1"}) as http:
         deadline = time.monotonic() + 120
         while http.get("/api/v1/health").json()["model"] != "ready":
             assert time.monotonic() < deadline
@@ -191,7 +191,7 @@ def test_a_model_that_produces_nan_fails_its_job_readably_and_the_service_keeps_
         assert "NaN" in job["error"]["message"] and "Traceback" not in job["error"]["message"]
         assert job["files"] == [] and not (tmp_path / "data" / "jobs" / job_id / "result").exists()
         assert http.get("/api/v1/health").json() == {"status": "ok", "engine_version": job_engine_version(),
-                                                     "model": "ready", "model_error": None}
+                                                     "model": "ready", "model_error": None, "storage_error": None}
         assert http.get("/api/v1/info").status_code == 200
 
 
@@ -208,7 +208,7 @@ def test_a_model_that_cannot_load_is_reported_and_jobs_get_503(tmp_path):
         pytest.skip("this machine has a GPU; the failure needs one that does not")
     model_dir = create_random_model(tmp_path / "model", preset="tiny")
     app = create_app(ServiceSettings(model=str(model_dir), device="cuda", data_dir=tmp_path / "data"))
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1", headers={"X-XReal-Client": "1"}) as http:
         deadline = time.monotonic() + 60
         while (health := http.get("/api/v1/health").json())["model"] == "loading":
             assert time.monotonic() < deadline

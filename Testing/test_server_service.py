@@ -35,15 +35,19 @@ START_TIMEOUT = 120.0
 
 
 def start_engine(model_dir: Path, data_dir: Path, *extra: str, token: str | None = None,
-                 host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """Start ``xreal-engine serve --port 0`` and read the URL from its first stdout line."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("XREAL_ENGINE_TOKEN", None)
+                 host: str = "127.0.0.1", env: dict | None = None,
+                 log_path: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``xreal-engine serve --port 0`` and read the URL from its first stdout line.
+
+    ``token`` goes in XREAL_ENGINE_TOKEN (the documented way; ``--token`` would show in ``ps``);
+    ``env`` replaces this process's environment (whose XREAL_ENGINE_TOKEN is dropped).
+    """
+    if env is None:
+        env = {key: value for key, value in os.environ.items() if key != "XREAL_ENGINE_TOKEN"}
+    env = dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **({"XREAL_ENGINE_TOKEN": token} if token else {}))
     command = [sys.executable, "-m", "xreal_engine.cli", "serve", "--host", host, "--port", "0",
                "--model", str(model_dir), "--data-dir", str(data_dir), *extra]
-    if token:
-        command += ["--token", token]
-    log_path = data_dir.parent / f"{data_dir.name}-engine.log"
+    log_path = log_path or data_dir.parent / f"{data_dir.name}-engine.log"
     log_file = open(log_path, "ab")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, env=env)
     log_file.close()
@@ -313,7 +317,7 @@ def raw_request(url: str, method: str, path: str, body: bytes | None = None, hea
             all_headers.setdefault("Authorization", f"Bearer {token}")
         if body is not None and "Content-Length" not in all_headers and "Transfer-Encoding" not in all_headers:
             all_headers["Content-Length"] = str(len(body))
-        connection.putrequest(method, path, skip_accept_encoding=True)
+        connection.putrequest(method, path, skip_host="Host" in all_headers, skip_accept_encoding=True)
         for key, value in all_headers.items():
             connection.putheader(key, value)
         connection.endheaders()
@@ -605,6 +609,9 @@ def test_kill9_and_restart_loses_nothing(tiny_model, inputs, tmp_path):
 
 
 def _get(url: str, path: str) -> bytes:
-    status, _, body = raw_request(url, "GET", path, token=None)
+    from xreal_engine.client import read_local_token
+
+    # an engine started without a token made one up and left it for local clients
+    status, _, body = raw_request(url, "GET", path, token=read_local_token(urllib.parse.urlsplit(url).port))
     assert status == 200, body[:300]
     return body

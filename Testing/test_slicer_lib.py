@@ -107,7 +107,7 @@ def test_build_inputs_keeps_overlaps_and_spacing(vocabulary, tmp_path):
         ("unknown finding", "is not known to this model"),
         ("3d canvas", "has 5 slices"),
         ("other grid", "is on a grid of shape"),
-        ("unknown segment", "neither an anatomy structure nor a pathology"),
+        ("unknown segment", "painted segment 'Scribble' has no finding"),
     ],
 )
 def test_build_inputs_refuses_bad_drawings(vocabulary, change, message):
@@ -125,7 +125,7 @@ def test_build_inputs_refuses_bad_drawings(vocabulary, change, message):
     elif change == "other grid":
         segments[0].array = np.zeros((1, 32, 32), np.uint8)
     elif change == "unknown segment":
-        segments.append(SegmentInput("Scribble", np.zeros((1, 64, 64), np.uint8)))
+        segments.append(SegmentInput("Scribble", _disc((64, 64), (10, 10), 3)))  # painted, no finding chosen
     with pytest.raises(InputError, match=message):
         build_inputs(segments, canvas, vocabulary, MODEL_LABELS, MODEL_FINDINGS)
 
@@ -245,7 +245,7 @@ def test_slicer_resolves_sampling_settings_like_the_engine(given, model_defaults
     resolved = parameters.resolve(defaults, **given)
     assert resolved == _engine_resolve(defaults, given)
     sent = parameters.request_values(resolved, seed=11)
-    assert set(sent) == {"steps", "anatomy_steps", "guidance", "eta", "seed"} and sent["seed"] == 11
+    assert set(sent) == {"steps", "anatomy_steps", "guidance", "eta", "seed", "sampler"} and sent["seed"] == 11
     assert parameters.resolve(defaults, **dict(sent)) == resolved.with_seed(11)  # what the engine gets back
 
 
@@ -255,7 +255,7 @@ def test_steps_alone_keep_the_models_anatomy_fraction():
 
     defaults = parameters.model_defaults({"defaults": DEMO_LIKE})
     assert parameters.request_values(parameters.resolve(defaults, steps=20)) == {
-        "steps": 20, "anatomy_steps": 16, "guidance": 7.0, "eta": 1.0}
+        "steps": 20, "anatomy_steps": 16, "guidance": 7.0, "eta": 1.0, "sampler": "ddim"}
     follow = parameters.anatomy_steps_after_steps_change
     assert follow(defaults, 100, 20, 80) == 16  # following the fraction: 80 of 100 -> 16 of 20
     assert follow(defaults, 20, 1000, 16) == 800

@@ -1,9 +1,20 @@
 """XReal: draw chest anatomy and pathology in Slicer, generate a synthetic X-ray (SC + SEG) with the XReal engine.
 
-This file is the thin GUI: widget wiring and MRML calls. Everything that can run
-without Slicer (masks -> request, validation, engine launcher, job runner, result
-handling, fallback SEG reader) is in ``XRealSlicerLib`` and tested with pytest.
-The engine itself (torch, diffusers) always runs in a separate process.
+This file is the thin GUI: widget wiring and MRML calls. Everything that can run without Slicer (masks ->
+request, the job planning of Generate, which controls apply, progress and status text, the results list's
+provenance lines, the engine environment, the launcher, the job runner, result handling, the fallback SEG
+reader, a replaying engine for tests) is in ``XRealSlicerLib`` and tested with pytest. The engine itself
+(torch, diffusers) always runs in a separate process.
+
+Why this file is still long (about 550 statements of widget, 280 of logic, 125 of self-test): Slicer's
+scripted-module pattern keeps the module, its widget, its logic (the MRML side) and its self-test in one file
+(``Utilities/Templates/Modules/Scripted/TemplateKey.py``); Slicer loads every ``.py`` beside it as a module of
+its own, and ``XRealSlicerLib`` must stay importable without Slicer, so the MRML and Qt code stays here. What
+is left is wiring: reading widgets and MRML into plain values, calling the Lib, writing its answers back.
+``Testing/test_slicer_module_smoke.py`` runs this code against stand-ins for Slicer, Qt and VTK.
+
+Slicer names that are not in ``slicer-api-symbols.txt`` carry a ``# Slicer source:`` comment naming the
+file of Slicer's source that defines or uses them (Testing/test_slicer_static.py checks this).
 """
 
 import logging
@@ -12,7 +23,6 @@ import queue
 import random
 import shutil
 import time
-import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +32,6 @@ import vtk
 
 import slicer
 from slicer.i18n import tr as _
-from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -33,39 +42,31 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from XRealSlicerLib import connection, enginepath, series
+from XRealSlicerLib import connection, enginepath, environment, planning, results
 from XRealSlicerLib import parameters as sampling
-from XRealSlicerLib.jobs import DONE, FAILED, FINAL, JobRunner, JobSpec, error_text
-from XRealSlicerLib.launcher import (
-    EngineLauncher,
-    create_venv_command,
-    find_base_python,
-    make_spawn,
-    install_requirements_command,
-    requirements_installed,
-    venv_python,
-)
-from XRealSlicerLib.request import (
-    REMOVE_FINDING,
-    CanvasGeometry,
-    SegmentInput,
-    blank_canvas,
-    build_inputs,
-    canvas_ijk_to_ras,
-    read_template,
-    template_segments,
-    write_request_files,
-)
+from XRealSlicerLib.jobs import DONE, JobRunner
+from XRealSlicerLib.launcher import EngineLauncher, make_spawn, requirements_installed, venv_python
+from XRealSlicerLib.request import CanvasGeometry, SegmentInput, blank_canvas, canvas_ijk_to_ras, grey_pixels, \
+    read_template, template_segments
 from XRealSlicerLib.results import push_summary, read_fallback_segments
-from XRealSlicerLib.tasks import BackgroundCall, run_logged
-from XRealSlicerLib.vocabulary import PATHOLOGY, Vocabulary
-from xreal_engine.client import EngineClient, EngineError
-from xreal_engine.errors import XRealError
+from XRealSlicerLib.tasks import BackgroundCall
+from XRealSlicerLib.vocabulary import ANATOMY, Vocabulary
+from xreal_engine.client import EngineClient
+from xreal_engine.errors import Cancelled, XRealError
 
 SETTINGS_PREFIX = "XRealSlicer/"
 TIMER_INTERVAL_MS = 200
-NO_PUSH = "Do not send"
-NO_SOURCE = "Upload the canvas pixels"
+SAMPLE_DATA_CATEGORY = "XReal"
+# planning.control_states key -> the widgets it enables (Testing/test_slicer_static.py checks the keys)
+CONTROL_WIDGETS = {
+    "variations": ("variationsLabel", "variationsSpinBox"),
+    "interpolationPath": ("pathLabel", "interpolationPathSelector"),
+    "interpolationSteps": ("interpolationStepsLabel", "interpolationStepsSpinBox"),
+    "steps": ("stepsLabel", "stepsSpinBox"),
+    "anatomySteps": ("anatomyStepsLabel", "anatomyStepsSpinBox"),
+    "sampler": ("samplerLabel", "samplerComboBox"),
+    "pacsSource": ("pacsSourceLabel", "pacsSourceComboBox"),
+}
 
 
 class XRealSlicer(ScriptedLoadableModule):
@@ -74,7 +75,7 @@ class XRealSlicer(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("XReal")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Utilities")]
+        self.parent.categories = [_("Image Synthesis")]
         self.parent.dependencies = []
         self.parent.contributors = ["XRealSlicer contributors"]
         self.parent.helpText = _(
@@ -85,8 +86,31 @@ class XRealSlicer(ScriptedLoadableModule):
         )
         self.parent.acknowledgementText = _(
             "XReal: Realistic Anatomy and Pathology-Aware X-ray Generation via Controllable Diffusion Model "
-            "(Hashmi et al.). The engine runs outside Slicer, locally or on a server."
+            "(Hashmi et al., arXiv 2403.09240). The engine runs outside Slicer, locally or on a server."
         )
+        # Slicer source: Utilities/Templates/Modules/Scripted/TemplateKey.py (slicer.app.connect startupCompleted)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The anatomy templates in the Sample Data module, category "XReal": a click opens a canvas with its segments."""
+    try:
+        import SampleData
+    except ImportError:  # no Sample Data module (e.g. a custom Slicer build)
+        return
+    icon = str(Path(__file__).parent / "Resources" / "Icons" / "XRealSlicer.png")
+    for path in XRealSlicerLogic.templatePaths():
+        # Slicer source: Modules/Scripted/SampleData/SampleData.py (registerCustomSampleDataSource, customDownloader:
+        # the Sample Data button calls it with the source instead of downloading; 5.8, 5.10 and main alike)
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=SAMPLE_DATA_CATEGORY, sampleName=f"XReal {path.stem}", uris=path.as_uri(),
+            fileNames=path.name, nodeNames=f"XReal canvas {path.stem}", thumbnailFileName=icon,
+            customDownloader=lambda source, path=path: _openTemplate(path))
+
+
+def _openTemplate(path):
+    slicer.util.selectModule("XRealSlicer")
+    slicer.util.getModuleWidget("XRealSlicer").loadTemplate(path)
 
 
 @parameterNodeWrapper
@@ -105,13 +129,14 @@ class XRealSlicerParameterNode:
     anatomySteps: Annotated[int, WithinRange(*sampling.node_range("anatomySteps"))] = \
         sampling.NODE_DEFAULTS["anatomySteps"]
     guidance: Annotated[float, WithinRange(*sampling.node_range("guidance"))] = sampling.NODE_DEFAULTS["guidance"]
+    fastPreview: bool = False
     variations: Annotated[int, WithinRange(1, 64)] = 1
     interpolate: bool = False
     interpolationSteps: Annotated[int, WithinRange(2, 64)] = 8
 
 
-def settingsValue(key, default):
-    return slicer.util.settingsValue(SETTINGS_PREFIX + key, default)
+def settingsValue(key, default, converter=lambda value: value):
+    return slicer.util.settingsValue(SETTINGS_PREFIX + key, default, converter=converter)
 
 
 def setSettingsValue(key, value):
@@ -119,7 +144,8 @@ def setSettingsValue(key, value):
 
 
 class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Panel: Engine, Canvas, Masks, Generate, Results. Never blocks: work runs in threads, a QTimer polls."""
+    """Panel: Engine, Canvas, Masks (with the Segment Editor), Generate, Results. Never blocks: work runs in
+    threads, a QTimer polls."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -128,9 +154,13 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._stepsSeen = None  # the Steps the Anatomy steps were last matched to (onParameterNodeModified)
-        self._task = None  # BackgroundCall for engine start / connect / install
+        self._defaultsModel = None  # the model whose sampling defaults the panel shows
+        self._task = None  # BackgroundCall for engine start / connect / install / removal / send
         self._taskDone = None  # main-thread continuation of self._task
+        self._generateAfterStart = False  # Generate started the local engine: generate once it answers
         self._runner = None
+        self._notes = []  # notes about the masks, shown behind the run's progress
+        self._results = []  # one dict per row of the results list
         self._timer = None
         self._inTimer = False  # onTimer may open dialogs, which run a nested event loop
         self._sendDialog = None
@@ -145,6 +175,18 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = XRealSlicerLogic()
 
+        # the embedded Segment Editor: its parameter node before the scene, so the selections made when the
+        # scene is set are kept there (as Modules/Scripted/SegmentEditor/SegmentEditor.py does)
+        editor = self.ui.embeddedSegmentEditorWidget
+        editor.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setSegmentationNodeSelectorVisible(False)  # the Masks section's own selector drives it
+        editor.setSourceVolumeNodeSelectorVisible(False)  # the canvas is the source volume
+        editor.connect("currentSegmentIDChanged(QString)", self.updateFindingChoice)
+        # an RGB X-ray (PNG) loads as a vector volume: choosable as canvas, converted to grey when chosen
+        # Slicer source: Libs/MRML/Core/vtkMRMLVectorVolumeNode.h (a vtkMRMLScalarVolumeNode subclass)
+        self.ui.canvasVolumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
@@ -153,37 +195,44 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.remoteEngineRadioButton.checked = remote
         self.ui.localEngineRadioButton.checked = not remote
         self.ui.enginePythonPathLineEdit.currentPath = settingsValue("enginePython", "")
+        self.ui.environmentPathLineEdit.currentPath = settingsValue("environmentDir", "") \
+            or str(environment.default_environment_dir())
         self.ui.modelLineEdit.text = settingsValue("model", "demo")
         history = settingsValue("serverUrlHistory", [connection.DEFAULT_REMOTE_URL]) or []
-        if isinstance(history, str):
-            history = [history]
-        self.ui.serverUrlComboBox.addItems(list(history))
-        self.ui.tokenLineEdit.text = settingsValue("token", "")
+        self.ui.serverUrlComboBox.addItems([history] if isinstance(history, str) else list(history))
+        remember = settingsValue("rememberToken", False, converter=slicer.util.toBool)
+        self.ui.rememberTokenCheckBox.checked = remember
+        self.ui.tokenLineEdit.text = settingsValue("token", "") if remember else ""
+        if not remember:
+            qt.QSettings().remove(SETTINGS_PREFIX + "token")  # stored in plain text by earlier versions
         self.ui.localEngineRadioButton.connect("toggled(bool)", self.onEngineModeChanged)
-        self.ui.startEngineButton.connect("clicked()", self.onStartEngine)
+        self.ui.startEngineButton.connect("clicked()", lambda: self.onStartEngine())
         self.ui.stopEngineButton.connect("clicked()", self.onStopEngine)
+        self.ui.removeEnvironmentButton.connect("clicked()", self.onRemoveEnvironment)
         self.ui.connectButton.connect("clicked()", self.onConnect)
+        self.ui.rememberTokenCheckBox.connect("toggled(bool)", self.onRememberTokenToggled)
 
         # Canvas
         self.ui.blankCanvasButton.connect("clicked()", self.onBlankCanvas)
-        self.ui.loadTemplateButton.connect("clicked()", self.onLoadTemplate)
+        self.ui.loadTemplateButton.connect("clicked()", lambda: self.loadTemplate(self.ui.templateComboBox.currentData))
         for path in self.logic.templatePaths():
             self.ui.templateComboBox.addItem(path.stem, str(path))
 
         # Masks
         self.ui.createSegmentsButton.connect("clicked()", self.onCreateSegments)
         self.ui.addPathologyButton.connect("clicked()", self.onAddPathology)
-        self.ui.showSegmentEditorButton.connect("clicked()", self.onShowSegmentEditor)
-        self.ui.pathologySegmentComboBox.connect("currentIndexChanged(int)", self.onPathologySegmentSelected)
         self.ui.findingComboBox.connect("activated(int)", self.onFindingChosen)
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updatePathologySegmentList)
 
         # Generate / Results
+        for name, label in sampling.sampler_choices():
+            self.ui.samplerComboBox.addItem(label, name)
         self.ui.randomSeedButton.connect("clicked()", self.onRandomSeed)
         self.ui.generateButton.connect("clicked()", self.onGenerateOrCancel)
         self.ui.showResultButton.connect("clicked()", self.onShowResult)
+        self.ui.generateAgainButton.connect("clicked()", self.onGenerateAgain)
         self.ui.sendToPacsButton.connect("clicked()", self.onSendToPacs)
         self.ui.sendWithSlicerButton.connect("clicked()", self.onSendWithSlicer)
+        self.ui.resultsListWidget.connect("currentRowChanged(int)", self.onResultSelected)
         self.ui.resultsListWidget.connect("itemDoubleClicked(QListWidgetItem*)", lambda item: self.onShowResult())
         self.ui.progressBar.setRange(0, 100)
 
@@ -192,8 +241,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onTimer)
 
         self.onEngineModeChanged()
-        self.updateEngineDependentWidgets()
         self.initializeParameterNode()
+        self.applyModelInfo()
 
     def cleanup(self):
         """Slicer is closing: stop the local engine and any run, leave no process behind."""
@@ -209,23 +258,29 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
-        self.updatePathologySegmentList()  # segments may have been added in the Segment Editor
+        self.ui.embeddedSegmentEditorWidget.installKeyboardShortcuts()
+        self.ui.embeddedSegmentEditorWidget.updateWidgetFromMRML()
 
     def exit(self):
+        editor = self.ui.embeddedSegmentEditorWidget  # as the Segment Editor module leaves its editor
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
         if self._parameterNode:
-            # the side-by-side view limits the drawn masks to one view; elsewhere (e.g. the Segment
-            # Editor opened from the module list) they must be visible in every view again
-            segmentation = self._parameterNode.segmentation
-            if segmentation is not None and segmentation.GetDisplayNode() is not None:
-                segmentation.GetDisplayNode().RemoveAllViewNodeIDs()
+            # side by side limits the masks to one view each; elsewhere they must be visible in every view again
+            self.logic.showInEveryView(self._parameterNode.segmentation)
+            self.logic.showInEveryView(self.shownResultSegmentation())
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        self.ui.embeddedSegmentEditorWidget.setSegmentationNode(None)
 
     def onSceneEndClose(self, caller, event):
         self.ui.resultsListWidget.clear()  # their nodes are gone, and node IDs are reused by new nodes
+        self._results = []
+        self.ui.embeddedSegmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -243,29 +298,49 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stepsSeen = self._parameterNode.steps  # a loaded scene keeps its own anatomy steps
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
-        self.updatePathologySegmentList()
+            self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None):
-        """Steps changed: Anatomy steps keep the model's fraction of the schedule unless the user set them."""
+        """Anatomy steps follow Steps; an RGB canvas becomes grey; the editor and the controls follow the node."""
         node = self._parameterNode
-        if node is None or node.steps == self._stepsSeen:
+        if node is None:
             return
-        oldSteps, self._stepsSeen = self._stepsSeen, node.steps
-        anatomySteps = sampling.anatomy_steps_after_steps_change(self.logic.samplingDefaults, oldSteps, node.steps,
-                                                                 node.anatomySteps)
-        if anatomySteps != node.anatomySteps:
-            node.anatomySteps = anatomySteps
+        if node.steps != self._stepsSeen:  # keep the model's fraction of the schedule unless the user set them
+            oldSteps, self._stepsSeen = self._stepsSeen, node.steps
+            anatomySteps = sampling.anatomy_steps_after_steps_change(self.logic.samplingDefaults, oldSteps,
+                                                                     node.steps, node.anatomySteps)
+            if anatomySteps != node.anatomySteps:
+                node.anatomySteps = anatomySteps
+        if node.canvasVolume is not None and self.logic.isColourImage(node.canvasVolume):
+            try:
+                node.canvasVolume = self.logic.greyCopy(node.canvasVolume)  # modifies the node again
+            except Exception as error:
+                self.reportError(_("The RGB image could not be converted to grey."), error)
+                node.canvasVolume = None
+            return
+        editor = self.ui.embeddedSegmentEditorWidget
+        segmentationId = node.segmentation.GetID() if node.segmentation else ""
+        canvasId = node.canvasVolume.GetID() if node.canvasVolume else ""
+        if editor.segmentationNodeID() != segmentationId:
+            editor.setSegmentationNode(node.segmentation)
+        if canvasId and editor.sourceVolumeNodeID() != canvasId:
+            editor.setSourceVolumeNode(node.canvasVolume)
+        states = planning.control_states(interpolate=node.interpolate, edit_mode=node.editMode, fast=node.fastPreview)
+        for key, names in CONTROL_WIDGETS.items():
+            for name in names:
+                getattr(self.ui, name).enabled = states[key]
+        self.updateFindingChoice()
 
     # ------------------------------------------------------------------ errors and status
 
-    def showError(self, error, context=""):
-        """One clear sentence for the user; details (never patient data) go to the log."""
-        if isinstance(error, (XRealError, EngineError)):
-            message = error_text(error)
-        else:
-            message = _("Unexpected problem: {error}").format(error=error)
-            logging.error("XReal: %s", "".join(traceback.format_exception(type(error), error, error.__traceback__)))
-        slicer.util.errorDisplay((context + " " if context else "") + message, windowTitle=_("XReal"))
+    def reportError(self, message, error):
+        """An error that did not happen in a button's own call (a worker thread's, an observer's): the same box as
+        tryWithErrorDisplay, but not raised into the timer or observer that delivered it."""
+        try:
+            with slicer.util.tryWithErrorDisplay(message):
+                raise error
+        except Exception:
+            logging.warning("XReal: %s %s", message, error)
 
     def setStatus(self, text):
         self.ui.statusLabel.text = text
@@ -278,15 +353,17 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onEngineModeChanged(self, checked=None):
         local = self.ui.localEngineRadioButton.checked
-        for name in ("enginePythonLabel", "enginePythonPathLineEdit", "modelLabel", "modelLineEdit",
-                     "startEngineButton", "stopEngineButton"):
+        for name in ("enginePythonLabel", "enginePythonPathLineEdit", "environmentLabel", "environmentPathLineEdit",
+                     "removeEnvironmentButton", "modelLabel", "modelLineEdit", "startEngineButton", "stopEngineButton"):
             getattr(self.ui, name).visible = local
-        for name in ("serverUrlLabel", "serverUrlComboBox", "tokenLabel", "tokenLineEdit", "connectButton"):
+        for name in ("serverUrlLabel", "serverUrlComboBox", "tokenLabel", "tokenLineEdit", "rememberTokenCheckBox",
+                     "connectButton"):
             getattr(self.ui, name).visible = not local
         setSettingsValue("engineMode", "local" if local else "remote")
+        self.updateEngineDependentWidgets()
 
     def isBusy(self):
-        """A background engine call (start, connect, install, send) is still running."""
+        """A background engine call (start, connect, install, removal, send) is still running."""
         if self._task is not None and not self._task.done:
             slicer.util.showStatusMessage(_("XReal: still busy with the engine, please wait."), 3000)
             return True
@@ -296,57 +373,82 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Run ``function(task, *args)`` in a thread; ``onDone(task)`` runs on the main thread after.
 
         Callers check ``isBusy()`` first. Everything that needs Slicer (paths, settings, the startup
-        environment) is read here on the main thread and passed in: worker threads never touch Qt or MRML.
+        environment) is read here on the main thread and passed in: worker threads never touch Qt or MRML
+        and never translate (``_``); the main-thread continuations do.
         """
         self.logic.prepareSpawn()
         self._task = BackgroundCall(function, *args)
         self._taskDone = onDone
         self._timer.start()
 
-    def onStartEngine(self):
+    def environmentDirs(self):
+        """(the configured environment folder, the one that versions before 0.2 used)."""
+        configured = Path(self.ui.environmentPathLineEdit.currentPath.strip()
+                          or environment.default_environment_dir())
+        return configured, environment.legacy_environment_dir(slicer.app.slicerUserSettingsFilePath)
+
+    def onStartEngine(self, thenGenerate=False):
+        self._generateAfterStart = thenGenerate
         if self.isBusy():
             return
         python = self.ui.enginePythonPathLineEdit.currentPath.strip()
         model = self.ui.modelLineEdit.text.strip() or "demo"
+        configured, legacy = self.environmentDirs()
         setSettingsValue("enginePython", python)
         setSettingsValue("model", model)
+        setSettingsValue("environmentDir", str(configured))
         if python and not Path(python).is_file():
+            self._generateAfterStart = False
             slicer.util.errorDisplay(_("The engine Python '{python}' does not exist; choose a Python interpreter "
                                        "or leave the field empty to use a private environment.").format(python=python))
             return
-        if not python:
-            python = str(venv_python(self.logic.defaultEnvironmentDir()))
+        venvDir = environment.environment_in_use(configured, legacy)
+        python = python or str(venv_python(venvDir))
         self.ui.engineStatusLabel.text = _("Checking the engine's Python ...")
         self.runInBackground(lambda task, path: requirements_installed(path, self.logic.startupEnvironment),
-                             lambda task: self._afterCheck(task, python, model), python)
+                             lambda task: self._afterCheck(task, python, model, venvDir), python)
 
-    def _afterCheck(self, task, python, model):
-        if not task.ok or not task.value:
-            question = _(
-                "The local engine needs its Python packages (PyTorch, diffusers, highdicom, FastAPI ...; "
-                "a few GB) in {python}. They are installed there, not into Slicer. Install them now?"
-            ).format(python=python)
-            if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("XReal: first use")):
-                self.ui.engineStatusLabel.text = _("Local engine not started: its requirements are not installed.")
-                return
-            self.ui.engineStatusLabel.text = _("Installing the engine's requirements (see the log below) ...")
-            self.ui.progressBar.setRange(0, 0)  # busy indicator
-            self.runInBackground(self.logic.installRequirements, lambda t: self._afterInstall(t, python, model), python,
-                                 self.logic.defaultEnvironmentDir())
+    def _afterCheck(self, task, python, model, venvDir):
+        if task.ok and task.value:
+            self._startEngine(python, model)
             return
-        self._startEngine(python, model)
+        question = _("The local engine needs its Python packages (PyTorch, diffusers, highdicom, FastAPI ...; "
+                     "a few GB) in {python}. They are installed there, not into Slicer. Install them now?").format(
+            python=python)
+        if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("XReal: first use")):
+            self._generateAfterStart = False
+            self.ui.engineStatusLabel.text = _("Local engine not started: its requirements are not installed.")
+            return
+        self.ui.engineStatusLabel.text = _("Installing the engine's requirements (see the log below) ...")
+        self.ui.progressBar.setRange(0, 0)  # busy indicator
+        requirements = enginepath.requirements_path()
+        self.runInBackground(lambda task: environment.install_environment(
+            task.report, self.logic.spawn, python, venvDir, requirements, self.logic.startupEnvironment),
+            lambda task: self._afterInstall(task, python, model, venvDir))
 
-    def _afterInstall(self, task, python, model):
+    def _afterInstall(self, task, python, model, venvDir):
         self.ui.progressBar.setRange(0, 100)
-        if not task.ok:
+        problems = {  # the worker returns an outcome; its sentence is translated here, on the main thread
+            environment.NO_BASE_PYTHON: _("No Python 3.10 or newer was found on this computer. Install one "
+                                          "(python.org), or choose a Python that has the engine's packages as "
+                                          "'Engine Python'."),
+            environment.VENV_FAILED: _("Could not create the engine environment in {dir}.").format(dir=venvDir),
+            environment.PIP_FAILED: _("Installing the engine's requirements failed; the log shows pip's message."),
+            environment.NOT_IMPORTABLE: _("The engine's requirements are still not importable in {python}.").format(
+                python=python),
+        }
+        if not task.ok or task.value != environment.INSTALLED:
+            self._generateAfterStart = False
             self.ui.engineStatusLabel.text = _("Installing the engine's requirements failed.")
-            self.showError(task.error)
+            self.reportError(_("The engine could not be installed."),
+                             task.error if not task.ok else XRealError(problems.get(task.value, str(task.value))))
             return
         self._startEngine(python, model)
 
     def _startEngine(self, python, model):
         self.ui.engineStatusLabel.text = _("Starting the local engine (loading the model) ...")
-        self.updateEngineDependentWidgets()  # a previous connection is dropped
+        self.logic.dropConnection()
+        self.updateEngineDependentWidgets()
         self.runInBackground(self.logic.startLocalEngine, self._afterConnect, python, model,
                              self.logic.dataDirectory())
 
@@ -361,14 +463,48 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.engineStatusLabel.text = _("Local engine stopped.") if task.ok else _("Stopping failed.")
         self.updateEngineDependentWidgets()
 
+    def onRemoveEnvironment(self):
+        """Delete the private engine environment (several GB) after asking; the local engine is stopped first."""
+        if self.isBusy():
+            return
+        configured, legacy = self.environmentDirs()
+        found = environment.removable_environments(configured, legacy)
+        if not found:
+            slicer.util.infoDisplay(_("No engine environment made by XRealSlicer is in {dir}.").format(dir=configured))
+            return
+        question = _("Remove the engine environment (PyTorch and the engine's other packages, several GB)?"
+                     "\n\n{dirs}\n\nIt is installed again, after asking, the next time the local engine starts."
+                     ).format(
+            dirs="\n".join(str(path) for path in found))
+        if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("XReal")):
+            return
+        self.ui.engineStatusLabel.text = _("Removing the engine environment ...")
+
+        def remove(task, paths):
+            self.logic.stopLocalEngine()
+            for path in paths:
+                environment.remove_environment(path, legacy)
+
+        self.runInBackground(remove, self._afterRemove, found)
+
+    def _afterRemove(self, task):
+        if not task.ok:
+            self.ui.engineStatusLabel.text = _("Removing the engine environment failed.")
+            self.reportError(_("The engine environment could not be removed."), task.error)
+        else:
+            self.ui.engineStatusLabel.text = _("Engine environment removed.")
+        self.updateEngineDependentWidgets()
+
+    def onRememberTokenToggled(self, remember):
+        setSettingsValue("rememberToken", bool(remember))
+        if not remember:
+            qt.QSettings().remove(SETTINGS_PREFIX + "token")
+
     def onConnect(self):
         if self.isBusy():
             return
-        try:
+        with slicer.util.tryWithErrorDisplay(_("Not connected.")):
             url = connection.normalize_url(self.ui.serverUrlComboBox.currentText)
-        except XRealError as error:
-            self.showError(error)
-            return
         token = self.ui.tokenLineEdit.text.strip() or None
         warning = connection.insecure_url_warning(url)
         if warning:
@@ -376,7 +512,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         history = connection.updated_history(
             [self.ui.serverUrlComboBox.itemText(i) for i in range(self.ui.serverUrlComboBox.count)], url)
         setSettingsValue("serverUrlHistory", history)
-        setSettingsValue("token", token or "")
+        if self.ui.rememberTokenCheckBox.checked:  # plain text in the settings file: only when asked to
+            setSettingsValue("token", token or "")
         self.ui.serverUrlComboBox.clear()
         self.ui.serverUrlComboBox.addItems(history)
         self.ui.engineStatusLabel.text = _("Connecting to {url} ...").format(url=url)
@@ -385,43 +522,55 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runInBackground(self.logic.connectRemote, self._afterConnect, url, token)
 
     def _afterConnect(self, task):
+        generate, self._generateAfterStart = self._generateAfterStart, False
         if not task.ok:
             self.ui.engineStatusLabel.text = _("Not connected.")
-            self.showError(task.error)
+            if not isinstance(task.error, Cancelled):
+                self.reportError(_("The engine did not start or answer."), task.error)
         else:
             self.ui.engineStatusLabel.text = connection.status_line(self.logic.info, self.logic.engineUrl)
-            self.applyModelDefaults()
+            self.applyModelInfo()
+            if generate:
+                qt.QTimer.singleShot(0, self.onGenerateOrCancel)  # outside this timer callback
         self.updateEngineDependentWidgets()
 
-    def applyModelDefaults(self):
-        """Model defaults into the parameter node (once per connection), model findings into the lists."""
-        if self._parameterNode:
-            values = sampling.node_defaults(self.logic.samplingDefaults)  # checked by the policy on connecting
+    def modelInfo(self):
+        """The connected engine's /info, else (local mode) what the model's own file says."""
+        if self.logic.info is not None:
+            return self.logic.info
+        return connection.local_model_info(self.ui.modelLineEdit.text, enginepath.find_engine_root()) or {}
+
+    def applyModelInfo(self):
+        """The model's sampling defaults (when the model changed), findings, samplers and PACS nodes into the panel."""
+        info = self.modelInfo()
+        modelId = (info.get("model") or {}).get("id")
+        self.logic.samplingDefaults = sampling.model_defaults(info)  # checked by the policy
+        if self._parameterNode and modelId and modelId != self._defaultsModel:
+            values = sampling.node_defaults(self.logic.samplingDefaults)
             self._stepsSeen = values["steps"]  # the model's own anatomy steps, not the follow rule's
             with slicer.util.NodeModify(self._parameterNode):  # one Modified event (as wrapper.py uses it)
                 for name, value in values.items():
                     setattr(self._parameterNode, name, value)
-        self.ui.findingComboBox.clear()
-        findings = connection.model_findings(self.logic.info)
-        for finding in findings:
-            self.ui.findingComboBox.addItem(self.logic.vocabulary.finding_display_name(finding), finding)
-        if REMOVE_FINDING not in findings:  # edit mode: inpaint the region without a finding
-            self.ui.findingComboBox.addItem(_("No finding (remove, edit mode)"), REMOVE_FINDING)
-        destinations, sources = connection.pacs_nodes(self.logic.info)
-        self.ui.pushDestinationComboBox.clear()
-        self.ui.pushDestinationComboBox.addItem(NO_PUSH, "")
-        for name in destinations:
-            self.ui.pushDestinationComboBox.addItem(name, name)
-        self.ui.pacsSourceComboBox.clear()
-        self.ui.pacsSourceComboBox.addItem(NO_SOURCE, "")
-        for name in sources:
-            self.ui.pacsSourceComboBox.addItem(name, name)
-        self.updatePathologySegmentList()
+            self._defaultsModel = modelId
+        sampler = self.ui.samplerComboBox.currentData
+        self.ui.samplerComboBox.clear()
+        for name, label in sampling.sampler_choices(info):
+            self.ui.samplerComboBox.addItem(label, name)
+        self.ui.samplerComboBox.setCurrentIndex(max(0, self.ui.samplerComboBox.findData(sampler)))
+        destinations, sources = connection.pacs_nodes(info)
+        for combo, none, names in ((self.ui.pushDestinationComboBox, _("Do not send"), destinations),
+                                   (self.ui.pacsSourceComboBox, _("Upload the canvas pixels"), sources)):
+            combo.clear()
+            combo.addItem(none, "")
+            for name in names:
+                combo.addItem(name, name)
+        self.updateFindingChoice()
+        self.updateEngineDependentWidgets()
 
     def updateEngineDependentWidgets(self):
-        connected = self.logic.client is not None
-        self.ui.generateButton.enabled = connected or (self._runner is not None and self._runner.busy)
-        self.ui.blankCanvasButton.enabled = True
+        running = self._runner is not None and self._runner.busy
+        self.ui.generateButton.enabled = running or self.logic.client is not None \
+            or self.ui.localEngineRadioButton.checked  # local: Generate starts the engine
         destinations, sources = connection.pacs_nodes(self.logic.info or {})
         for name in ("pushLabel", "pushDestinationComboBox", "sendToPacsButton"):
             getattr(self.ui, name).visible = bool(destinations)
@@ -432,96 +581,76 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ canvas and masks
 
     def onBlankCanvas(self):
-        try:
-            volume = self.logic.createBlankCanvas()
-            self._parameterNode.canvasVolume = volume
+        with slicer.util.tryWithErrorDisplay(_("The canvas could not be created.")):
+            self._parameterNode.canvasVolume = self.logic.createBlankCanvas(self.modelInfo())
             self._parameterNode.editMode = False
-        except Exception as error:
-            self.showError(error)
 
-    def onLoadTemplate(self):
-        path = self.ui.templateComboBox.currentData
+    def loadTemplate(self, path):
+        """A canvas with the template's anatomy segments (the Load button and the Sample Data module)."""
         if not path:
             slicer.util.errorDisplay(_("No anatomy template is installed with this extension."))
             return
-        try:
-            volume, segmentation = self.logic.createCanvasFromTemplate(Path(path), self.modelFindings())
-            self._parameterNode.canvasVolume = volume
-            self._parameterNode.segmentation = segmentation
-            self._parameterNode.editMode = False
-            self.updatePathologySegmentList()
-        except Exception as error:
-            self.showError(error)
-
-    def modelFindings(self):
-        return connection.model_findings(self.logic.info) if self.logic.info else []
+        with slicer.util.tryWithErrorDisplay(_("The template could not be loaded."), waitCursor=True):
+            volume, segmentation = self.logic.createCanvasFromTemplate(Path(path), self.modelInfo())
+            with slicer.util.NodeModify(self._parameterNode):
+                self._parameterNode.canvasVolume = volume
+                self._parameterNode.segmentation = segmentation
+                self._parameterNode.editMode = False
 
     def onCreateSegments(self):
-        canvas = self._parameterNode.canvasVolume
-        if canvas is None:
-            slicer.util.errorDisplay(_("Create or select a canvas first (Canvas section)."))
-            return
-        try:
-            segmentation = self.logic.createSegmentation(canvas, self.modelFindings(),
-                                                         withAnatomy=not self._parameterNode.editMode)
-            self._parameterNode.segmentation = segmentation
-            self.updatePathologySegmentList()
-            self.onShowSegmentEditor()
-        except Exception as error:
-            self.showError(error)
+        with slicer.util.tryWithErrorDisplay(_("The segments could not be created.")):
+            canvas = self._parameterNode.canvasVolume
+            if canvas is None:
+                raise XRealError(_("Create or select a canvas first (Canvas section)."))
+            self._parameterNode.segmentation = self.logic.createSegmentation(
+                canvas, self.modelInfo(), withAnatomy=not self._parameterNode.editMode)
 
     def onAddPathology(self):
-        segmentation = self._parameterNode.segmentation
-        if segmentation is None:
-            slicer.util.errorDisplay(_("Create the segments first (Create segments)."))
-            return
-        findings = self.modelFindings()
-        try:
-            self.logic.addPathologySegment(segmentation, findings[0] if findings else None)
-        except Exception as error:
-            self.showError(error)
-        self.updatePathologySegmentList()
+        with slicer.util.tryWithErrorDisplay(_("The pathology segment could not be added.")):
+            segmentation = self._parameterNode.segmentation
+            if segmentation is None:
+                raise XRealError(_("Create the segments first (Create segments)."))
+            segmentId = self.logic.addPathologySegment(segmentation)
+            self.ui.embeddedSegmentEditorWidget.setCurrentSegmentID(segmentId)
+            self.updateFindingChoice()
+            self.setStatus(_("Choose the new segment's finding, then paint it."))
 
-    def onShowSegmentEditor(self):
-        if self._parameterNode.segmentation is None or self._parameterNode.canvasVolume is None:
-            slicer.util.errorDisplay(_("Select a canvas and a segmentation first."))
-            return
-        self.logic.showSegmentEditor(self._parameterNode.segmentation, self._parameterNode.canvasVolume)
+    def currentSegment(self):
+        """(segmentation, id of the segment selected in the embedded editor's list) or (segmentation, None)."""
+        segmentation = self._parameterNode.segmentation if self._parameterNode else None
+        segmentId = self.ui.embeddedSegmentEditorWidget.currentSegmentID() if segmentation else ""
+        if segmentation is None or not segmentId or segmentation.GetSegmentation().GetSegment(segmentId) is None:
+            return segmentation, None
+        return segmentation, segmentId
 
-    def updatePathologySegmentList(self, *args):
-        combo = self.ui.pathologySegmentComboBox
-        selectedId = combo.currentData
+    def updateFindingChoice(self, *args):
+        """The Finding list shows the selected segment's finding; anatomy has none, a new pathology none yet."""
+        combo = self.ui.findingComboBox
+        segmentation, segmentId = self.currentSegment()
+        kind = self.logic.segmentKind(segmentation, segmentId) if segmentId else None
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        segmentation = self.ui.segmentationSelector.currentNode()
-        if segmentation is not None:
-            for segmentId, name in self.logic.pathologySegments(segmentation):
-                combo.addItem(name, segmentId)
-        if selectedId and combo.findData(selectedId) >= 0:
-            combo.setCurrentIndex(combo.findData(selectedId))
+        if segmentId is None or kind == ANATOMY:
+            combo.addItem(_("(anatomy: no finding)") if segmentId else _("(select a pathology segment)"), "")
+            combo.enabled = False
+        else:
+            combo.addItem(_("Choose a finding ..."), "")
+            editMode = bool(self._parameterNode and self._parameterNode.editMode)
+            for finding, label in planning.finding_choices(connection.model_findings(self.modelInfo()),
+                                                           self.logic.vocabulary, editMode):
+                combo.addItem(label, finding)
+            combo.setCurrentIndex(max(0, combo.findData(self.logic.segmentFinding(segmentation, segmentId) or "")))
+            combo.enabled = True
         combo.blockSignals(wasBlocked)
-        self.onPathologySegmentSelected()
-
-    def onPathologySegmentSelected(self, *args):
-        segmentation = self.ui.segmentationSelector.currentNode()
-        segmentId = self.ui.pathologySegmentComboBox.currentData
-        if segmentation is None or not segmentId:
-            return
-        finding = self.logic.segmentFinding(segmentation, segmentId)
-        index = self.ui.findingComboBox.findData(finding) if finding else -1
-        self.ui.findingComboBox.setCurrentIndex(index)
 
     def onFindingChosen(self, index):
-        segmentation = self.ui.segmentationSelector.currentNode()
-        segmentId = self.ui.pathologySegmentComboBox.currentData
+        segmentation, segmentId = self.currentSegment()
         finding = self.ui.findingComboBox.itemData(index)
-        if segmentation is None or not segmentId or not finding:
+        if segmentId is None or not finding:
             return
-        try:
-            self.logic.setSegmentFinding(segmentation, segmentId, finding)
-        except Exception as error:
-            self.showError(error)
-        self.updatePathologySegmentList()
+        with slicer.util.tryWithErrorDisplay(_("The finding could not be set.")):
+            self.logic.setSegmentFinding(segmentation, segmentId, finding)  # and names the segment after it
+        self.updateFindingChoice()
 
     # ------------------------------------------------------------------ generate
 
@@ -534,70 +663,68 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.generateButton.enabled = False  # until the engine confirms (updateEngineDependentWidgets)
             self.setStatus(_("Cancelling ..."))
             return
-        try:
-            jobs = self.prepareJobs()
-        except Exception as error:
-            self.showError(error)
+        if self.isBusy():
             return
+        with slicer.util.tryWithErrorDisplay(_("Generate failed."), waitCursor=True):
+            if self.logic.client is None:
+                if not self.ui.localEngineRadioButton.checked:
+                    raise XRealError(_("The remote engine is not connected; press Connect first (Engine section)."))
+                canvas, segmentation = self.canvasAndSegmentation()
+                planning.check_drawing(self.logic.readSegments(segmentation, canvas), self.logic.canvasGeometry(canvas),
+                                       self.logic.vocabulary, self._parameterNode.editMode)  # before a start
+                self.setStatus(_("Starting the local engine first ..."))
+                self.onStartEngine(thenGenerate=True)
+                return
+            self.startRun(self.prepareJobs())
+
+    def canvasAndSegmentation(self):
+        node = self._parameterNode
+        if node.canvasVolume is None:
+            raise XRealError(_("Select or create a canvas first (Canvas section)."))
+        if node.segmentation is None:
+            raise XRealError(_("Create the segments first (Masks section)."))
+        return node.canvasVolume, node.segmentation
+
+    def panelSettings(self):
+        node = self._parameterNode
+        return planning.PanelSettings(
+            seed=node.seed, steps=node.steps, anatomy_steps=node.anatomySteps, guidance=node.guidance,
+            sampler=self.ui.samplerComboBox.currentData or None, fast=node.fastPreview, variations=node.variations,
+            interpolate=node.interpolate, interpolation_steps=node.interpolationSteps, edit_mode=node.editMode,
+            push_to=self.ui.pushDestinationComboBox.currentData or None)
+
+    def prepareJobs(self):
+        """Read the MRML side into plain values; XRealSlicerLib.planning validates and writes one job per image."""
+        canvas, segmentation = self.canvasAndSegmentation()
+        self.logic.ensureDicomDatabase()  # results are imported into it; may ask the user, so before the run
+        editSource = None
+        if self._parameterNode.editMode:
+            pacs = self.logic.pacsSourceFor(canvas, self.ui.pacsSourceComboBox.currentData)
+            file = None if pacs else self.logic.dicomFileOf(canvas)
+            editSource = planning.EditSource(file=file, pacs=pacs,
+                                             pixels=None if pacs or file else slicer.util.arrayFromVolume(canvas))
+        pathNode = self.ui.interpolationPathSelector.currentNode()
+        path = None
+        if self._parameterNode.interpolate and pathNode is not None:
+            path = planning.InterpolationPath(slicer.util.arrayFromMarkupsControlPoints(pathNode, world=True),
+                                              self.logic.rasToIjk(canvas))
+        _segmentation, segmentId = self.currentSegment()
+        plan = planning.plan_jobs(
+            self.logic.readSegments(segmentation, canvas), self.logic.canvasGeometry(canvas), self.logic.vocabulary,
+            self.logic.info, self.panelSettings(), self.logic.newRunDirectory(), edit_source=editSource,
+            selected_segment=segmentation.GetSegmentation().GetSegment(segmentId).GetName() if segmentId else None,
+            path=path)
+        self._notes = plan.warnings
+        self.appendLog(plan.warnings)
+        return plan.jobs
+
+    def startRun(self, jobs):
         self._runner = JobRunner(self.logic.client, describe_engine=self.logic.engineDescription())
         self._runner.start(jobs)
         self.ui.generateButton.text = _("Cancel")
         self.ui.progressBar.value = 0
-        self.setStatus(_("Submitting ..."))
+        self.setStatus(" ".join([_("Submitting ...")] + self._notes))
         self._timer.start()
-
-    def prepareJobs(self):
-        """Read the segments, validate them like the engine does, write the request files: one job per image."""
-        parameters = self._parameterNode
-        if self.logic.client is None:
-            raise XRealError(_("The engine is not connected; press Start engine (Local) or Connect (Remote)."))
-        canvas, segmentation = parameters.canvasVolume, parameters.segmentation
-        if canvas is None:
-            raise XRealError(_("Select or create a canvas first (Canvas section)."))
-        if segmentation is None:
-            raise XRealError(_("Create the segments first (Masks section)."))
-        # the engine's own rules and sentences, before anything is read or written
-        resolved = sampling.resolve(self.logic.samplingDefaults, steps=parameters.steps,
-                                    anatomy_steps=parameters.anatomySteps, guidance=parameters.guidance)
-        self.logic.ensureDicomDatabase()  # results are imported into it; may ask the user, so before the run
-        info = self.logic.info
-        inputs = build_inputs(
-            self.logic.readSegments(segmentation, canvas), self.logic.canvasGeometry(canvas), self.logic.vocabulary,
-            list(connection.model_anatomy_labels(info)), connection.model_findings(info), edit_mode=parameters.editMode)
-        for warning in inputs.warnings:
-            self.appendLog([warning])
-        runDir = self.logic.newRunDirectory()
-        editImage, editFile, source = None, None, None
-        if parameters.editMode:
-            source = self.logic.pacsSourceFor(canvas, self.ui.pacsSourceComboBox.currentData)
-            if source is None:
-                editFile = self.logic.dicomFileOf(canvas)
-                editImage = None if editFile else slicer.util.arrayFromVolume(canvas)
-        pushTo = self.ui.pushDestinationComboBox.currentData or None
-
-        def requestFor(name, inputsForJob, seed):
-            files = write_request_files(inputsForJob, runDir / name, sampling.request_values(resolved, seed),
-                                        edit_image=editImage, edit_image_file=editFile)
-            files.push_to, files.source = pushTo, source
-            return JobSpec(files, runDir / name / "result", name)
-
-        if parameters.interpolate:
-            index = self.logic.selectedPathologyIndex(inputs, self.ui.pathologySegmentComboBox.currentText)
-            pathNode = self.ui.interpolationPathSelector.currentNode()
-            if pathNode is None:
-                raise XRealError(_("Choose the path (a markups curve or point list) to move the pathology along."))
-            positions = series.positions_along_path(
-                series.ras_to_pixel(slicer.util.arrayFromMarkupsControlPoints(pathNode, world=True),
-                                    self.logic.rasToIjk(canvas)),
-                parameters.interpolationSteps)
-            mask, finding, name = inputs.pathologies[index]
-            jobs = []
-            for number, moved in enumerate(series.interpolated_masks(mask, positions), start=1):
-                inputs.pathologies[index] = (moved, finding, name)
-                jobs.append(requestFor(f"position-{number:02d}", inputs, parameters.seed))
-            return jobs
-        return [requestFor(f"seed-{seed}", inputs, seed)
-                for seed in series.variation_seeds(parameters.seed, parameters.variations)]
 
     def onTimer(self):
         """Main thread: deliver finished background calls and job events (the only place MRML/Qt change)."""
@@ -623,77 +750,105 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.launcher is not None:
             self.appendLog(self.logic.drainEngineLog())
             return  # keep showing the local engine's output while it runs
-        if (self._task is None or self._task.done) and (self._runner is None or not self._runner.busy) \
-                and self._runner_events_empty():
+        if (self._task is None or self._task.done) and (self._runner is None or
+                                                        (not self._runner.busy and self._runner.events.empty())):
             self._timer.stop()
 
-    def _runner_events_empty(self):
-        return self._runner is None or self._runner.events.empty()
-
     def onJobEvent(self, event):
-        if event.state not in FINAL or event.state == DONE:  # a failure or cancel keeps the bar where it stopped
-            self.ui.progressBar.value = int(round(100 * event.fraction))
-        self.setStatus(event.status_text())
+        view = planning.panel_progress(event, self._notes)
+        if view.bar is not None:
+            self.ui.progressBar.value = view.bar
+        self.setStatus(view.status)
         if event.result is not None:
-            parameters = self._parameterNode
             try:
-                nodes = self.logic.loadResult(event.result, parameters.canvasVolume if parameters else None,
-                                              parameters.segmentation if parameters else None)
-                item = qt.QListWidgetItem(f"{event.label or 'result'} ({event.result.provenance.get('model_id', '')})")
-                item.setData(qt.Qt.UserRole, nodes["volume"].GetID())
-                item.setData(qt.Qt.UserRole + 1, [str(path) for path in event.result.dicom_files])
-                item.setData(qt.Qt.UserRole + 2, nodes["segmentation"].GetID())
-                item.setData(qt.Qt.UserRole + 3, str(event.result.job.get("id", "")))
-                self.ui.resultsListWidget.addItem(item)
-                for warning in event.result.warnings:
-                    self.appendLog([warning])
-                push = event.result.job.get("push")
-                if push:
-                    self.appendLog([push_summary(push)])
+                self.addResult(event.label, event.result)
             except Exception as error:
-                self.showError(error, _("The result was generated but could not be loaded:"))
-        if event.state in FINAL:
+                self.reportError(_("The result was generated but could not be loaded."), error)
+        if view.finished:
             self.ui.generateButton.text = _("Generate")
-            if event.state == FAILED:
-                slicer.util.errorDisplay(event.message, windowTitle=_("XReal"))
-            elif event.state == DONE:
-                self.ui.progressBar.value = 100
+            if view.error:
+                slicer.util.errorDisplay(view.error, windowTitle=_("XReal"))
             self.updateEngineDependentWidgets()
 
+    # ------------------------------------------------------------------ results
+
+    def addResult(self, label, result):
+        """Load SC + SEG, list the result with its provenance, show it (and only its masks) beside the canvas."""
+        nodes = self.logic.loadResult(result)
+        self._results.append({"result": result, "volume": nodes["volume"].GetID(),
+                              "segmentation": nodes["segmentation"].GetID(), "job": str(result.job.get("id", ""))})
+        item = qt.QListWidgetItem(results.result_label(label, result.provenance))
+        item.setToolTip("\n".join(filter(None, [results.provenance_summary(result.provenance),
+                                                results.quality_summary(result.provenance)])))
+        self.ui.resultsListWidget.addItem(item)
+        self.ui.resultsListWidget.setCurrentRow(len(self._results) - 1)
+        self.showResult(self._results[-1])
+        self.appendLog(result.warnings)
+        if result.job.get("push"):
+            self.appendLog([push_summary(result.job["push"])])
+
+    def selectedResult(self):
+        row = self.ui.resultsListWidget.currentRow
+        return self._results[row] if 0 <= row < len(self._results) else None
+
+    def shownResultSegmentation(self):
+        record = self.selectedResult()
+        return slicer.mrmlScene.GetNodeByID(record["segmentation"]) if record else None
+
+    def onResultSelected(self, row=None):
+        record = self.selectedResult()
+        provenance = record["result"].provenance if record else {}
+        self.ui.resultDetailsLabel.text = "\n".join(filter(None, [results.provenance_summary(provenance),
+                                                                  results.quality_summary(provenance)]))
+
+    def showResult(self, record):
+        node = self._parameterNode
+        self.logic.showSideBySide(slicer.mrmlScene.GetNodeByID(record["volume"]),
+                                  slicer.mrmlScene.GetNodeByID(record["segmentation"]),
+                                  node.canvasVolume if node else None, node.segmentation if node else None,
+                                  [other["segmentation"] for other in self._results])
+
     def onShowResult(self):
-        item = self.ui.resultsListWidget.currentItem()
-        if item is None:
+        record = self.selectedResult()
+        if record is not None and slicer.mrmlScene.GetNodeByID(record["volume"]) is not None:
+            self.showResult(record)
+
+    def onGenerateAgain(self):
+        """Generate again with the selected result's settings (seed, steps, anatomy steps, guidance, sampler)."""
+        record = self.selectedResult()
+        if record is None:
+            slicer.util.errorDisplay(_("Select a result first."))
             return
-        volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
-        segmentation = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole + 2) or "")
-        parameters = self._parameterNode
-        if volume is not None:
-            self.logic.showSideBySide(volume, segmentation, parameters.canvasVolume if parameters else None,
-                                      parameters.segmentation if parameters else None)
+        with slicer.util.tryWithErrorDisplay(_("The result's settings could not be used.")):
+            settings = results.settings_from_provenance(record["result"].provenance)
+            sampler = settings.pop("sampler", None)
+            self._stepsSeen = settings.get("steps", self._parameterNode.steps)  # its anatomy steps, not the rule's
+            with slicer.util.NodeModify(self._parameterNode):
+                for name, value in settings.items():
+                    setattr(self._parameterNode, name, value)
+            if sampler is not None and self.ui.samplerComboBox.findData(sampler) >= 0:
+                self.ui.samplerComboBox.setCurrentIndex(self.ui.samplerComboBox.findData(sampler))
+        self.onGenerateOrCancel()
 
     def onSendToPacs(self):
         """Send the selected result to the engine's PACS destination (in the background; the engine keeps its copy)."""
-        item = self.ui.resultsListWidget.currentItem()
-        jobId = item.data(qt.Qt.UserRole + 3) if item is not None else ""
-        if not jobId:
-            slicer.util.errorDisplay(_("Select a result first."))
-            return
+        record = self.selectedResult()
         destination = self.ui.pushDestinationComboBox.currentData
-        if not destination:
+        if record is None or not record["job"]:
+            slicer.util.errorDisplay(_("Select a result first."))
+        elif not destination:
             slicer.util.errorDisplay(_("Choose a PACS destination under Generate first."))
-            return
-        if self.logic.client is None:
+        elif self.logic.client is None:
             slicer.util.errorDisplay(_("The engine is not connected; connect it again to send its results."))
-            return
-        if self.isBusy():
-            return
-        self.setStatus(_("Sending to {destination} ...").format(destination=destination))
-        self.runInBackground(lambda task: self.logic.client.push(jobId, destination), self._afterSend)
+        elif not self.isBusy():
+            self.setStatus(_("Sending to {destination} ...").format(destination=destination))
+            client, jobId = self.logic.client, record["job"]
+            self.runInBackground(lambda task: client.push(jobId, destination), self._afterSend)
 
     def _afterSend(self, task):
         if not task.ok:
             self.setStatus(_("Sending failed."))
-            self.showError(task.error)
+            self.reportError(_("Sending to the PACS failed."), task.error)
             return
         summary = push_summary(task.value.get("push"))
         self.setStatus(summary)
@@ -701,17 +856,18 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSendWithSlicer(self):
         """Slicer's own DICOM send (the user's configured PACS), for setups without engine destinations."""
-        item = self.ui.resultsListWidget.currentItem()
-        if item is None:
+        record = self.selectedResult()
+        if record is None:
             slicer.util.errorDisplay(_("Select a result first."))
             return
         import DICOMLib
 
-        self._sendDialog = DICOMLib.DICOMSendDialog(list(item.data(qt.Qt.UserRole + 1)))
+        # Slicer source: Modules/Scripted/DICOMLib/DICOMSendDialog.py (exported by DICOMLib/__init__.py)
+        self._sendDialog = DICOMLib.DICOMSendDialog([str(path) for path in record["result"].dicom_files])
 
 
 class XRealSlicerLogic(ScriptedLoadableModuleLogic):
-    """MRML side of the module: canvas, segments, engine connection, loading results."""
+    """MRML side of the module: canvas, segments, engine connection, loading and showing results."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -721,7 +877,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.info = None
         self.engineUrl = None
         self.engineLog = queue.Queue()
-        self.samplingDefaults = sampling.model_defaults()  # the connected model's (XReal's while none is)
+        self.samplingDefaults = sampling.model_defaults()  # the model's whose values the panel shows
         self._spawn = None
         self.startupEnvironment = None
         self.shuttingDown = False
@@ -735,11 +891,17 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             self._vocabulary = Vocabulary.load()
         return self._vocabulary
 
-    # ------------------------------------------------------------------ engine
+    def segmentEditorNode(self):
+        """The embedded editor's own parameter node (a singleton, as Modules/Scripted/SegmentEditor does it)."""
+        node = slicer.mrmlScene.GetSingletonNode("XRealSlicer", "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag("XRealSlicer")
+            node = slicer.mrmlScene.AddNode(node)
+        return node
 
-    def defaultEnvironmentDir(self):
-        """The engine's private virtual environment, beside Slicer's user settings."""
-        return Path(slicer.app.slicerUserSettingsFilePath).parent / "XRealSlicer" / "engine-venv"
+    # ------------------------------------------------------------------ engine
 
     def dataDirectory(self):
         return Path(slicer.app.temporaryPath) / "XRealSlicer" / "engine-data"
@@ -755,28 +917,8 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.startupEnvironment = dict(slicer.util.startupEnvironment())
         self._spawn = make_spawn(self.startupEnvironment)
 
-    def installRequirements(self, task, python, venvDir):
-        """Worker thread, first use: create the private environment if needed, then pip install the requirements.
-
-        The environment is made from a system Python 3.10+, not from PythonSlicer (a launcher: a
-        virtual environment made from it cannot find its standard library outside Slicer).
-        """
-        if not Path(python).exists() and Path(python) == venv_python(venvDir):
-            basePython = find_base_python(self.startupEnvironment)
-            if basePython is None:
-                raise XRealError(_("No Python 3.10 or newer was found on this computer. Install one (python.org), or "
-                                   "choose a Python that has the engine's packages as 'Engine Python'."))
-            if run_logged(create_venv_command(basePython, venvDir), task.report, self.spawn) != 0:
-                raise XRealError(_("Could not create the engine environment in {dir}.").format(dir=venvDir))
-            python = str(venv_python(venvDir))
-        requirements = enginepath.requirements_path(Path(__file__).parent)
-        if run_logged(install_requirements_command(python, requirements), task.report, self.spawn) != 0:
-            raise XRealError(_("Installing the engine's requirements failed; the log shows pip's message."))
-        if not requirements_installed(python, self.startupEnvironment):
-            raise XRealError(_("The engine's requirements are still not importable in {python}.").format(python=python))
-
     def startLocalEngine(self, task, python, model, dataDir):
-        """Worker thread: start the bundled engine and read its info (no MRML/Qt here)."""
+        """Worker thread: start the bundled engine and read its info (no MRML/Qt, no translation here)."""
         self.stopLocalEngine()
         self.dropConnection()
         launcher = EngineLauncher(python, model, dataDir, spawn=self.spawn)
@@ -784,7 +926,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         try:
             url = launcher.start(timeout=300, progress=self.engineLog.put)
             if self.shuttingDown:  # Slicer closed while the engine was starting
-                raise XRealError(_("Slicer is closing."))
+                raise Cancelled("Slicer is closing.")
             self._setClient(url, launcher.token)
         except BaseException:
             launcher.stop(timeout=5.0)
@@ -803,8 +945,11 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
 
     def _setClient(self, url, token):
         client = EngineClient(url, token, timeout=30.0)
-        info = client.info()
-        samplingDefaults = sampling.model_defaults(info)  # a bad default refuses the engine with its sentence
+        self.useClient(client, client.info(), url)
+
+    def useClient(self, client, info, url):
+        """Take an engine into use (the self-test passes a replaying one); a bad default refuses it."""
+        samplingDefaults = sampling.model_defaults(info)
         self.client, self.info, self.engineUrl, self.samplingDefaults = client, info, url, samplingDefaults
 
     def drainEngineLog(self):
@@ -825,26 +970,22 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ canvas
 
-    def templatePaths(self):
+    @staticmethod
+    def templatePaths():
         directory = enginepath.templates_dir(Path(__file__).parent)
-        if directory is None:
-            return []
-        return sorted(p for p in directory.glob("anatomy*.png"))
+        return sorted(directory.glob("anatomy*.png")) if directory is not None else []
 
-    def modelGeometry(self):
-        return connection.model_geometry(self.info or {})
-
-    def createBlankCanvas(self, name="XReal canvas"):
-        size, fov = self.modelGeometry()
+    def createBlankCanvas(self, info, name="XReal canvas"):
+        size, fov = connection.model_geometry(info)
         pixels, spacing = blank_canvas(size, size, fov)
         volume = slicer.util.addVolumeFromArray(pixels, ijkToRAS=canvas_ijk_to_ras(spacing), name=name)
         self.showVolume(volume)
         return volume
 
-    def createCanvasFromTemplate(self, path, findings):
+    def createCanvasFromTemplate(self, path, info):
         labels, spacingRowColumn = read_template(path)
         rows, columns = labels.shape
-        _size, fov = self.modelGeometry()
+        _size, fov = connection.model_geometry(info)
         if spacingRowColumn is None:
             spacing = (fov / max(rows, columns),) * 2 + (1.0,)
         else:
@@ -853,7 +994,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
                                                 ijkToRAS=canvas_ijk_to_ras(spacing), name=f"XReal canvas {path.stem}")
         segmentation = None
         try:
-            segmentation = self.createSegmentation(volume, findings, withAnatomy=True)
+            segmentation = self.createSegmentation(volume, info, withAnatomy=True)
             for label, mask in template_segments(labels).items():
                 for template in self.vocabulary.anatomy_templates([label]):
                     segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName(template.name)
@@ -867,6 +1008,19 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         self.showVolume(volume)
         return volume, segmentation
 
+    def isColourImage(self, volume):
+        return slicer.util.arrayFromVolume(volume).ndim == 4  # (slices, rows, columns, components)
+
+    def greyCopy(self, volume):
+        """A grey scalar volume of an RGB(A) one, on the same grid (XRealSlicerLib.request.grey_pixels)."""
+        matrix = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(matrix)
+        grey = slicer.util.addVolumeFromArray(grey_pixels(slicer.util.arrayFromVolume(volume)),
+                                              ijkToRAS=slicer.util.arrayFromVTKMatrix(matrix),
+                                              name=_("{name} (grey)").format(name=volume.GetName()))
+        self.showVolume(grey)
+        return grey
+
     def canvasGeometry(self, volume):
         return CanvasGeometry(tuple(slicer.util.arrayFromVolume(volume).shape), tuple(volume.GetSpacing()),
                               volume.GetName())
@@ -876,49 +1030,62 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         volume.GetRASToIJKMatrix(matrix)
         return slicer.util.arrayFromVTKMatrix(matrix)
 
-    def showVolume(self, volume, segmentation=None):
+    def showVolume(self, volume):
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:  # no main window (e.g. --no-main-window tests)
             return
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
 
-    def showSideBySide(self, resultVolume, resultSegmentation, canvas=None, canvasSegmentation=None):
-        """Result (SC with its SEG) in Red, the canvas with the drawn masks in Yellow, both axial and fitted."""
+    def showSideBySide(self, resultVolume, resultSegmentation, canvas=None, canvasSegmentation=None,
+                       resultSegmentations=()):
+        """Result (SC with its SEG) in Red, the canvas with the drawn masks in Yellow; every other result's
+        segmentation hidden (results.result_visibility: they share the SC's geometry)."""
         layoutManager = slicer.app.layoutManager()
-        if layoutManager is None:
-            return
-        if canvas is None:
-            self.showVolume(resultVolume)
-            return
-        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        for viewName, volume, segmentation in (("Red", resultVolume, resultSegmentation),
-                                               ("Yellow", canvas, canvasSegmentation)):
-            sliceWidget = layoutManager.sliceWidget(viewName)
-            if sliceWidget is None:
-                continue
-            sliceNode = sliceWidget.mrmlSliceNode()
-            sliceNode.SetOrientationToAxial()
-            sliceWidget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+        views = results.result_visibility(resultSegmentation.GetID() if resultSegmentation else None,
+                                          list(resultSegmentations),
+                                          canvasSegmentation.GetID() if canvas and canvasSegmentation else None)
+        sliceNodeIds = {}
+        if layoutManager is not None:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView if canvas is not None
+                                    else slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+            for viewName, volume in (("Red", resultVolume), ("Yellow", canvas)):
+                sliceWidget = layoutManager.sliceWidget(viewName)
+                if sliceWidget is None or volume is None:
+                    continue
+                sliceNode = sliceWidget.mrmlSliceNode()
+                sliceNode.SetOrientationToAxial()
+                sliceWidget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+                sliceWidget.sliceLogic().FitSliceToAll()
+                sliceNodeIds[viewName] = sliceNode.GetID()
+        for nodeId, viewNames in views.items():
+            segmentation = slicer.mrmlScene.GetNodeByID(nodeId)
             displayNode = segmentation.GetDisplayNode() if segmentation is not None else None
-            if displayNode is not None:  # each segmentation only over its own image
-                displayNode.RemoveAllViewNodeIDs()
-                displayNode.AddViewNodeID(sliceNode.GetID())
-            sliceWidget.sliceLogic().FitSliceToAll()
+            if displayNode is None:
+                continue
+            displayNode.SetVisibility(bool(viewNames))
+            displayNode.RemoveAllViewNodeIDs()
+            for viewName in viewNames:
+                if viewName in sliceNodeIds:
+                    displayNode.AddViewNodeID(sliceNodeIds[viewName])
+
+    def showInEveryView(self, segmentation):
+        if segmentation is not None and segmentation.GetDisplayNode() is not None:
+            segmentation.GetDisplayNode().RemoveAllViewNodeIDs()
 
     # ------------------------------------------------------------------ segments
 
-    def createSegmentation(self, canvas, findings, withAnatomy=True):
-        """One click: anatomy segments (the model's labels) + one pathology segment, named, coloured, coded."""
+    def createSegmentation(self, canvas, info, withAnatomy=True):
+        """One click: anatomy segments (the model's labels) + one pathology segment without a finding yet."""
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{canvas.GetName()} masks")
         try:
             segmentation.CreateDefaultDisplayNodes()
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(canvas)
-            labels = list(connection.model_anatomy_labels(self.info)) if self.info else None
+            labels = list(connection.model_anatomy_labels(info)) if info.get("anatomy_labels") else None
             if withAnatomy:
                 for template in self.vocabulary.anatomy_templates(labels):
                     self._addSegment(segmentation, template.name, template.color, template.terminology)
-            self.addPathologySegment(segmentation, findings[0] if findings else None)
+            self.addPathologySegment(segmentation)
         except Exception:
             slicer.mrmlScene.RemoveNode(segmentation)  # leave the scene as it was
             raise
@@ -931,12 +1098,9 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)  # every Slicer version
         return segmentId
 
-    def addPathologySegment(self, segmentation, finding):
-        existing = [name for _id, name in self.pathologySegments(segmentation)]
-        name = "Pathology" if not existing else f"Pathology {len(existing) + 1}"
-        if finding:
-            template = self.vocabulary.finding_template(finding, name)
-            return self._addSegment(segmentation, name, template.color, template.terminology)
+    def addPathologySegment(self, segmentation):
+        """A new pathology segment: no finding until the user chooses one (then it is named after it)."""
+        name = self.vocabulary.new_pathology_name([name for _id, name, _term in self.segments(segmentation)])
         return self._addSegment(segmentation, name, (1.0, 0.8, 0.0), "")
 
     def segments(self, segmentation):
@@ -951,51 +1115,35 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             result.append((segmentId, segment.GetName(), terminology))
         return result
 
-    def pathologySegments(self, segmentation):
-        """Segments that are not anatomy: pathologies and segments still waiting for a finding."""
-        result = []
-        for segmentId, name, terminology in self.segments(segmentation):
-            meaning = self.vocabulary.classify(name, terminology)
-            if meaning is None or meaning.kind == PATHOLOGY:
-                result.append((segmentId, name))
-        return result
-
-    def segmentFinding(self, segmentation, segmentId):
+    def _meaning(self, segmentation, segmentId):
         for otherId, name, terminology in self.segments(segmentation):
             if otherId == segmentId:
-                meaning = self.vocabulary.classify(name, terminology)
-                return meaning.finding if meaning is not None and meaning.kind == PATHOLOGY else None
+                return self.vocabulary.classify(name, terminology)
         return None
 
+    def segmentKind(self, segmentation, segmentId):
+        meaning = self._meaning(segmentation, segmentId)
+        return meaning.kind if meaning is not None else None
+
+    def segmentFinding(self, segmentation, segmentId):
+        meaning = self._meaning(segmentation, segmentId)
+        return meaning.finding if meaning is not None and meaning.kind != ANATOMY else None
+
     def setSegmentFinding(self, segmentation, segmentId, finding):
-        """The finding is stored as the segment's terminology (and colour), so it survives renaming and saving."""
+        """The finding is stored as the segment's terminology (and colour), so it survives saving; a name the
+        module gave becomes the finding's display name ("Pneumonia", "Pneumonia 2"), one the user typed stays."""
         segment = segmentation.GetSegmentation().GetSegment(segmentId)
-        template = self.vocabulary.finding_template(finding, segment.GetName())
+        others = [name for otherId, name, _term in self.segments(segmentation) if otherId != segmentId]
+        name = self.vocabulary.name_for_finding(segment.GetName(), finding, others)
+        template = self.vocabulary.finding_template(finding, name)
         segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), template.terminology)
         segment.SetColor(*template.color)
+        segment.SetName(name)
 
     def readSegments(self, segmentation, canvas):
         """Every segment as an array on the canvas grid (per segment, so overlaps are kept)."""
-        inputs = []
-        for segmentId, name, terminology in self.segments(segmentation):
-            array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, canvas)
-            inputs.append(SegmentInput(name, array, terminology))
-        return inputs
-
-    def selectedPathologyIndex(self, inputs, segmentName):
-        names = [name for _mask, _finding, name in inputs.pathologies]
-        if not names:
-            raise XRealError(_("Paint a pathology segment to interpolate first."))
-        return names.index(segmentName) if segmentName in names else 0
-
-    def showSegmentEditor(self, segmentation, canvas):
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.util.getModuleWidget("SegmentEditor").editor
-        editor.setSegmentationNode(segmentation)
-        editor.setSourceVolumeNode(canvas)
-        if segmentation.GetDisplayNode() is not None:  # visible in every view again (side-by-side limits it)
-            segmentation.GetDisplayNode().RemoveAllViewNodeIDs()
-        self.showVolume(canvas)
+        return [SegmentInput(name, slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, canvas),
+                             terminology) for segmentId, name, terminology in self.segments(segmentation)]
 
     # ------------------------------------------------------------------ edit mode sources
 
@@ -1014,7 +1162,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         uids = (volume.GetAttribute("DICOM.instanceUIDs") or "").split()
         if len(uids) != 1 or not slicer.dicomDatabase:
             raise XRealError(_("The canvas was not loaded from DICOM, so the PACS source cannot find it; "
-                               "choose '{none}'.").format(none=NO_SOURCE))
+                               "choose 'Upload the canvas pixels'."))
         database = slicer.dicomDatabase
         return {"source": sourceName, "study": database.instanceValue(uids[0], "0020,000D"),
                 "series": database.instanceValue(uids[0], "0020,000E"), "instance": uids[0]}
@@ -1022,12 +1170,12 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ results
 
     def newRunDirectory(self):
-        directory = Path(slicer.app.temporaryPath) / "XRealSlicer" / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        suffix = 0
+        """A new folder name for one run's requests and results (created by the first request written)."""
+        base = Path(slicer.app.temporaryPath) / "XRealSlicer" / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        directory, suffix = base, 0
         while directory.exists():
             suffix += 1
-            directory = directory.with_name(directory.name.split("_")[0] + f"_{suffix}")
-        directory.mkdir(parents=True)
+            directory = base.with_name(f"{base.name}_{suffix}")
         return directory
 
     def ensureDicomDatabase(self):
@@ -1035,14 +1183,15 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             return
         import DICOM
 
+        # Slicer source: Modules/Scripted/DICOM/DICOM.py (DICOMFileDialog.createDefaultDatabase)
         if not DICOM.DICOMFileDialog.createDefaultDatabase():
             raise XRealError(_("No DICOM database is available; open the DICOM module and create one."))
 
     def hasSegLoader(self):
         return "DICOMSegmentationPlugin" in slicer.modules.dicomPlugins
 
-    def loadResult(self, result, canvas=None, canvasSegmentation=None):
-        """Import SC + SEG into the DICOM database and load them; SEG over SC. On failure the scene is unchanged."""
+    def loadResult(self, result):
+        """Import SC + SEG into the DICOM database and load them; on failure the scene is unchanged."""
         from DICOMLib import DICOMUtils
 
         self.ensureDicomDatabase()
@@ -1055,8 +1204,7 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         loadedIds = []
         try:
             useSeg = result.seg_series_uid is not None and self.hasSegLoader()
-            uids = result.series_uids if useSeg else [result.sc_series_uid]
-            loadedIds = list(DICOMUtils.loadSeriesByUID(uids) or [])
+            loadedIds = list(DICOMUtils.loadSeriesByUID(result.series_uids if useSeg else [result.sc_series_uid]) or [])
             nodes = [slicer.mrmlScene.GetNodeByID(nodeId) for nodeId in loadedIds]
             volumes = [n for n in nodes if n is not None and n.IsA("vtkMRMLScalarVolumeNode")
                        and not n.IsA("vtkMRMLLabelMapVolumeNode")]
@@ -1071,7 +1219,6 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
                 segmentation = self.loadFallbackSegments(result, volume)
                 loadedIds.append(segmentation.GetID())
             segmentation.SetDisplayVisibility(True)
-            self.showSideBySide(volume, segmentation, canvas, canvasSegmentation)
             return {"volume": volume, "segmentation": segmentation}
         except Exception:
             for nodeId in loadedIds:  # leave the scene as it was
@@ -1103,25 +1250,100 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class XRealSlicerTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: template canvas, filled segments, a 2-step generation on the local engine, result loaded.
-
-    The engine's Python is taken from XREALSLICER_ENGINE_PYTHON (CI) or the module setting; the model from
-    XREALSLICER_TEST_MODEL (a tiny model directory) or the shipped demo model.
-    """
+    """Inside Slicer. Without an engine (always, so ctest proves something by default): the widget plans jobs
+    from a template canvas, a replaying engine (XRealSlicerLib.testing) runs them through the timer, and the
+    committed result (Resources/Testing/Result) is imported and shown. With an engine (XREALSLICER_ENGINE_PYTHON):
+    a 2-step generation on the local engine, loaded and compared with the drawing."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_XRealSlicer_workflow_without_engine()
+        self.setUp()
         self.test_XRealSlicer_generate_from_template()
+
+    def _paintDisc(self, segmentation, segmentId, volume, insideName, radius=4):
+        inside = slicer.util.arrayFromSegmentBinaryLabelmap(
+            segmentation, segmentation.GetSegmentation().GetSegmentIdBySegmentName(insideName), volume)
+        self.assertGreater(int(inside.sum()), 0, f"the template has no {insideName}")
+        centre = np.argwhere(inside[0]).mean(axis=0)
+        rows, columns = np.ogrid[: inside.shape[1], : inside.shape[2]]
+        disc = ((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= radius**2).astype(np.uint8)[np.newaxis]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(disc, segmentation, segmentId, volume)
+
+    def _waitForRun(self, widget, seconds):
+        deadline = time.time() + seconds
+        while (widget._runner.busy or not widget._runner.events.empty()) and time.time() < deadline:
+            slicer.app.processEvents()  # the widget's QTimer drains the runner's events
+            time.sleep(0.05)
+        for _index in range(10):
+            slicer.app.processEvents()
+
+    def test_XRealSlicer_workflow_without_engine(self):
+        from DICOMLib import DICOMUtils
+        from XRealSlicerLib.testing import ReplayEngineClient
+
+        slicer.util.selectModule("XRealSlicer")
+        widget = slicer.util.getModuleWidget("XRealSlicer")
+        logic, node, ui = widget.logic, widget._parameterNode, widget.ui
+        client = ReplayEngineClient(polls=3)
+        logic.useClient(client, client.info(), "replay")
+        widget.applyModelInfo()
+        widget.loadTemplate(logic.templatePaths()[0])
+        volume, segmentation = node.canvasVolume, node.segmentation
+        pathologyId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+        self.assertIsNone(logic.segmentFinding(segmentation, pathologyId), "a new pathology has no finding yet")
+        self._paintDisc(segmentation, pathologyId, volume, "Right lung")
+
+        node.interpolate = True  # only the controls that apply
+        self.assertFalse(ui.variationsSpinBox.enabled)
+        self.assertTrue(ui.interpolationStepsSpinBox.enabled)
+        node.interpolate = False
+        node.variations = 2
+        node.fastPreview = True
+        self.assertFalse(ui.stepsSpinBox.enabled)
+        with DICOMUtils.TemporaryDICOMDatabase():  # results go into a temporary database, never the user's
+            with self.assertRaises(XRealError):  # painted without a finding: an explicit choice is required
+                widget.prepareJobs()
+            logic.setSegmentFinding(segmentation, pathologyId, "pneumonia")
+            self.assertEqual(segmentation.GetSegmentation().GetSegment(pathologyId).GetName(), "Pneumonia")
+            logic.addPathologySegment(segmentation)  # unpainted, no finding: left out with a note, not refused
+            jobs = widget.prepareJobs()
+            self.assertEqual([job.label for job in jobs], [f"seed-{node.seed}", f"seed-{node.seed + 1}"])
+            self.assertTrue(any("empty" in note for note in widget._notes))
+            self.assertTrue(jobs[0].files.parameters.get("fast"))
+            widget.startRun(jobs)
+            self._waitForRun(widget, 120)
+            self.assertEqual(ui.progressBar.value, 100)
+            self.assertIn("empty", ui.statusLabel.text)
+            self.assertEqual(ui.resultsListWidget.count, 2)
+            self.assertEqual(len(client.submitted), 2)
+            self.assertIn("seed 7", ui.resultsListWidget.item(0).text())  # the committed result's provenance
+            self.assertIn("Dice", ui.resultDetailsLabel.text)  # its quality figure
+            first, second = (slicer.mrmlScene.GetNodeByID(r["segmentation"]) for r in widget._results)
+            self.assertFalse(first.GetDisplayNode().GetVisibility())  # only the shown result's masks are visible
+            self.assertTrue(second.GetDisplayNode().GetVisibility())
+            ui.resultsListWidget.setCurrentRow(0)
+            widget.onShowResult()
+            self.assertTrue(first.GetDisplayNode().GetVisibility())
+            self.assertFalse(second.GetDisplayNode().GetVisibility())
+            sc = slicer.mrmlScene.GetNodeByID(widget._results[0]["volume"])
+            self.assertEqual(slicer.util.arrayFromVolume(sc).shape, (1, 64, 64))
+            widget.onGenerateAgain()  # the selected result's settings, explicitly (no fast preset)
+            self.assertEqual((node.seed, node.steps, node.fastPreview), (7, 2, False))
+            self._waitForRun(widget, 120)
+            self.assertEqual(client.submitted[-1]["steps"], 2)
+            self.assertEqual(ui.resultsListWidget.count, 3)
+        self.delayDisplay("Workflow test without an engine passed")
 
     def test_XRealSlicer_generate_from_template(self):
         from DICOMLib import DICOMUtils
 
         logic = XRealSlicerLogic()
         python = os.environ.get("XREALSLICER_ENGINE_PYTHON") or settingsValue("enginePython", "") \
-            or str(venv_python(logic.defaultEnvironmentDir()))
+            or str(venv_python(environment.default_environment_dir()))
         model = os.environ.get("XREALSLICER_TEST_MODEL", "demo")
         logic.prepareSpawn()
         if not requirements_installed(python, logic.startupEnvironment):
@@ -1129,38 +1351,23 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Starting the local engine")
         logic.startLocalEngine(None, python, model, logic.dataDirectory())
         try:
-            with DICOMUtils.TemporaryDICOMDatabase():  # results go into a temporary database, never the user's
+            with DICOMUtils.TemporaryDICOMDatabase():
                 self._generateAndLoad(logic)
         finally:
             logic.stopLocalEngine()
 
     def _generateAndLoad(self, logic):
+        volume, segmentation = logic.createCanvasFromTemplate(logic.templatePaths()[0], logic.info)
         findings = connection.model_findings(logic.info)
-        templates = logic.templatePaths()
-        self.assertTrue(templates, "no anatomy template is installed")
-        volume, segmentation = logic.createCanvasFromTemplate(templates[0], findings)
-        names = [name for _id, name, _term in logic.segments(segmentation)]
-        self.assertIn("Heart", names)
-        self.assertIn("Pathology", names)
-
-        # paint the pathology: a disc inside the heart (overlap on purpose)
-        heartId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Heart")
-        heart = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, heartId, volume)
-        self.assertGreater(int(heart.sum()), 0, "the template has no heart")
-        centre = np.argwhere(heart[0]).mean(axis=0)
-        rows, columns = np.ogrid[: heart.shape[1], : heart.shape[2]]
-        disc = ((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 <= 8**2).astype(np.uint8)[np.newaxis]
         pathologyId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
-        slicer.util.updateSegmentBinaryLabelmapFromArray(disc, segmentation, pathologyId, volume)
-
-        inputs = build_inputs(logic.readSegments(segmentation, volume), logic.canvasGeometry(volume),
-                              logic.vocabulary, list(connection.model_anatomy_labels(logic.info)), findings)
-        self.assertEqual(len(inputs.pathologies), 1)
-        runDir = logic.newRunDirectory()
-        values = sampling.request_values(sampling.resolve(logic.samplingDefaults, steps=2, anatomy_steps=1), seed=0)
-        files = write_request_files(inputs, runDir / "request", values)
+        logic.setSegmentFinding(segmentation, pathologyId, next(f for f in findings if f != "no finding"))
+        self._paintDisc(segmentation, pathologyId, volume, "Heart", radius=8)  # overlaps the heart on purpose
+        plan = planning.plan_jobs(logic.readSegments(segmentation, volume), logic.canvasGeometry(volume),
+                                  logic.vocabulary, logic.info, planning.PanelSettings(steps=2, anatomy_steps=1),
+                                  logic.newRunDirectory())
+        self.assertEqual(len(plan.jobs), 1)
         runner = JobRunner(logic.client, poll_interval=0.2)
-        runner.start([JobSpec(files, runDir / "result", "self-test")])
+        runner.start(plan.jobs)
         deadline = time.time() + 600
         while runner.busy and time.time() < deadline:
             slicer.app.processEvents()
@@ -1178,14 +1385,13 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
         loadedNames = [name for _id, name, _term in logic.segments(seg)]
         for expected in ("Left lung", "Right lung", "Heart"):
             self.assertIn(expected, loadedNames)
-        self.assertEqual(len(loadedNames), len(inputs.pathologies) + len(np.unique(inputs.anatomy)) - 1)
         # SEG and SC overlap: the loaded heart, read on the SC grid, is the heart that was drawn
+        drawnHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
+            segmentation, segmentation.GetSegmentation().GetSegmentIdBySegmentName("Heart"), volume)[0] > 0
         loadedHeart = slicer.util.arrayFromSegmentBinaryLabelmap(
             seg, seg.GetSegmentation().GetSegmentIdBySegmentName("Heart"), sc)
         self.assertEqual(loadedHeart.shape, scArray.shape)
-        overlap = np.logical_and(loadedHeart[0] > 0, inputs.anatomy == 3).sum() / max(1, (inputs.anatomy == 3).sum())
-        self.assertGreater(overlap, 0.95)
-
+        self.assertGreater(np.logical_and(loadedHeart[0] > 0, drawnHeart).sum() / max(1, drawnHeart.sum()), 0.95)
         # the fallback reader (Slicer without a DICOM-SEG loader) rebuilds the same segments on the same pixels
         fallback = logic.loadFallbackSegments(result, sc)
         self.assertEqual(sorted(name for _id, name, _t in logic.segments(fallback)), sorted(loadedNames))

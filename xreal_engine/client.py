@@ -2,7 +2,9 @@
 
 Slicer's bundled Python has no torch, numpy is optional and installing packages is a
 chore, so this module uses only urllib, json and threading. It depends on nothing else
-in the package and can be copied on its own.
+in the package and can be copied on its own. Why this file is long: it is the whole client
+(HTTP, multipart, safe zip extraction, the token file shared with ``serve``) in one
+copyable file.
 
     client = EngineClient("http://127.0.0.1:8000", token=None)
     job = client.submit("anatomy.png", pathologies=[("region.png", "cardiomegaly")], seed=1, steps=50)
@@ -14,13 +16,21 @@ Failures raise :class:`EngineError` (the server refused: ``status``, ``code``, `
 or :class:`EngineUnreachable` (no answer). Retries happen only where they are safe: GET
 requests, and job submission, which carries a ``request_id`` so the server returns the
 same job instead of creating a second one.
+
+Tokens: every request carries ``X-XReal-Client: 1`` (the engine refuses state-changing
+requests without it, so that no web page can drive it). Without an explicit ``token``, a
+client of a loopback URL reads the token that ``xreal-engine serve`` made up and left in
+``local_token_path(port)``, a file only its user can read; that file's format and place
+are defined here, the one module both sides share.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import mimetypes
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -35,6 +45,8 @@ API_PREFIX = "/api/v1"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRY_STATUSES = (502, 503, 504)
 SMALL_UPLOAD_BYTES = 256 * 1024
+TOKEN_ENVIRONMENT = "XREAL_ENGINE_TOKEN"
+CLIENT_HEADERS = {"X-XReal-Client": "1"}  # marks a request as a program's, not a web page's
 
 
 class EngineError(Exception):
@@ -64,20 +76,23 @@ class EngineClient:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"The engine URL {base_url!r} must look like http://host:port.")
         self.base_url = base_url.rstrip("/")
-        self.token = token
+        self.token = token or None
         self.timeout = timeout
         self.retries = max(1, retries)
         self.retry_delay = retry_delay
         self._max_upload_bytes: int | None = None  # from info(), fetched on the first large upload
         # A local engine must not be reached through an HTTP proxy from the environment.
-        loopback = parsed.hostname in ("localhost", "127.0.0.1", "::1") or (parsed.hostname or "").startswith("127.")
+        loopback = is_loopback(parsed.hostname)
         self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
+        # No token given: a local engine's own token file (read per request: the engine may restart).
+        self._local_port = _url_port(parsed) if loopback and self.token is None else None
 
     # -- low level --------------------------------------------------------------------------
     def _headers(self, extra: dict | None = None) -> dict:
-        headers = {"Accept": "application/json", "User-Agent": "xreal-engine-client"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        headers = {"Accept": "application/json", "User-Agent": "xreal-engine-client", **CLIENT_HEADERS}
+        token = self.token or (read_local_token(self._local_port) if self._local_port else None)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         headers.update(extra or {})
         return headers
 
@@ -239,6 +254,87 @@ class EngineClient:
             return extract_zip_safely(zip_path, dest_dir)
 
 
+# ----------------------------------------------------------------------------- tokens
+
+
+def is_loopback(hostname: str | None) -> bool:
+    hostname = (hostname or "").strip("[]").lower()
+    return hostname in ("localhost", "::1") or hostname.startswith("127.")
+
+
+def _url_port(parsed) -> int | None:
+    try:
+        return parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def local_token_path(port: int) -> Path:
+    """Where ``serve`` on this machine leaves the token it made up for ``port`` (only its user can read it)."""
+    return Path.home() / ".config" / "xreal-engine" / "tokens" / f"engine-{int(port)}.token"
+
+
+def read_token_file(path) -> str:
+    """The token in a token file: its first line, stripped ('' if empty). OSError if it cannot be read."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def read_local_token(port: int) -> str | None:
+    """The token of the local engine on ``port``, or None if it left none."""
+    try:
+        return read_token_file(local_token_path(port)) or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def write_local_token(port: int, token: str) -> Path:
+    """Leave ``token`` for clients of the local engine on ``port``: a 0600 file in a 0700 folder, written atomically."""
+    path = local_token_path(port)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.name != "nt":
+        os.chmod(path.parent, 0o700)
+    _save_stream(io.BytesIO((token + "\n").encode("utf-8")), path)  # mkstemp: mode 0600
+    return path
+
+
+def remove_local_token(port: int, token: str | None = None) -> None:
+    """Remove the token file of ``port`` (only if it holds ``token``, when given: a later engine may own it)."""
+    path = local_token_path(port)
+    try:
+        if token is None or read_token_file(path) == token:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def resolve_token(token: str | None, token_file, environ=None) -> tuple:
+    """(token or None, warning or None) from --token, --token-file or $XREAL_ENGINE_TOKEN, in that order.
+
+    A token on the command line is visible to every local user (``ps``): it works, with a warning.
+    Raises ValueError (one sentence) for both options at once or an unreadable or empty file.
+    """
+    environ = os.environ if environ is None else environ
+    if token is not None and token_file is not None:
+        raise ValueError("Give the access token either with --token or with --token-file, not both.")
+    if token_file is not None:
+        try:
+            token = read_token_file(token_file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"The token file {token_file} cannot be read ({getattr(error, 'strerror', None) or error}).") from None
+        if not token:
+            raise ValueError(f"The token file {token_file} is empty.")
+        return token, None
+    if token is not None:
+        return token, (f"--token puts the access token in the process list, visible to every user of this machine; "
+                       f"set {TOKEN_ENVIRONMENT} or use --token-file instead.")
+    return environ.get(TOKEN_ENVIRONMENT) or None, None
+
+
 def extract_zip_safely(zip_path, dest_dir) -> list:
     """Extract regular files only, each inside ``dest_dir`` (no absolute paths, '..', drive letters or links)."""
     dest_dir = Path(dest_dir).resolve()
@@ -275,6 +371,8 @@ class MultipartBody:
         for name, path in files:
             if not path.is_file():
                 self.stream.close()
+                if path.is_dir():
+                    raise IsADirectoryError(f"The {name} file {path} is a directory, not a file.")
                 raise FileNotFoundError(f"The {name} file {path} does not exist.")
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             if content_type not in ("image/png", "application/dicom"):

@@ -3,6 +3,8 @@
 Every command that produces a directory (a generation result, a converted model, a
 prepared data set) writes into a hidden temporary sibling and renames it into place,
 so an error or a kill never leaves a half-written directory where the user looks.
+A place that cannot be written (read-only, full, below a regular file) is refused
+before any work with one sentence (:class:`~.errors.StorageError`), never a traceback.
 """
 
 from __future__ import annotations
@@ -14,28 +16,58 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError
+from .errors import InputError, StorageError, os_reason
 
 
 def check_new_directory(out_dir: Path) -> None:
-    """Refuse an output that exists and is not an empty directory (nothing of the user's is overwritten)."""
+    """Refuse an output that exists and is not an empty directory, or that cannot be created.
+
+    Nothing of the user's is overwritten, and a place that cannot be written is refused
+    now, before the work, by creating and removing a probe folder where it would go.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
+    existing = out_dir if out_dir.exists() else out_dir.parent
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent  # the nearest part of the path that exists (a file blocks the rest)
+    if not existing.is_dir():
+        raise StorageError(f"The output directory {out_dir} cannot be created: {existing} is a file, not a folder.",
+                           os_reason(NotADirectoryError(20, "")))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".xreal-probe-", dir=existing))
+    except OSError as error:
+        raise _storage_error(out_dir, error) from None
 
 
 @contextlib.contextmanager
 def staged_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir``; on success it becomes ``out_dir``, on any error it is removed."""
+    """Yield a temporary sibling of ``out_dir``; on success it becomes ``out_dir``, on any error it is removed.
+
+    An OSError while staging (disk full, read-only, ...) becomes a StorageError naming ``out_dir``.
+    """
     out_dir = Path(out_dir)
     check_new_directory(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    created = [parent for parent in out_dir.parents if not parent.exists()]  # removed again on failure
+    staging = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
         yield staging
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as error:
+        raise _storage_error(out_dir, error) from None
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        if not out_dir.exists():
+            for parent in created:  # innermost first; only folders this call made, and only if empty
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+
+
+def _storage_error(out_dir: Path, error: OSError) -> StorageError:
+    reason = os_reason(error)
+    return StorageError(f"The output directory {out_dir} cannot be written: {reason}.", reason)

@@ -32,6 +32,9 @@ from .model.info import canonical_finding
 from .model.sampling import SamplingParameters
 
 ProgressFn = Callable[[str, int, int], None]
+# (result on the input grid, requested anatomy labels) -> provenance['quality']; may raise to refuse the
+# result before anything is written (the batch runner's anatomy check: batch/quality.py).
+QualityFn = Callable[[np.ndarray, np.ndarray], dict]
 
 # Edit mode: how far (in input pixels, relative to the image size) the generated
 # region is blended into the untouched source around each pathology region.
@@ -153,7 +156,8 @@ def _read_edit_region(path: Path, shape: tuple) -> np.ndarray:
 # ----------------------------------------------------------------------------- the job
 
 
-def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progress: Optional[ProgressFn] = None) -> dict:
+def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progress: Optional[ProgressFn] = None,
+                          quality: Optional[QualityFn] = None) -> dict:
     """Run the model for ``prepared`` and write the result directory atomically; return the provenance."""
     import torch
 
@@ -207,6 +211,8 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
+    if quality is not None and prepared.anatomy is not None:
+        provenance["quality"] = quality(result, prepared.anatomy)
     segments = _segment_specs(prepared)
     with staged_directory(out_dir) as staging:
         provenance["generation_seconds"] = round(time.time() - started, 3)

@@ -7,6 +7,8 @@ non-loopback plain-http URL gets a warning because the token would travel in cle
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
@@ -115,3 +117,27 @@ def pacs_nodes(info: dict) -> Tuple[List[str], List[str]]:
 
 def _node_name(node) -> str:
     return str(node.get("name")) if isinstance(node, dict) else str(node)
+
+
+def local_model_info(model: str, engine_root: Path) -> Optional[dict]:
+    """What the panel needs of a local model before its engine runs, from its ``xreal_model.json``, in the
+    shape of ``/info``: the model's findings, labels, geometry and defaults (so the finding list, a blank
+    canvas and the sampling defaults are right before the first Generate starts the engine).
+
+    ``model`` is 'demo' (the bundled demo model) or a model directory; None when it has no readable file.
+    """
+    name = (model or "demo").strip()
+    directory = Path(engine_root) / "xreal_engine" / "demo_model" if name == "demo" else Path(name)
+    try:
+        data = json.loads((directory / "xreal_model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {
+        "model": {"id": data.get("model_id"), "image_size": data.get("image_size"),
+                  "field_of_view_mm": data.get("field_of_view_mm")},
+        "anatomy_labels": dict(data.get("anatomy_labels") or {}),
+        "findings": list(data.get("findings") or []),
+        "defaults": dict(data.get("defaults") or {}),
+    }

@@ -189,7 +189,9 @@ class EngineLauncher:
         while True:
             try:
                 return client.health()
-            except (EngineUnreachable, EngineError):
+            except (EngineUnreachable, EngineError) as error:
+                if isinstance(error, EngineError) and error.code == "unhealthy":  # e.g. its data folder is unwritable
+                    raise ModelError(f"The local engine cannot store its jobs: {error.message}") from None
                 if self.process.poll() is not None:
                     raise ModelError(f"The local engine stopped while starting: {self.last_output()}") from None
                 if time.monotonic() > deadline:

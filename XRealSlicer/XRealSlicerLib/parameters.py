@@ -1,4 +1,5 @@
-"""The panel's sampling settings (Steps, Anatomy steps, Guidance, Seed) by the engine's one sampling policy.
+"""The panel's sampling settings (Steps, Anatomy steps, Guidance, Seed, Sampler, Fast preview) by the engine's one
+sampling policy.
 
 Nothing here has its own ranges or rules: they come from ``xreal_engine.model.sampling`` (stdlib only,
 bundled beside the module), so a request from Slicer resolves to exactly what the CLI and the service
@@ -10,10 +11,12 @@ hold them (the seed: the policy allows 2**32 - 1, a QSpinBox holds a C int).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 from xreal_engine.model.sampling import (
+    FAST_PRESET,
     MODEL_DEFAULT_NAMES,
+    SAMPLERS,
     SETTINGS,
     SamplingParameters,
     anatomy_steps_for,
@@ -24,7 +27,21 @@ from xreal_engine.model.sampling import (
 NODE_FIELDS = {"steps": "num_inference_steps", "anatomySteps": "anatomy_steps", "guidance": "guidance_scale",
                "seed": "seed"}
 # The sampling fields of the engine's POST /jobs (public names; xreal_engine.client.EngineClient.submit).
-REQUEST_FIELDS = ("steps", "anatomy_steps", "guidance", "eta", "seed")
+REQUEST_FIELDS = ("steps", "anatomy_steps", "guidance", "eta", "seed", "sampler", "fast")
+# What "Fast preview" leaves to the engine's preset (FAST_PRESET, public names): the settings the preset sets, and
+# the anatomy steps, which follow the step count.
+FAST_FIELDS = tuple(sorted({SETTINGS[name].public_name if name in SETTINGS else name for name in FAST_PRESET}
+                           | {"anatomy_steps"}))
+# How the panel's Sampler list names the policy's samplers (a sampler without a label shows its own name).
+SAMPLER_LABELS = {"ddim": "DDIM (XReal's sampler)", "dpmpp": "DPM-Solver++ 2M (fewer steps)",
+                  "unipc": "UniPC (fewer steps)"}
+
+
+def sampler_choices(info: Optional[Mapping] = None) -> List[Tuple[str, str]]:
+    """(sampler, label) for the panel's list: the connected engine's samplers (``/info`` choices), else the
+    policy's, in that order (the first, XReal's DDIM, is the default)."""
+    names = list(((info or {}).get("choices") or {}).get("sampler") or SAMPLERS)
+    return [(str(name), SAMPLER_LABELS.get(str(name), str(name))) for name in names]
 # The largest value a QSpinBox takes (a C int). Slicer's QSliderOrSpinBoxToIntConnector sets the spin box's
 # range from the field's WithinRange and uses 2**31 - 1 as the ceiling it "was unable to set higher than"
 # (Slicer Base/Python/slicer/parameterNodeWrapper/guiConnectors.py).
@@ -58,22 +75,41 @@ NODE_DEFAULTS = node_defaults(model_defaults())
 
 
 def resolve(defaults: Mapping, *, steps=None, anatomy_steps=None, guidance=None, eta=None,
-            seed=None) -> SamplingParameters:
+            seed=None, sampler=None, fast: bool = False) -> SamplingParameters:
     """The panel's values resolved exactly as the engine resolves them (None = the model's default).
 
-    Unset anatomy steps follow the step count (the model's fraction of the schedule); InputError
-    with the engine's sentence for a value out of range.
+    Unset anatomy steps follow the step count (the model's fraction of the schedule); ``fast`` fills
+    unset settings from the fast preset; InputError with the engine's sentence for a value out of range.
     """
     return SamplingParameters.from_public(defaults, {"steps": steps, "anatomy_steps": anatomy_steps,
-                                                     "guidance": guidance, "eta": eta, "seed": seed})
+                                                     "guidance": guidance, "eta": eta, "seed": seed,
+                                                     "sampler": sampler, "fast": True if fast else None})
 
 
-def request_values(parameters: SamplingParameters, seed: Optional[int] = None) -> dict:
-    """One job's sampling fields for the engine (public names), with ``seed`` for this job if given."""
+def panel_parameters(defaults: Mapping, *, steps=None, anatomy_steps=None, guidance=None, sampler=None,
+                     fast: bool = False, seed=None) -> SamplingParameters:
+    """What the Generate section asks for. Fast preview: the preset chooses the steps, anatomy steps and
+    sampler (the panel disables those three), the panel's guidance and seed still apply."""
+    if fast:
+        return resolve(defaults, guidance=guidance, seed=seed, fast=True)
+    return resolve(defaults, steps=steps, anatomy_steps=anatomy_steps, guidance=guidance, sampler=sampler, seed=seed)
+
+
+def request_values(parameters: SamplingParameters, seed: Optional[int] = None, fast: bool = False) -> dict:
+    """One job's sampling fields for the engine (public names), with ``seed`` for this job if given.
+
+    ``fast``: ``fast=True`` is sent instead of the settings the preset decides (``FAST_FIELDS``), so the
+    engine applies its own preset; ``parameters`` (resolved here with the same policy) is what it resolves.
+    """
     if seed is not None:
         parameters = parameters.with_seed(seed)
     public = parameters.to_public()
-    return {name: public[name] for name in REQUEST_FIELDS if public[name] is not None}
+    values = {name: public[name] for name in REQUEST_FIELDS if public.get(name) is not None}
+    if fast:
+        for name in FAST_FIELDS:
+            values.pop(name, None)
+        values["fast"] = True
+    return values
 
 
 def anatomy_steps_after_steps_change(defaults: Mapping, old_steps: Optional[int], new_steps: int,

@@ -110,6 +110,11 @@ def build_inputs(
     for segment in segments:
         mask = _segment_plane(segment, rows, columns, canvas.name)
         meaning = vocabulary.classify(segment.name, segment.terminology)
+        if not mask.any() and (meaning is None or meaning.kind == PATHOLOGY):
+            # before any finding check: an unpainted segment (e.g. the new "Pathology" without a finding yet)
+            # is nothing the engine would get, so it cannot stop Generate
+            warnings.append(f"The segment '{segment.name}' is empty and was left out.")
+            continue
         if segment.finding is not None and (meaning is None or meaning.kind == PATHOLOGY):
             chosen = segment.finding.strip()
             if not chosen:
@@ -118,8 +123,8 @@ def build_inputs(
             finding = entry["name"] if entry else chosen
         elif meaning is None:
             raise InputError(
-                f"The segment '{segment.name}' is neither an anatomy structure nor a pathology with a finding; "
-                "choose its finding in the panel, or delete it."
+                f"The painted segment '{segment.name}' has no finding: select it in the segment list and choose "
+                "its finding beside the list (or delete the segment)."
             )
         elif meaning.kind == ANATOMY:
             if meaning.label not in known_labels:
@@ -143,9 +148,6 @@ def build_inputs(
             raise InputError(
                 f"The finding '{finding}' of segment '{segment.name}' is not known to this model; it knows: {known}."
             )
-        if not mask.any():
-            warnings.append(f"The pathology segment '{segment.name}' is empty and was left out.")
-            continue
         pathologies.append((mask, model_finding, segment.name))
 
     anatomy = None
@@ -205,6 +207,29 @@ def write_request_files(
     elif edit_image is not None:
         image_path = _write_image(normalized_image(edit_image), inputs.pixel_spacing_mm, out_dir / "image.nrrd")
     return RequestFiles(anatomy_path, pathology_files, image_path, dict(parameters or {}))
+
+
+# ITU-R BT.601 luma weights: how an RGB (screenshot, PNG export) X-ray becomes one grey value per pixel.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def grey_pixels(pixels: np.ndarray) -> np.ndarray:
+    """An RGB(A) image as Slicer's ``arrayFromVolume`` gives it for a vector volume, (slices, rows, columns,
+    components), as grey (slices, rows, columns) float32; a scalar image is returned as it is.
+
+    An RGB PNG X-ray loads as a vector volume, which cannot be a canvas: the module converts it with this.
+    Alpha is ignored; two components (grey + alpha) keep the grey.
+    """
+    array = np.asarray(pixels)
+    if array.ndim != 4:
+        return array
+    components = array.shape[-1]
+    if components == 1 or components == 2:
+        return array[..., 0].astype(np.float32)
+    if components in (3, 4):
+        rgb = array[..., :3].astype(np.float64)
+        return (rgb @ np.asarray(LUMA_WEIGHTS)).astype(np.float32)
+    raise InputError(f"The image has {components} components per pixel; only grey, RGB and RGBA can be converted.")
 
 
 def normalized_image(pixels: np.ndarray) -> np.ndarray:

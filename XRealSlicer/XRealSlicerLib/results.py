@@ -195,3 +195,93 @@ def push_summary(report: Optional[dict]) -> str:
     if failed:
         text += " Not accepted: " + "; ".join(f"{item.get('file', '?')} ({item.get('detail', '')})" for item in failed)
     return text
+
+
+# ----------------------------------------------------------------------------- the Results list
+
+
+def provenance_summary(provenance: dict) -> str:
+    """One line of what made a result (seed, model, settings), for the results list."""
+    parts = []
+    if provenance.get("seed") is not None:
+        parts.append(f"seed {provenance['seed']}")
+    if provenance.get("model_id"):
+        parts.append(str(provenance["model_id"]))
+    steps, anatomy = provenance.get("steps"), provenance.get("anatomy_steps")
+    if steps is not None:
+        parts.append(f"{steps} steps" + (f" ({anatomy} anatomy)" if anatomy is not None else ""))
+    if provenance.get("guidance") is not None:
+        parts.append(f"guidance {provenance['guidance']:g}")
+    if provenance.get("sampler"):
+        parts.append(str(provenance["sampler"]))
+    if provenance.get("mode") == "edit":
+        parts.append("edit")
+    findings = [f for f in provenance.get("findings") or [] if f]
+    if findings:
+        parts.append(", ".join(findings))
+    return " · ".join(parts)
+
+
+def quality_summary(provenance: dict) -> Optional[str]:
+    """How well the image follows the drawn anatomy, when the result carries the quality check's figure.
+
+    ``provenance["quality"]["anatomy_dice"]`` is ``{structure: Dice}`` (the dataset's quality check writes
+    it); None when the result has no such figure (older engines, or the check did not run): nothing is shown.
+    """
+    quality = provenance.get("quality")
+    dice = quality.get("anatomy_dice") if isinstance(quality, dict) else None
+    if not isinstance(dice, dict) or not dice:
+        return None
+    values = []
+    for structure, value in dice.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        values.append((str(structure), float(value)))
+    if not values:
+        return None
+    mean = sum(value for _name, value in values) / len(values)
+    listed = ", ".join(f"{name} {value:.2f}" for name, value in values)
+    return f"Follows the drawn anatomy: Dice {mean:.2f} ({listed})"
+
+
+def result_label(label: str, provenance: dict) -> str:
+    """The results list's line: the job's label, then its provenance."""
+    summary = provenance_summary(provenance)
+    return f"{label or 'result'}: {summary}" if summary else (label or "result")
+
+
+def settings_from_provenance(provenance: dict) -> Dict[str, object]:
+    """The Generate section's values that reproduce a result ("Generate again with these settings").
+
+    Parameter-node fields (seed, steps, anatomySteps, guidance) plus ``sampler``; Fast preview is off,
+    since the result's own steps and sampler are set explicitly, and one image is made (no variations, no
+    interpolation): the result's own. Settings the result does not record are left out (the panel keeps
+    its value).
+    """
+    fields = {"seed": ("seed", int), "steps": ("steps", int), "anatomy_steps": ("anatomySteps", int),
+              "guidance": ("guidance", float)}
+    settings: Dict[str, object] = {}
+    for name, (field_name, kind) in fields.items():
+        value = provenance.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            settings[field_name] = kind(value)
+    if provenance.get("sampler"):
+        settings["sampler"] = str(provenance["sampler"])
+    settings.update(fastPreview=False, variations=1, interpolate=False)
+    return settings
+
+
+def result_visibility(selected: Optional[str], results: List[str], canvas: Optional[str] = None
+                      ) -> Dict[str, Tuple[str, ...]]:
+    """Which slice views show each segmentation when a result is shown side by side.
+
+    The selected result's segmentation over its SC in Red, the drawn masks over the canvas in Yellow, every
+    other result's segmentation in no view: all results share origin 0 and identity geometry, so an earlier
+    result's masks would otherwise lie on top of the current SC (an Interpolate run showed every position).
+    """
+    views: Dict[str, Tuple[str, ...]] = {node_id: () for node_id in results if node_id}
+    if selected:
+        views[selected] = ("Red",)
+    if canvas:
+        views[canvas] = ("Yellow",)
+    return views

@@ -9,6 +9,7 @@ then by name (display name, name or alias, case-insensitive).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -19,6 +20,8 @@ from .enginepath import vocabulary_path
 
 ANATOMY = "anatomy"
 PATHOLOGY = "pathology"
+UNASSIGNED_PATHOLOGY = "Pathology"  # a new pathology segment's name until its finding is chosen
+_number_suffix = re.compile(r"\s+\d+$")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,25 @@ class Vocabulary:
         entry = self.finding_entry(finding)
         return entry["display_name"] if entry else finding
 
+    # --------------------------------------------------------------- pathology segment names
+
+    def new_pathology_name(self, existing: List[str]) -> str:
+        """The name of a new pathology segment that has no finding yet: "Pathology", "Pathology 2", ..."""
+        return _numbered(UNASSIGNED_PATHOLOGY, existing)
+
+    def name_for_finding(self, current: str, finding: str, existing: List[str]) -> str:
+        """The segment's name once its finding is chosen: the finding's display name (numbered if taken).
+
+        Only a name the module gave ("Pathology 2", or another finding's display name, numbered or not)
+        is replaced; a name the user typed is kept.
+        """
+        automatic = [UNASSIGNED_PATHOLOGY] + [entry.get("display_name") or entry["name"] for entry in self.findings]
+        base = _number_suffix.sub("", (current or "").strip())
+        if current and base.lower() not in {name.lower() for name in automatic}:
+            return current
+        others = [name for name in existing if name != current]
+        return _numbered(self.finding_display_name(finding), others)
+
     # --------------------------------------------------------------- recognition
 
     def classify(self, segment_name: str, terminology: str = "") -> Optional[SegmentKind]:
@@ -160,3 +182,14 @@ def _unit_color(color) -> Tuple[float, float, float]:
     if max(values) > 1.0:
         values = [c / 255.0 for c in values]
     return (values[0], values[1], values[2])
+
+
+def _numbered(base: str, existing: List[str]) -> str:
+    """``base``, or ``base N`` with the smallest N >= 2 that no existing name has (case-insensitive)."""
+    taken = {name.strip().lower() for name in existing}
+    if base.lower() not in taken:
+        return base
+    number = 2
+    while f"{base} {number}".lower() in taken:
+        number += 1
+    return f"{base} {number}"

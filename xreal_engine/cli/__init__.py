@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from .. import __version__
-from ..errors import XRealError
+from ..errors import XRealError, os_sentence, shown
+
+MESSAGE_LIMIT = 1000  # characters of an error line; longer echoes are shortened
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 SUBCOMMANDS = {
     "generate": ("xreal_engine.cli.generate", "generate a synthetic chest X-ray from anatomy and pathology masks"),
+    "generate-batch": ("xreal_engine.batch.command", "generate a synthetic data set from a manifest or templates"),
     "info": ("xreal_engine.cli.info", "describe a model directory"),
     "convert": ("xreal_engine.model.convert", "convert the official XReal checkpoints into a model directory"),
     "serve": ("xreal_engine.service.serve", "run the HTTP engine service"),
@@ -49,11 +53,18 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # pydicom warns (in several lines, quoting the bytes) about every oddity of a damaged file; the
+    # readers say in one sentence what is wrong with it.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)
-    except XRealError as error:
-        print(f"xreal-engine {args.command}: error: {error}", file=sys.stderr)
+    except XRealError as error:  # one sentence; control characters escaped, so a file name cannot drive the terminal
+        print(f"xreal-engine {args.command}: error: {shown(error, MESSAGE_LIMIT)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file that cannot be read or written where no reader said so more precisely
+        print(f"xreal-engine {args.command}: error: {shown(os_sentence(error, 'A file could not be used'), MESSAGE_LIMIT)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"xreal-engine {args.command}: interrupted; nothing was written.", file=sys.stderr)

@@ -7,10 +7,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import shown
 from ..files import check_new_directory
 from ..generate import GenerationRequest, generate_to_directory, prepare_request
 from ..model.info import ModelInfo, resolve_model
-from ..model.loading import load_pipeline, select_device
+from ..model.loading import configure_threads, load_pipeline, resolve_threads, select_device
 from ..model.sampling import MAX_SEED
 from .arguments import add_request_arguments, check_request_arguments, sampling_arguments
 
@@ -21,11 +22,17 @@ def configure_parser(parser) -> None:
     parser.add_argument("--pacs-config", type=Path, help="PACS configuration file (see xreal-engine push --help)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else half the CPUs, at least 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet: faster steps, but the first image pays minutes of compilation "
+                             "(see benchmarks/README.md)")
 
 
 def run(args) -> int:
     check_request_arguments(args)
-    select_device(args.device, args.dtype)  # refuse a bad --device/--dtype before any work
+    select_device(args.device, args.dtype)  # refuse a bad --device/--dtype/--threads before any work
+    resolve_threads(args.threads)
     seed = args.seed if args.seed is not None else random.randrange(MAX_SEED + 1)
     out_dir = args.out
     check_new_directory(out_dir)
@@ -56,9 +63,10 @@ def run(args) -> int:
         model_info = ModelInfo.load(resolve_model(args.model))
         prepared = prepare_request(request, model_info)
         for warning in prepared.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"warning: {shown(warning, 500)}", file=sys.stderr)
         print(f"Loading model {model_info.model_id} ...", file=sys.stderr)
-        pipe = load_pipeline(args.model, args.device, args.dtype)
+        configure_threads(args.threads)
+        pipe = load_pipeline(args.model, args.device, args.dtype, compile=args.compile)
         print(f"Generating on {pipe.device} (seed {seed}) ...", file=sys.stderr)
         with _ProgressBars() as progress:
             provenance = generate_to_directory(pipe, prepared, out_dir, progress=progress)

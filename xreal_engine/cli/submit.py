@@ -1,7 +1,10 @@
 """``xreal-engine submit``: send one job to a running engine service and fetch its result.
 
 Uses only :mod:`xreal_engine.client`, so it works against a remote GPU server from any
-machine with Python. Progress goes to stderr; the result files land in ``--out``.
+machine with Python. Progress goes to stderr; the result files land in ``--out``. Text that
+comes from the engine (warnings, errors, stages) is printed with control characters escaped.
+The token: ``$XREAL_ENGINE_TOKEN``, ``--token-file`` or ``--token``; none for a local engine,
+whose own token file the client reads.
 """
 
 from __future__ import annotations
@@ -9,9 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from ..client import EngineClient, EngineError
-from ..errors import InputError
+from ..client import TOKEN_ENVIRONMENT, EngineClient, EngineError, resolve_token
+from ..errors import InputError, shown
 from ..files import check_new_directory
 from .arguments import add_request_arguments, check_request_arguments, sampling_arguments
 
@@ -19,7 +23,10 @@ from .arguments import add_request_arguments, check_request_arguments, sampling_
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=os.environ.get("XREAL_ENGINE_URL", "http://127.0.0.1:8000"),
                         help="engine URL (default $XREAL_ENGINE_URL or http://127.0.0.1:8000)")
-    parser.add_argument("--token", default=None, help="access token (default $XREAL_ENGINE_TOKEN)")
+    parser.add_argument("--token", default=None,
+                        help=f"access token; shows in the process list, so prefer ${TOKEN_ENVIRONMENT} or --token-file "
+                             "(default: $XREAL_ENGINE_TOKEN, or a local engine's own token file)")
+    parser.add_argument("--token-file", type=Path, default=None, help="read the access token from this file's first line")
     add_request_arguments(parser)
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
 
@@ -27,6 +34,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     check_request_arguments(args)
     for path in [args.anatomy, args.image, *args.pathology_mask]:
+        if path is not None and path.is_dir():
+            raise InputError(f"{path} is a directory, not a file.")
         if path is not None and not path.is_file():
             raise InputError(f"The file {path} does not exist.")
     check_new_directory(args.out)
@@ -34,14 +43,22 @@ def run(args) -> int:
     if args.source is not None:
         source = {"source": args.source, "study": args.study, "series": args.series, "instance": args.instance}
         source = {key: value for key, value in source.items() if value}
-    token = args.token if args.token is not None else os.environ.get("XREAL_ENGINE_TOKEN")
-    client = EngineClient(args.url, token=token)
+    try:
+        token, warning = resolve_token(args.token, args.token_file)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    if warning:
+        print(f"xreal-engine submit: warning: {warning}", file=sys.stderr)
+    try:
+        client = EngineClient(args.url, token=token)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     try:
         job = client.submit(args.anatomy, list(zip(args.pathology_mask, args.finding)), args.image,
                             seed=args.seed, push_to=args.push_to, source=source, **sampling_arguments(args))
         print(f"Job {job['id']} queued (seed {job['parameters']['seed']}).", file=sys.stderr)
         for warning in job.get("warnings", []):
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"warning: {shown(warning, 500)}", file=sys.stderr)
         job = client.wait(job["id"], callback=_print_progress, timeout=args.timeout)
         print(file=sys.stderr)
         if job["state"] != "succeeded":
@@ -53,8 +70,8 @@ def run(args) -> int:
     print(f"Wrote {len(written)} files to {args.out}/ (job {job['id']}).")
     if job.get("push"):
         push = job["push"]
-        print(f"PACS push to {push.get('destination')}: {'ok' if push.get('ok') else push.get('message')}",
-              file=sys.stderr)
+        print(f"PACS push to {shown(push.get('destination'))}: "
+              f"{'ok' if push.get('ok') else shown(push.get('message'), 500)}", file=sys.stderr)
     return 0
 
 
@@ -64,5 +81,5 @@ def _print_progress(job: dict) -> None:
     else:
         percent = 100 * (job.get("progress") or 0)
         eta = job.get("eta_seconds")
-        text = f"{job['state']} {job.get('stage') or ''} {percent:5.1f}%" + (f" ETA {eta:.0f} s" if eta else "")
+        text = f"{shown(job['state'])} {shown(job.get('stage') or '')} {percent:5.1f}%" + (f" ETA {eta:.0f} s" if eta else "")
     print(f"\r{text:<60}", end="", file=sys.stderr, flush=True)

@@ -149,6 +149,17 @@ def _spacing_from(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _without_pixels(ds) -> str:
+    """Why a DICOM without pixel data is no X-ray: a non-image object, or a corrupt or cut-off file."""
+    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    kind = str(getattr(sop_class, "name", "") or "")
+    if not sop_class or not kind or kind == str(sop_class):
+        return "the DICOM file is corrupt or cut off (no pixel data and no known SOP Class); give a DX, CR or SC X-ray."
+    if "Image" in kind:
+        return f"the DICOM file has no pixel data although it is a {kind} object: it is cut off or damaged."
+    return f"the DICOM file is a {kind} object, not an image; give a DX, CR or SC X-ray."
+
+
 def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     """Read a DX, CR or SC chest X-ray: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1].
 
@@ -160,7 +171,7 @@ def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     path = Path(path)
     name = path.name
     if not path.is_file():
-        raise InputError(f"{name}: the X-ray file does not exist.")
+        raise InputError(f"{name}: the X-ray file {'is a directory' if path.is_dir() else 'does not exist'}.")
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
@@ -168,7 +179,7 @@ def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     except Exception as error:  # truncated or corrupt headers raise many different exceptions
         raise InputError(f"{name}: the DICOM file is corrupt and cannot be read ({type(error).__name__}).") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise InputError(f"{name}: the DICOM file has no pixel data (it is not an image).")
+        raise InputError(f"{name}: {_without_pixels(ds)}")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise InputError(f"{name}: multi-frame DICOM ({frames} frames) is not supported; give a single 2D X-ray.")

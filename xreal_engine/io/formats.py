@@ -7,6 +7,9 @@ announces a huge or 3D size is refused before a single pixel is decoded.
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from pathlib import Path
 
 from ..errors import InputError
@@ -50,8 +53,16 @@ def is_dicom(path: Path) -> bool:
     return sniff_file(path) == "dicom"
 
 
+class ImageTooLarge(InputError):
+    """An image whose header announces more than MAX_IMAGE_SIDE pixels on a side (refused before decoding)."""
+
+
 def header_sizes(path: Path, fmt: str) -> list[int]:
-    """Image dimensions from the header only (SimpleITK's ImageIO, pydicom without pixels); [] if unreadable."""
+    """Image dimensions from the header only (PNG's IHDR, SimpleITK's ImageIO, pydicom without pixels); [] if unreadable."""
+    if fmt == "png":
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+        return list(struct.unpack(">II", head[16:24])) if len(head) == 24 and head[12:16] == b"IHDR" else []
     if fmt == "dicom":
         import pydicom
 
@@ -84,11 +95,48 @@ def check_image_header(path: Path, what: str | None = None) -> str:
         return None
     sizes = header_sizes(path, fmt)
     if any(side > MAX_IMAGE_SIDE for side in sizes[:2]):
-        raise InputError(f"{name} is {' x '.join(str(s) for s in sizes)} pixels; the engine accepts at most "
-                         f"{MAX_IMAGE_SIDE} pixels per side.")
+        raise ImageTooLarge(f"{name} is {' x '.join(str(s) for s in sizes)} pixels; the engine accepts at most "
+                            f"{MAX_IMAGE_SIDE} pixels per side.")
     if len(sizes) > 2 and any(side > 1 for side in sizes[2:]) and fmt != "dicom":
         slices = 1
         for side in sizes[2:]:
             slices *= side
         raise InputError(f"{name} is a 3D volume with {slices} slices; give a single 2D image.")
+    if fmt in ("nifti", "nifti.gz") and nifti_has_non_finite(path, fmt == "nifti.gz"):
+        raise InputError(f"{name} contains NaN or infinite values; save it with finite numbers only.")
     return fmt
+
+
+# NIfTI-1 datatype codes of floating-point voxels -> numpy dtype.
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def nifti_has_non_finite(path: Path, compressed: bool) -> bool:
+    """True if a float NIfTI-1 file holds NaN or infinity, read from the raw voxels a chunk at a time.
+
+    SimpleITK reads NaN voxels of a .nii as 0, so a reader cannot see them once decoded.
+    Reads at most the voxels the header announces (call it after the size check).
+    """
+    import numpy as np
+
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
+            header = handle.read(348)
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            rank, *dims = struct.unpack(endian + "8h", header[40:56])
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            if datatype not in _NIFTI_FLOAT_TYPES or not 1 <= rank <= 7:
+                return False
+            dtype = np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
+            remaining = dtype.itemsize * int(np.prod([max(1, d) for d in dims[:rank]], dtype=np.int64))
+            skip = int(struct.unpack(endian + "f", header[108:112])[0]) - 348  # up to vox_offset
+            while skip > 0 and (gap := handle.read(min(skip, 1 << 20))):
+                skip -= len(gap)
+            while remaining > 0 and (chunk := handle.read(min(remaining, dtype.itemsize << 18))):
+                remaining -= len(chunk)
+                values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype)
+                if not np.isfinite(values).all():
+                    return True
+    except (OSError, EOFError, zlib.error, struct.error, ValueError):
+        return False  # unreadable: the reader refuses it with its own reason
+    return False

@@ -57,7 +57,9 @@ def _read_png_xray(path: Path) -> np.ndarray:
             if picture.mode in ("P", "LA", "PA"):
                 picture = picture.convert("RGBA" if "A" in picture.mode else "RGB")
             array = np.asarray(picture)
-    except (UnidentifiedImageError, OSError):
+    except Image.DecompressionBombError:
+        raise InputError(f"The image file {path.name} announces an image too large to decode.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(f"The image file {path.name} is not a readable PNG.") from None
     if array.ndim == 3:
         colour = array[..., :3].astype(np.int32)

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import vocabulary
-from ..errors import InputError
+from ..errors import InputError, shown
 from .formats import check_image_header
 
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 32, 4096, 2.0
@@ -145,8 +145,11 @@ def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | N
         dataset = pydicom.dcmread(path)
     except Exception:
         raise InputError(f"{path.name} is a corrupt DICOM file that cannot be read.") from None
-    if dataset.get("SOPClassUID") != "1.2.840.10008.5.1.4.1.1.66.4":
-        raise InputError(f"{path.name} is a DICOM image, not a DICOM Segmentation; give the masks as a DICOM-SEG, PNG, NRRD or NIfTI.")
+    sop_class, give = dataset.get("SOPClassUID"), "give the masks as a DICOM-SEG, PNG, NRRD or NIfTI."
+    if sop_class != "1.2.840.10008.5.1.4.1.1.66.4":
+        raise InputError(f"{path.name} is a DICOM image, not a DICOM Segmentation "
+                         f"({shown(getattr(sop_class, 'name', sop_class), 80)}); {give}" if sop_class else
+                         f"{path.name} is a corrupt or incomplete DICOM file (it has no SOP Class UID); {give}")
     try:
         seg = hd.seg.Segmentation.from_dataset(dataset, copy=False)
         instances = [sop for _, _, sop in seg.get_source_image_uids()]
@@ -200,7 +203,9 @@ def _read_source(path: Path) -> tuple[np.ndarray | None, list[_Segment] | None, 
         raise InputError(f"{path.name} is a colour (RGB) image; save masks as single-channel label images.")
     array = to_2d(sitk.GetArrayFromImage(image), path.name)
     if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{path.name} contains NaN or infinite values; masks must hold integer labels.")
+        if not np.all(array == np.round(array)):
             raise InputError(f"{path.name} holds non-integer values; masks must hold integer labels.")
     return array, None, spacing
 
@@ -216,6 +221,8 @@ def _read_png(path: Path) -> np.ndarray:
             if mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise InputError(f"{path.name} is a colour ({mode}) image; save masks as single-channel label images.")
             return np.asarray(image)
+    except Image.DecompressionBombError:
+        raise InputError(f"{path.name} announces an image too large to decode (at most {MAX_SIDE} per side).") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(
             f"{path.name} is not a readable mask (expected PNG, NRRD, NIfTI, Slicer .seg.nrrd or DICOM-SEG)."
@@ -256,10 +263,10 @@ def _labels_from_segments(segments: list[_Segment], name: str, warnings: list[st
         label = _segment_anatomy_label(segment)
         if label is None:
             if _segment_is_finding(segment):
-                warnings.append(f"Segment '{segment.name}' in {name} is a finding, not anatomy; it was ignored for the anatomy map.")
+                warnings.append(f"Segment '{shown(segment.name)}' in {name} is a finding, not anatomy; it was ignored for the anatomy map.")
                 continue
             known = ", ".join(e["name"] for e in vocabulary.load_vocabulary()["anatomy"])
-            raise InputError(f"Segment '{segment.name}' in {name} is not an anatomy structure the engine knows ({known}).")
+            raise InputError(f"Segment '{shown(segment.name)}' in {name} is not an anatomy structure the engine knows ({known}).")
         labelled.append((label, segment.mask))
     if not labelled:
         raise InputError(f"{name} has no anatomy segment (left lung, right lung, heart or aorta).")

@@ -1,10 +1,81 @@
-"""Loading a model directory onto a device: the words of ``--device`` / ``--dtype`` and the weights hash."""
+"""Loading a model directory onto a device: the words of ``--device`` / ``--dtype`` / ``--threads``.
+
+torch and diffusers are imported by the functions that need them, so a command can set its
+threads (``configure_threads``) before anything heavy is loaded.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+
 from ..errors import InputError, ModelError, XRealError
 from .info import resolve_model, weights_hash
-from .pipeline import XRealPipeline
+
+log = logging.getLogger("xreal_engine.model")
+
+
+def usable_cores() -> int:
+    """Logical CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_threads() -> int:
+    """Half the usable logical CPUs, at least 1: the physical cores on an SMT machine, and on a shared
+    machine room for the others. A torch thread that has to share a core makes every other one
+    spin-wait for it (measured here: the demo model 6.6 s per image with 1 thread, 54-61 s with 2,
+    on 2 busy cores)."""
+    return max(1, usable_cores() // 2)
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """The CPU threads to use: ``threads`` if given, else a valid ``OMP_NUM_THREADS``, else
+    :func:`default_threads`. Needs no torch (``serve`` exports it before torch is loaded)."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InputError(f"--threads must be a whole number of at least 1, not {threads!r}.")
+        return threads
+    from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if from_environment.isdigit() and int(from_environment) >= 1:
+        return int(from_environment)
+    return default_threads()
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads for this process (:func:`resolve_threads`) and return the number.
+
+    One inter-op thread: nothing here runs operators in parallel with each other. The setting
+    carries over to threads started later (the service's worker).
+    """
+    import torch
+
+    chosen = resolve_threads(threads)
+    torch.set_num_threads(chosen)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel work; then it stays as it is
+        pass
+    return chosen
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX); elsewhere it is emulated and slow."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def select_device(device: str = "auto", dtype: str = "auto"):
@@ -29,16 +100,50 @@ def select_device(device: str = "auto", dtype: str = "auto"):
     return torch.device(device), torch_dtype
 
 
-def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto"):
-    """Load a model directory (or the shipped demo model) onto the chosen device."""
+def precision_warning(device, dtype) -> str | None:
+    """A sentence when the chosen precision will be slow here (bfloat16 on a CPU without native bfloat16)."""
+    import torch
+
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bfloat16():
+        return ("This CPU has no native bfloat16 (AVX512-BF16 or AMX); --dtype bfloat16 is emulated here and "
+                "slower than float32.")
+    return None
+
+
+def compile_unet(pipe) -> None:
+    """``torch.compile`` the UNet in place (opt-in ``--compile``): inductor with weight freezing.
+
+    Call it after the pipeline has its device and precision (frozen weights are baked in). Each input
+    shape compiles once (batch 1 for the anatomy stage, batch 2 for guided pathology stages), so the
+    first image pays the compilation (benchmarks/README.md: what it gives and what it costs).
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant weights: folded and pre-packed for oneDNN / cuBLAS
+    pipe.unet.compile(dynamic=False)
+
+
+def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto", compile: bool = False):
+    """Load a model directory (or the shipped demo model) onto the chosen device and precision.
+
+    The UNet and text encoder take ``dtype``; the autoencoders stay float32 (``XRealPipeline.set_precision``).
+    Threads are the caller's (``configure_threads`` first).
+    """
+    from .pipeline import XRealPipeline
+
     model_dir = resolve_model(model)
     torch_device, torch_dtype = select_device(device, dtype)
+    warning = precision_warning(torch_device, torch_dtype)
+    if warning:
+        log.warning(warning)
     try:
         pipe = XRealPipeline.from_pretrained(str(model_dir))
     except XRealError:
         raise
     except Exception as error:  # a broken directory: say which, not a traceback
         raise ModelError(f"The model at {model_dir} could not be loaded: {error}") from error
-    pipe = pipe.to(torch_device, torch_dtype)
+    pipe = pipe.to(torch_device).set_precision(torch_dtype)
+    if compile:
+        compile_unet(pipe)
     pipe.weights_hash = weights_hash(model_dir)
     return pipe

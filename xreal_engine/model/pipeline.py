@@ -9,16 +9,17 @@ same weights it draws the same random numbers in the same order as the original
 code, which is how the golden fixtures are reproduced.
 
 Sampler state (latents, masks, noise, schedule) stays in float32 on the
-pipeline's device; the networks run in the weights' dtype (under autocast when
-that is not float32), so float16/bfloat16 only changes the network arithmetic.
+pipeline's device (masks, timesteps and the guidance prompt pair made there once per
+stage, nothing copied between host and device inside the loop); each network runs in its own weights' dtype (no autocast: ``set_precision`` casts the UNet
+and the text encoder to float16/bfloat16 once and keeps the autoencoders in float32),
+so low precision only changes the network arithmetic.
 
 Why this file is long: like diffusers' pipelines it keeps the whole sampler in one class, so that
 ``__call__`` reads top to bottom; the input checks are in ``inputs.py``, the schedule in
 ``architecture.py`` and the settings in ``sampling.py``.
 """
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -63,6 +64,27 @@ class Stage:
     prompt: torch.Tensor  # text embedding of the finding ("" for the anatomy stage)
     uncond: Optional[torch.Tensor]  # the empty prompt's embedding when guidance is used, else None
     guidance_scale: float
+    free_mask: torch.Tensor = field(init=False)  # 1 - known_mask, made once per stage, not once per step
+
+    def __post_init__(self):
+        self.free_mask = 1 - self.known_mask
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU out-of-memory error, or the CPU allocator's (a RuntimeError that says so)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def out_of_memory_message(device: torch.device, dtype: torch.dtype) -> str:
+    """The one sentence for running out of memory, with what to try (the fast preset, float16)."""
+    where = "GPU" if device.type == "cuda" else "computer"
+    if device.type == "cuda":
+        half = "" if dtype == torch.float16 else " or half precision (--dtype float16)"
+    else:
+        half = "" if dtype == torch.bfloat16 else " or bfloat16 (--dtype bfloat16)"
+    return (f"The {where} ran out of memory while generating on {device} in {str(dtype).replace('torch.', '')}; "
+            f"try the fast preset (--fast){half}, close other programs using the {where}'s memory, "
+            f"or use a smaller model.")
 
 
 def _to_hwc(image: torch.Tensor) -> np.ndarray:
@@ -99,9 +121,6 @@ class XRealPipeline(DiffusionPipeline):
                 latent_size=latent_size,
             )
         self.model_info = model_info
-        # None: autocast in the weights' dtype when it is not float32; set e.g. torch.bfloat16 to run
-        # float32 weights under bfloat16 autocast.
-        self.autocast_dtype: Optional[torch.dtype] = None
         self._use_original_schedule()
 
     # ------------------------------------------------------------------ loading and saving
@@ -137,17 +156,29 @@ class XRealPipeline(DiffusionPipeline):
         pipe.model_info = model_info
         return pipe
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ precision
 
     @property
-    def _network_dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
+        """The denoiser's dtype (what provenance records); the autoencoders may stay in float32."""
         return self.unet.dtype
 
-    def _autocast(self):
-        dtype = self.autocast_dtype or self._network_dtype
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+    def set_precision(self, dtype: torch.dtype) -> "XRealPipeline":
+        """The UNet and text encoder in ``dtype``, the autoencoders in float32; returns the pipeline.
+
+        Weights cast once, not autocast: autocast re-casts every weight at every network call (its
+        cache lives only as long as one ``with`` block) and gives the same numbers. The autoencoders
+        stay float32: on the demo model a bfloat16 UNet + text encoder moves the final image by at
+        most 0.8 grey levels of 255, bfloat16 autoencoders by 4.2; they run 6 times per image against
+        200 UNet calls (benchmarks/README.md).
+        """
+        self.unet.to(dtype=dtype)
+        self.text_encoder.to(dtype=dtype)
+        for autoencoder in (self.vae, self.anatomy_controller):
+            autoencoder.to(dtype=torch.float32)
+        return self
+
+    # ------------------------------------------------------------------ helpers
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -156,23 +187,21 @@ class XRealPipeline(DiffusionPipeline):
             prompt, padding="max_length", truncation=True,
             max_length=self.text_encoder.config.max_position_embeddings, return_tensors="pt",
         )
-        with self._autocast():
-            embedding = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return embedding.to(self._network_dtype)
+        embedding = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return embedding.to(self.unet.dtype)
 
     def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale, prompt_pair=None):
         """eps with classifier-free guidance; cond and uncond go through the UNet in ONE batch.
 
         ``prompt_pair``: ``cat([uncond, cond])`` made once per stage instead of once per step.
         """
-        with self._autocast():
-            if uncond is None:
-                eps = self.unet(latents.to(self._network_dtype), timestep, encoder_hidden_states=cond).sample
-                return eps.float()
-            both = self.unet(
-                torch.cat([latents, latents]).to(self._network_dtype), timestep,
-                encoder_hidden_states=torch.cat([uncond, cond]) if prompt_pair is None else prompt_pair,
-            ).sample.float()
+        dtype = self.unet.dtype
+        if uncond is None:
+            return self.unet(latents.to(dtype), timestep, encoder_hidden_states=cond).sample.float()
+        both = self.unet(
+            torch.cat([latents, latents]).to(dtype), timestep,
+            encoder_hidden_states=torch.cat([uncond, cond]) if prompt_pair is None else prompt_pair,
+        ).sample.float()
         eps_uncond, eps_cond = both.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -194,22 +223,21 @@ class XRealPipeline(DiffusionPipeline):
         mask is a cubic resize (no antialias, like cv2.INTER_CUBIC) of that, > 0 -> 1, else soft.
         """
         scaled = labels[None, None].float()
-        if scaled.max() >= 1:
+        if scaled.max() >= 1:  # labels come from the host: no device sync (and it runs on device="meta")
             scaled = scaled / ANATOMY_LABEL_DIVISOR
+        scaled = scaled.to(self.device)
         size = self.model_info.latent_size
         resized = F.interpolate(scaled, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
         return scaled.repeat(1, 3, 1, 1), resized.repeat(1, 3, 1, 1)
 
     def _encode_to_latent(self, image: torch.Tensor, draw) -> torch.Tensor:
         """LDM encoding as the original: a posterior SAMPLE (not the mode) times the scale factor."""
-        with self._autocast():
-            posterior = self.vae.encode(image.to(self._network_dtype)).latent_dist
+        posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
         noise = draw("posterior", posterior.mean.shape)
         return (posterior.mean.float() + posterior.std.float() * noise) * self.model_info.scale_factor
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            image = self.vae.decode((1.0 / self.model_info.scale_factor) * latents.to(self._network_dtype)).sample
+        image = self.vae.decode(((1.0 / self.model_info.scale_factor) * latents).to(self.vae.dtype)).sample
         return image.float().clamp(0, 1)
 
     def _run_stage(self, stage: "Stage", params: SamplingParameters, draw, callback) -> torch.Tensor:
@@ -236,16 +264,13 @@ class XRealPipeline(DiffusionPipeline):
         steps = params.num_inference_steps
         timesteps = set_ddim_timesteps(self.scheduler, steps)
         timesteps_on_device = self.scheduler.timesteps.to(self.device)
-        sqrt_alpha = self._sqrt_alphas_cumprod.to(self.device)
-        sqrt_one_minus_alpha = self._sqrt_one_minus_alphas_cumprod.to(self.device)
         for i, t in enumerate(timesteps):
             t_device = timesteps_on_device[i]
             # The blend comes BEFORE the step, as in the original's p_sample_ddim loop: the known latent
             # x0 is re-noised to the timestep t this step starts from (q_sample) and pasted into the
             # known region, so the step denoises a latent whose known part is exactly at noise level t.
             if i < stage.masked_steps:
-                q_sample = sqrt_alpha[t_device] * x0 + sqrt_one_minus_alpha[t_device] * draw("q_sample", x0.shape)
-                latents = q_sample * stage.known_mask + (1 - stage.known_mask) * latents
+                latents = self._hold(stage, x0, latents, t, draw)
             # Drawn at every step, also at eta 0, to keep the original's random-number stream.
             latents, _ = self.ddim_step(latents, t, t_device, stage.prompt, stage.uncond, stage.guidance_scale,
                                         params.eta, draw("ddim", latents.shape), prompt_pair)
@@ -256,32 +281,45 @@ class XRealPipeline(DiffusionPipeline):
     def _solver_loop(self, stage, params, x0, latents, prompt_pair, draw, callback):
         """A diffusers multistep solver (DPM-Solver++ / UniPC) with XReal's blend.
 
-        The same blends as DDIM, placed where a multistep solver needs them: the known latent is
-        re-noised with ``scheduler.add_noise`` to the timestep the NEXT step starts from and pasted
-        AFTER each step. After, not before: UniPC's corrector rewrites the sample it is given at the
-        start of ``step``, which would otherwise undo the hold. The hold covers the first
-        ``masked_steps`` steps, the same fraction of the schedule as in DDIM. ``eta`` does not apply.
+        The same blend as DDIM (``_hold``), placed where a multistep solver needs it: the known latent
+        is re-noised to the timestep the NEXT step starts from and pasted AFTER each step. After, not
+        before: UniPC's corrector rewrites the sample it is given at the start of ``step``, which would
+        otherwise undo the hold. The hold covers the first ``masked_steps`` steps, the same fraction of
+        the schedule as in DDIM. ``eta`` does not apply. The timesteps are read on the host once and
+        the solver starts at index 0, so no step waits for the device (diffusers would look its step
+        index up on the device).
         """
         steps = params.num_inference_steps
         scheduler = make_solver(params.sampler, self.scheduler.config)
-        scheduler.set_timesteps(steps, device=self.device)
-        timesteps = scheduler.timesteps
-
-        def hold(latents, index):
-            noised = scheduler.add_noise(x0, draw("q_sample", x0.shape), timesteps[index:index + 1])
-            return noised * stage.known_mask + (1 - stage.known_mask) * latents
+        scheduler.set_timesteps(steps)
+        scheduler.set_begin_index(0)
+        host_timesteps = [int(t) for t in scheduler.timesteps]
+        timesteps = scheduler.timesteps.to(self.device)
 
         latents = latents * scheduler.init_noise_sigma
         if stage.masked_steps > 0:
-            latents = hold(latents, 0)
+            latents = self._hold(stage, x0, latents, host_timesteps[0], draw)
         for i, t in enumerate(timesteps):
             eps = self._predict_noise(latents, t, stage.prompt, stage.uncond, stage.guidance_scale, prompt_pair)
             latents = scheduler.step(eps, t, latents).prev_sample
             if i + 1 < min(stage.masked_steps, steps):
-                latents = hold(latents, i + 1)
+                latents = self._hold(stage, x0, latents, host_timesteps[i + 1], draw)
             if callback is not None:
                 callback(stage.name, i + 1, steps)
+        if stage.masked_steps >= steps:
+            # Held to the end (a pathology stage): the known region ends at the known latent itself, as
+            # DDIM's last step from timestep 1 all but does. Without this, the solver's last jump (from
+            # timestep ~66 at 15 steps) re-invents the known region and doubled the change outside the
+            # pathology region on the demo model (benchmarks/README.md).
+            latents = x0 * stage.known_mask + stage.free_mask * latents
         return latents
+
+    def _hold(self, stage: "Stage", x0, latents, t: int, draw):
+        """XReal's blend: the known latent x0 re-noised to timestep ``t`` (the original's q_sample, with its
+        float64-derived coefficients as host scalars) pasted into the known region of ``latents``."""
+        noise = draw("q_sample", x0.shape)
+        noised = self._sqrt_alphas_cumprod[t] * x0 + self._sqrt_one_minus_alphas_cumprod[t] * noise
+        return noised * stage.known_mask + stage.free_mask * latents
 
     def _noise_source(self, rng: str, generator: Optional[torch.Generator]):
         """draw(kind, shape) -> float32 standard normal on the pipeline's device, in the chosen RNG order."""
@@ -369,11 +407,18 @@ class XRealPipeline(DiffusionPipeline):
                 embeddings[prompt] = self.encode_prompt(prompt)
             return embeddings[prompt]
 
-        # One autocast for the whole image (a no-op in float32): entering it per network call would
-        # throw away its cache of low-precision weight casts at every step.
-        with self._autocast():
+        out_of_memory = False
+        try:
             current, x_hat, x_a_gen = self._stages(None if edit_mode else labels, source if edit_mode else None,
                                                    regions, parameters, embed, draw, callback)
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; so is a failed CPU allocation
+            if not is_out_of_memory(error):
+                raise
+            out_of_memory = True
+        if out_of_memory:  # outside the except block, so the failed step's tensors are freed first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the cached blocks back, so the next (smaller) job can run
+            raise ModelError(out_of_memory_message(self.device, self.dtype)) from None
 
         # 6. Output: decoded images as numpy, the 2D image is the channel mean of x_p_gen.
         x_p_gen = _to_hwc(current)
@@ -394,7 +439,7 @@ class XRealPipeline(DiffusionPipeline):
             current = source.to(device)[None, None].repeat(1, 3, 1, 1)
         else:
             # 3. Anatomy controller: the label map becomes a rough image x_hat.
-            x_hat, anatomy_latent_mask = self._anatomy_controller_image(labels.to(device))
+            x_hat, anatomy_latent_mask = self._anatomy_controller_image(labels)
             # 4. Anatomy stage: x_hat re-generated unconditionally, the anatomy held by a soft mask
             #    (1 on the organs, soft_mask_value elsewhere) for the first anatomy_steps steps.
             soft_mask = torch.where(anatomy_latent_mask > 0, 1.0, parameters.soft_mask_value)
@@ -417,7 +462,7 @@ class XRealPipeline(DiffusionPipeline):
 
     def _empty_prompt_embedding(self) -> torch.Tensor:
         """The empty prompt's embedding, cached across images (per device and dtype)."""
-        key = (self.device, self._network_dtype, id(self.text_encoder))
+        key = (self.device, self.text_encoder.dtype, self.unet.dtype, id(self.text_encoder))
         if (getattr(self, "_empty_prompt_cache", None) or (None,))[0] != key:
             self._empty_prompt_cache = (key, self.encode_prompt(""))
         return self._empty_prompt_cache[1]
@@ -425,7 +470,6 @@ class XRealPipeline(DiffusionPipeline):
     def _anatomy_controller_image(self, labels: torch.Tensor):
         """(x_hat, the anatomy mask at latent size): the anatomy controller's reconstruction of the label map."""
         controller_input, resized = self.anatomy_masks(labels)
-        with self._autocast():
-            z = self.anatomy_controller.encode(controller_input.to(self._network_dtype)).latent_dist.mode()
-            x_hat = self.anatomy_controller.decode(z).sample.float().clamp(0, 1)
-        return x_hat, resized
+        controller = self.anatomy_controller
+        z = controller.encode(controller_input.to(controller.dtype)).latent_dist.mode()
+        return controller.decode(z).sample.float().clamp(0, 1), resized

@@ -46,7 +46,8 @@ class Setting:
     def check(self, value, high: Optional[float] = None, high_text: Optional[str] = None):
         """The value as ``kind``, or InputError with the one sentence every caller shows."""
         high = self.high if high is None else high
-        range_text = f"from {self.low:g} to {high_text or f'{high:g}'}"
+        number = (lambda x: str(int(x))) if self.kind is int else (lambda x: f"{x:g}")  # 4294967295, not 4.29e+09
+        range_text = f"from {number(self.low)} to {high_text or number(high)}"
         what = "a whole number" if self.kind is int else "a number"
         sentence = f"The {self.meaning} ('{self.public_name}') must be {what} {range_text}; got {_shown(value)}."
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

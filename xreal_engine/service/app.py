@@ -6,15 +6,18 @@ either a process it starts on the same machine or a GPU server next to the PACS
 ``GET /api/v1/health`` reports ``"model": "loading" | "ready" | "failed"``; jobs submitted
 while it loads are queued.
 
-Security: any ``/api/v1`` endpoint except ``health`` requires the token, when one is
-configured, as ``Authorization: Bearer <token>`` (``middleware.py``). ``/docs`` and
-``/openapi.json`` describe the API and are open.
+Security (``middleware.py``, threat model in docs/architecture.md): only Host names of the
+address listened on; no requests from other web origins; any ``/api/v1`` endpoint except
+``health`` requires the token, when one is configured, as ``Authorization: Bearer <token>``;
+state-changing requests must carry ``X-XReal-Client`` (or the token, or a JSON body).
+``/docs`` and ``/openapi.json`` describe the API and are open.
 
 Every refusal is ``{"error": {"code": ..., "message": ...}}`` with a 4xx status:
-400 malformed request, 401 token, 404 unknown job or file, 409 wrong job state,
-411/413 body length, 415 file format, 422 unusable content (labels, shapes, finding,
-parameter range), 429 queue full (Retry-After), 503 model failed to load. Uploads are
-stored under names the server chooses; a client's filename is never used as a path.
+400 malformed request or Host, 401 token, 403 cross-origin or plain form request, 404 unknown
+job or file, 409 wrong job state, 411/413 body length, 415 file format, 422 unusable content
+(labels, shapes, finding, parameter range), 429 queue full (Retry-After); and 503 model failed
+to load or storage unavailable, 507 disk full. Uploads are stored under names the server
+chooses; a client's filename is never used as a path.
 
 Files, lower to higher (each imports only files named before it): settings, errors, spec,
 store, worker, uploads, pacs_access, middleware, views, dependencies, routes_engine,
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from . import routes_engine, routes_jobs
@@ -35,7 +39,7 @@ from .dependencies import EngineContext
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
 from .pacs_access import load_pacs
-from .settings import API_PREFIX, ServiceSettings
+from .settings import API_PREFIX, CLIENT_HEADER, ServiceSettings
 from .store import JobStore
 from .worker import JobService, run_generation
 
@@ -48,16 +52,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     model_dir = resolve_model(settings.model)
     model_info = ModelInfo.load(model_dir)
     data_dir = Path(settings.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-
     pacs, pacs_config = load_pacs(settings)
+    store = JobStore(data_dir)  # StorageError (one sentence) if the data directory cannot be written
 
     def push(destination: str, result_dir: Path) -> dict:
         return pacs.push_result(destination, result_dir, config=pacs_config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        store = JobStore(data_dir)
         service = JobService(
             store,
             load_pipeline=lambda: load_pipeline(str(model_dir), settings.device, settings.dtype),
@@ -85,6 +87,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                       pacs_config=pacs_config)
     app.state.request_shutdown = lambda: None  # serve.run replaces both with the server's
     app.state.exiting = lambda: False
+    if settings.allowed_origins:  # inside the guard, which has refused every other origin already
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", CLIENT_HEADER])
     app.add_middleware(GuardMiddleware, settings=settings)
     install_error_handlers(app)
     app.include_router(routes_engine.router, prefix=API_PREFIX)

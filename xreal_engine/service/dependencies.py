@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import Request, Security
 from fastapi.security import HTTPBearer
 
+from ..errors import shown
 from .errors import ApiError
 from .settings import ServiceSettings
 from .worker import JobService
@@ -42,5 +43,5 @@ def service_of(request: Request) -> JobService:
 def job_or_404(service: JobService, job_id: str) -> dict:
     job = service.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
     if job is None:
-        raise ApiError(404, "job_not_found", f"There is no job {job_id[:40]!r} (it may have been deleted or purged).")
+        raise ApiError(404, "job_not_found", f"There is no job '{shown(job_id, 40)}' (it may have been deleted or purged).")
     return job

@@ -1,7 +1,8 @@
 """Refusals: ``ApiError``, the one JSON error shape, and the app's exception handlers.
 
 Every refusal is ``{"error": {"code": ..., "message": ...}}``; no handler ever shows a
-traceback or a server path.
+traceback or a server path. (Only a request too malformed for the HTTP server itself, e.g. a
+non-numeric Content-Length, gets uvicorn's plain-text 400 before the application sees it.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import StorageError, os_reason, shown
 
 log = logging.getLogger("xreal_engine.server")
 
@@ -31,6 +34,24 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class BodyRefused(StarletteHTTPException):
+    """Raised while a request body arrives (middleware.py): FastAPI passes HTTPExceptions through."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(status, detail=message)
+        self.code = code
+
+
+def storage_refusal(error: StorageError | OSError, data_dir: Path | None = None) -> ApiError:
+    """507 when the disk is full, else 503, for a request the engine cannot store; never a server path."""
+    if not isinstance(error, StorageError):
+        error = StorageError(f"The engine cannot store the request: {os_reason(error)}.", os_reason(error))
+    message = scrub(str(error), data_dir) if data_dir is not None else str(error)
+    return ApiError(507 if error.disk_full else 503, "insufficient_storage" if error.disk_full else "storage_unavailable",
+                    f"{message} Nothing was changed; try again when GET /api/v1/health reports the engine healthy.",
+                    {"Retry-After": "30"})
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -52,10 +73,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(request: Request, error: RequestValidationError):
         return error_response(400, "bad_request", validation_message(error))
 
+    @app.exception_handler(StorageError)
+    async def storage_error(request: Request, error: StorageError):
+        log.error("refused %s %s: %s", request.method, request.url.path, error.reason)
+        refusal = storage_refusal(error, request.app.state.context.data_dir)
+        return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        messages = {404: f"There is no endpoint at {request.url.path}; the API is described at /docs.",
-                    405: f"{request.method} is not allowed on {request.url.path}; the API is described at /docs."}
+        if isinstance(error, BodyRefused):
+            return error_response(error.status_code, error.code, str(error.detail))
+        path = shown(request.url.path, 80)
+        messages = {404: f"There is no endpoint at {path}; the API is described at /docs.",
+                    405: f"{request.method} is not allowed on {path}; the API is described at /docs."}
         message = messages.get(error.status_code, str(error.detail))
         if error.status_code == 400:
             message = "The request body could not be read; send the job as multipart/form-data."
@@ -75,8 +105,14 @@ def validation_message(error: RequestValidationError) -> str:
         return "The request is malformed."
     problem = problems[0]
     location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path")]
-    name = location[0] if location else "request"
+    name = shown(location[0]) if location else "request"
     kind = problem.get("type", "")
+    if kind == "json_invalid":
+        detail = (problem.get("ctx") or {}).get("error") or "invalid JSON"
+        where = f" at character {shown(location[0])}" if location else ""
+        return f"The request body is not valid JSON ({shown(detail)}{where})."
+    if kind in ("model_attributes_type", "dict_type"):
+        return "The request body must be a JSON object, e.g. {\"destination\": \"NAME\"}."
     if kind == "missing":
         return f"The request is missing '{name}' ({FIELD_DESCRIPTIONS.get(name, 'a required field')})."
     if "int" in kind:
@@ -85,4 +121,4 @@ def validation_message(error: RequestValidationError) -> str:
         return f"The parameter '{name}' must be a number."
     if name in ("anatomy", "pathology", "image"):
         return f"'{name}' must be sent as a file upload ({FIELD_DESCRIPTIONS[name]})."
-    return f"The parameter '{name}' is not valid: {problem.get('msg', 'invalid value')}."
+    return f"The parameter '{name}' is not valid: {shown(problem.get('msg', 'invalid value'), 120)}."

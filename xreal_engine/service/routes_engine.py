@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from .. import __version__
 from .dependencies import context_of, protected, service_of
@@ -15,11 +16,18 @@ log = logging.getLogger("xreal_engine.server")
 router = APIRouter()
 
 
-@router.get("/health", summary="Liveness and model state (no token needed)")
+@router.get("/health", summary="Liveness, model state and storage (no token needed)",
+            responses={503: {"description": "Unhealthy: jobs cannot be stored; 'storage_error' says why."}})
 def health(request: Request):
+    """``status`` is "ok", or "unhealthy" (HTTP 503) while the data directory or database cannot be written."""
     service = service_of(request)
-    return {"status": "ok", "engine_version": __version__, "model": service.model_state,
-            "model_error": service.model_error}
+    problem = service.store.problem()
+    message = None if problem is None else str(problem)
+    body = {"status": "ok" if problem is None else "unhealthy", "engine_version": __version__,
+            "model": service.model_state, "model_error": service.model_error, "storage_error": message}
+    if problem is None:
+        return body
+    return JSONResponse({**body, "error": {"code": "unhealthy", "message": message}}, status_code=503)
 
 
 @router.get("/info", dependencies=protected, summary="Engine version, device, model, labels, findings, limits")

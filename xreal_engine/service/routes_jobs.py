@@ -14,14 +14,14 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from fastapi import APIRouter, Body, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from ..errors import InputError, XRealError
+from ..errors import InputError, XRealError, shown
 from ..model.sampling import MAX_SEED, SamplingParameters
 from .dependencies import EngineContext, context_of, job_or_404, protected, service_of
-from .errors import ApiError, scrub
+from .errors import ApiError, scrub, storage_refusal
 from .pacs_access import fetch_source, require_pacs
 from .settings import MAX_PATHOLOGIES
 from .spec import JobSpec, prepare_job
@@ -33,11 +33,26 @@ from .worker import JobService
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RESULT_MEDIA_TYPES = {".dcm": "application/dicom", ".png": "image/png", ".json": "application/json"}
 SSE_REPEAT_SECONDS = 1.0
+# The fields of POST /jobs (submit_job's form parameters); any other field name is refused, so that
+# a misspelt setting ("step") is never silently replaced by the model's default.
+JOB_FIELDS = ("anatomy", "pathology", "finding", "image", "seed", "steps", "anatomy_steps", "guidance", "eta",
+              "sampler", "fast", "request_id", "push_to", "source", "study", "series", "instance")
 
 router = APIRouter()
 
 
-@router.post("/jobs", status_code=202, dependencies=protected, summary="Submit a generation job",
+async def only_known_fields(request: Request) -> None:
+    """Refuse (400) a job form with a field this endpoint does not know (the form is parsed already)."""
+    form = await request.form()
+    unknown = sorted(set(form.keys()) - set(JOB_FIELDS))
+    if unknown:
+        raise ApiError(400, "unknown_field",
+                       f"The job has a field the engine does not know: '{shown(unknown[0])}'; the fields are "
+                       f"{', '.join(JOB_FIELDS)}.")
+
+
+@router.post("/jobs", status_code=202, dependencies=[*protected, Depends(only_known_fields)],
+             summary="Submit a generation job",
              responses={200: {"description": "A job with this request_id already exists; it is returned."},
                         429: {"description": "The queue is full; retry after Retry-After seconds."}})
 def submit_job(
@@ -71,6 +86,9 @@ def submit_job(
             return describe_job(service, existing)
     if service.model_state == "failed":
         raise ApiError(503, "model_unavailable", service.model_error or "The model could not be loaded.")
+    problem = service.store.problem()
+    if problem is not None:
+        raise storage_refusal(problem)
     if service.store.queued_count() >= service.max_queued_jobs:
         raise _queue_full(service)
     if len(pathology) != len(finding):
@@ -92,9 +110,10 @@ def submit_job(
     if push_to:
         require_pacs(context.pacs, context.pacs_config, push_to, "destination", "push_to")
 
-    folder = context.data_dir / "incoming" / uuid.uuid4().hex
-    folder.mkdir(parents=True)
+    folder = service.store.incoming_dir / uuid.uuid4().hex
+    job_id = None
     try:
+        folder.mkdir()
         spec = _stored_spec(context, folder, parameters, anatomy, list(zip(pathology, finding)), image, push_to,
                             source, study, series, instance)
         try:
@@ -103,19 +122,20 @@ def submit_job(
             raise ApiError(422, "invalid_input", scrub(str(error), folder)) from None
         job_id = new_job_id()
         folder.rename(_reserve_job_dir(service, job_id) / "inputs")
-        try:
-            job, created = service.submit(job_id, request_id, spec, list(prepared.warnings))
-        except BaseException:
-            shutil.rmtree(service.store.job_dir(job_id), ignore_errors=True)
-            raise
+        job, created = service.submit(job_id, request_id, spec, list(prepared.warnings))
         if not created:  # a concurrent retry with the same request_id won the race
             shutil.rmtree(service.store.job_dir(job_id), ignore_errors=True)
             response.status_code = 200
+        job_id = None  # queued: its folder stays
         return describe_job(service, job)
     except QueueFull:
         raise _queue_full(service) from None
+    except OSError as error:  # the uploads could not be stored: disk full, read-only, data directory gone
+        raise storage_refusal(error) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if job_id is not None:  # refused after its folder was made: nothing is left behind
+            shutil.rmtree(service.store.job_dir(job_id), ignore_errors=True)
 
 
 @router.get("/jobs", dependencies=protected, summary="List jobs, newest first")
@@ -123,7 +143,7 @@ def list_jobs(request: Request, state: Optional[str] = Query(None, description="
               limit: int = Query(100, ge=1, le=1000)):
     service = service_of(request)
     if state is not None and state not in (QUEUED, RUNNING, *FINAL_STATES):
-        raise ApiError(400, "bad_state", f"Unknown state '{state[:40]}'; use queued, running, succeeded, failed or cancelled.")
+        raise ApiError(400, "bad_state", f"Unknown state '{shown(state)}'; use queued, running, succeeded, failed or cancelled.")
     return {"jobs": [describe_job(service, job) for job in service.store.list(state, limit)]}
 
 
@@ -174,7 +194,7 @@ def download_file(request: Request, job_id: str, name: str):
     job = job_or_404(service, job_id)
     if name not in job["files"]:
         raise ApiError(404, "file_not_found",
-                       f"The job has no result file '{name[:80]}'; its files are listed in its status.")
+                       f"The job has no result file '{shown(name, 80)}'; its files are listed in its status.")
     path = service.store.result_dir(job_id) / name
     media_type = RESULT_MEDIA_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
     return FileResponse(path, media_type=media_type, filename=Path(name).name)

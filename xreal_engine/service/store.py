@@ -11,6 +11,11 @@ truth. Files live next to it::
 
 Uploads are deleted when a job finishes (only ``result/`` stays until the retention purge).
 
+Storage failures: every SQLite error becomes a :class:`~..errors.StorageError` (one sentence,
+no path); :meth:`JobStore.problem` says why jobs cannot be stored right now (the data
+directory or database gone, replaced, read-only, the disk full, or the last write failed
+and a probe write still fails), for the health endpoint, submissions and the worker.
+
 Restart policy (documented choice): queued jobs stay queued and run; a job that was
 *running* when the engine died is marked failed with an "interrupted" message instead of
 being re-queued, because a job that killed the engine (out of memory, a driver crash)
@@ -21,7 +26,9 @@ A job is a dict of its row; its ``spec`` is a :class:`~.spec.JobSpec` (stored as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import threading
@@ -29,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..errors import DISK_FULL, StorageError, os_reason, shown
+from .settings import MIN_FREE_BYTES
 from .spec import JobSpec
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -55,6 +64,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     push_report   TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, written_at REAL NOT NULL);
 """
 
 
@@ -70,23 +80,95 @@ class JobStore:
     """All job rows, behind one lock (short statements; the service is one process)."""
 
     def __init__(self, data_dir: Path):
+        """Open (or create) the store; StorageError with one sentence if it cannot be written."""
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.incoming_dir = self.data_dir / "incoming"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._failure: str | None = None  # the reason of the last failed database access, until a probe succeeds
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"The data directory {self.data_dir} cannot be used: {os_reason(error)}.",
+                               os_reason(error)) from None
+        try:
+            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        except sqlite3.Error as error:
+            raise StorageError(f"The job database {self.db_path} cannot be opened: {database_reason(error)}.",
+                               database_reason(error)) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._probe()  # a read-only database opens without complaint; a write tells
+        except (sqlite3.Error, OSError) as error:
+            self._db.close()
+            reason = database_reason(error) if isinstance(error, sqlite3.Error) else os_reason(error)
+            raise StorageError(f"The data directory {self.data_dir} cannot be written: {reason}.", reason) from None
+        self._identity = _identity(self.db_path)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def _access(self):
+        """The lock, and any SQLite error as a StorageError (remembered until a probe write succeeds)."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as error:
+                self._failure = database_reason(error)
+                raise StorageError(f"The job database cannot be used: {self._failure}.", self._failure) from None
+
+    def _probe(self) -> None:
+        """Write a row and a file, as a job would (sqlite3.Error or OSError if either fails)."""
+        self._db.execute("INSERT OR REPLACE INTO write_probe (id, written_at) VALUES (1, ?)", (time.time(),))
+        probe = self.jobs_dir / f".write-probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"probe")
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def note_failure(self, reason: str) -> None:
+        """A write of the data directory failed elsewhere (a result): report it until a probe succeeds."""
+        with self._lock:
+            self._failure = reason
+
+    def problem(self) -> StorageError | None:
+        """None while jobs can be stored; else why not, as a StorageError (one sentence, no server path).
+
+        Asked by the health endpoint, by every submission and by the worker before it claims a job.
+        """
+        with self._lock:
+            if not self.data_dir.is_dir():
+                return StorageError("The data directory has been deleted or moved; restart the engine.",
+                                    "the data directory is gone")
+            if _identity(self.db_path) != self._identity or not self.jobs_dir.is_dir():
+                return StorageError("The job database or the jobs folder has been deleted or replaced; restart "
+                                    "the engine.", "the job database is gone")
+            if not all(os.access(path, os.W_OK) for path in (self.db_path, self.jobs_dir, self.incoming_dir)):
+                return StorageError("The data directory or the job database is not writable (read-only or "
+                                    "permissions).", "the data directory is not writable")
+            try:
+                full = shutil.disk_usage(self.data_dir).free < MIN_FREE_BYTES
+            except OSError as error:
+                return StorageError(f"The data directory cannot be checked: {os_reason(error)}.", os_reason(error))
+            if full:
+                return StorageError(f"The disk holding the data directory is full (under "
+                                    f"{MIN_FREE_BYTES // 1024} KiB free).", DISK_FULL)
+            if self._failure is not None:
+                try:
+                    self._probe()
+                except (sqlite3.Error, OSError) as error:
+                    self._failure = database_reason(error) if isinstance(error, sqlite3.Error) else os_reason(error)
+                    return StorageError(f"The data directory or the job database cannot be written: "
+                                        f"{self._failure}.", self._failure)
+                self._failure = None
+        return None
 
     # -- paths ------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -100,17 +182,17 @@ class JobStore:
 
     # -- queries ----------------------------------------------------------------------
     def get(self, job_id: str) -> dict | None:
-        with self._lock:
+        with self._access():
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_dict(row) if row else None
 
     def get_by_request_id(self, request_id: str) -> dict | None:
-        with self._lock:
+        with self._access():
             row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         return _row_to_dict(row) if row else None
 
     def list(self, state: str | None = None, limit: int = 100) -> list[dict]:
-        with self._lock:
+        with self._access():
             if state:
                 rows = self._db.execute(
                     "SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit)
@@ -120,12 +202,12 @@ class JobStore:
         return [_row_to_dict(row) for row in rows]
 
     def queued_count(self) -> int:
-        with self._lock:
+        with self._access():
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (QUEUED,)).fetchone()[0]
 
     def queue_position(self, seq: int) -> int:
         """1 = next to run."""
-        with self._lock:
+        with self._access():
             ahead = self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE state = ? AND seq < ?", (QUEUED, seq)
             ).fetchone()[0]
@@ -133,7 +215,7 @@ class JobStore:
 
     def recent_duration(self) -> float | None:
         """Mean run time of the last few successful jobs, for ETA and Retry-After hints."""
-        with self._lock:
+        with self._access():
             value = self._db.execute(
                 "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs "
                 "WHERE state = ? AND started_at IS NOT NULL ORDER BY seq DESC LIMIT 20)",
@@ -149,7 +231,7 @@ class JobStore:
         The idempotency check and the queue bound are checked in the same transaction as
         the insert, so concurrent retries never create two jobs and never overfill the queue.
         """
-        with self._lock:
+        with self._access():
             if request_id is not None:
                 existing = self.get_by_request_id(request_id)
                 if existing:
@@ -164,7 +246,7 @@ class JobStore:
 
     def claim_next(self) -> dict | None:
         """Atomically move the oldest queued job to running."""
-        with self._lock:
+        with self._access():
             row = self._db.execute(
                 "SELECT id FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)
             ).fetchone()
@@ -176,7 +258,7 @@ class JobStore:
             return self.get(row["id"])
 
     def cancel_if_queued(self, job_id: str) -> bool:
-        with self._lock:
+        with self._access():
             cursor = self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error_code = 'cancelled', "
                 "error_message = 'The job was cancelled before it started.' WHERE id = ? AND state = ?",
@@ -187,7 +269,7 @@ class JobStore:
     def finish(self, job_id: str, state: str, *, error_code: str | None = None,
                error_message: str | None = None, files: list[str] | None = None,
                dicom: dict | None = None, push_report: dict | None = None) -> None:
-        with self._lock:
+        with self._access():
             self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error_code = ?, error_message = ?, "
                 "files = ?, dicom = ?, push_report = ? WHERE id = ?",
@@ -198,18 +280,18 @@ class JobStore:
 
     def set_push_report(self, job_id: str, push_report: dict) -> None:
         """Record the outcome of sending a finished job's result to a PACS later on."""
-        with self._lock:
+        with self._access():
             self._db.execute("UPDATE jobs SET push_report = ? WHERE id = ?", (json.dumps(push_report), job_id))
 
     def delete(self, job_id: str) -> None:
         """Remove the row first (the job disappears at once), then its files."""
-        with self._lock:
+        with self._access():
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def recover_after_restart(self) -> int:
         """Fail jobs left 'running' by a crash, drop half-written results and stray uploads."""
-        with self._lock:
+        with self._access():
             rows = self._db.execute("SELECT id FROM jobs WHERE state = ?", (RUNNING,)).fetchall()
             self._db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error_code = 'interrupted', error_message = ? "
@@ -227,7 +309,7 @@ class JobStore:
         return len(rows)
 
     def expired(self, older_than: float) -> list[str]:
-        with self._lock:
+        with self._access():
             rows = self._db.execute(
                 f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(FINAL_STATES))}) AND finished_at < ?",
                 (*FINAL_STATES, older_than),
@@ -260,3 +342,28 @@ def clear_job_dir(job_dir: Path, keep: tuple = ()) -> None:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+def _identity(path: Path) -> tuple | None:
+    """(device, inode) of a file, None if it is gone: a deleted or replaced database changes it."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def database_reason(error: sqlite3.Error) -> str:
+    """A short phrase for a SQLite error ("the disk is full"), never a traceback."""
+    name = getattr(error, "sqlite_errorname", "") or ""
+    if "FULL" in name:
+        return DISK_FULL
+    if "READONLY" in name:
+        return "the job database is read-only"
+    if "CANTOPEN" in name:
+        return "the job database file cannot be opened"
+    if "IOERR" in name:
+        return "the disk refused to write the job database (read-only, immutable or failing)"
+    if "CORRUPT" in name or "NOTADB" in name:
+        return "the job database is damaged"
+    return shown(str(error) or type(error).__name__, 120)

@@ -2,7 +2,8 @@
 
 The format comes from the bytes (``io/formats.py``'s one sniff), never from the client's
 name or content type, and an image whose header announces more than ``MAX_IMAGE_SIDE``
-pixels per side is refused before a single pixel is decoded.
+pixels per side, or a 3D volume, is refused before a single pixel is decoded
+(``io/formats.check_image_header``, the same check the readers make).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from fastapi import UploadFile
 
-from ..io.formats import HEAD_BYTES, MAX_IMAGE_SIDE, header_sizes, sniff_format
+from ..errors import InputError
+from ..io.formats import HEAD_BYTES, ImageTooLarge, check_image_header, sniff_format
 from .errors import ApiError
 
 # Declared content types we accept; the bytes are checked as well (see io/formats.sniff_format).
@@ -54,9 +56,10 @@ def store_upload(upload: UploadFile, what: str, stem: str, folder: Path) -> str:
     upload.file.seek(0)
     with open(target, "wb") as out:
         shutil.copyfileobj(upload.file, out, 1 << 20)
-    sides = header_sizes(target, fmt)
-    if any(side > MAX_IMAGE_SIDE for side in sides[:2]):
-        raise ApiError(422, "image_too_large",
-                       f"The {what} is {' x '.join(str(s) for s in sides)} pixels; the engine accepts at most "
-                       f"{MAX_IMAGE_SIDE} pixels per side.")
+    try:
+        check_image_header(target, f"The {what}")
+    except ImageTooLarge as error:
+        raise ApiError(422, "image_too_large", str(error)) from None
+    except InputError as error:
+        raise ApiError(422, "invalid_input", str(error)) from None
     return name

@@ -3,6 +3,11 @@
 One worker thread per device runs jobs in submission order; the queue is bounded
 (``QueueFull`` -> HTTP 429). Progress of the running job is kept in memory only: after a
 crash that job is failed anyway (see ``store.py`` for the restart policy).
+
+The worker thread never dies: every exception around claiming, running and finishing a job
+is caught and logged; the job is failed with one sentence. While the store cannot be written
+(``JobStore.problem``) it claims nothing, and a final state it could not record is kept in
+memory and written as soon as the store accepts writes again.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import Cancelled, InputError, ModelError, XRealError
+from ..errors import Cancelled, StorageError, XRealError, os_reason
+from .errors import scrub
 from .spec import JobSpec, prepare_job
 from .store import CANCELLED, FAILED, INTERRUPTED_MESSAGE, RUNNING, SUCCEEDED, JobStore, clear_job_dir
 
 log = logging.getLogger("xreal_engine.jobs")
 
 PURGE_INTERVAL_SECONDS = 600.0
+STORAGE_RETRY_SECONDS = 1.0  # how often a worker that cannot store looks again
 
 
 @dataclass
@@ -82,6 +89,8 @@ class JobService:
         self._live: dict[str, LiveProgress] = {}
         self._finished = threading.Condition()
         self._last_purge = 0.0
+        self._unrecorded: dict[str, tuple[str, dict]] = {}  # job id -> final state the store refused
+        self._storage_problem: str | None = None  # the last storage problem logged
         self._thread = threading.Thread(target=self._worker, name="xreal-worker", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -176,22 +185,73 @@ class JobService:
             self.model_error = _readable(error, "The model could not be loaded")
             log.error("model could not be loaded: %s", self.model_error)
         while not self._stop.is_set():
-            if time.monotonic() - self._last_purge > PURGE_INTERVAL_SECONDS:
-                self.purge_expired()
-            self._work_available.clear()  # cleared before looking, so a submit after the look wakes us
-            job = self.store.claim_next()
-            if job is None:
-                self._work_available.wait(timeout=5.0)
-                continue
-            self._execute(job)
+            try:
+                idle = self._work_once()
+            except Exception:  # noqa: BLE001 - the worker must survive anything and keep serving
+                log.exception("the worker hit an unexpected problem; it carries on")
+                idle = STORAGE_RETRY_SECONDS
+            if idle:
+                self._work_available.wait(timeout=idle)
+
+    def _work_once(self) -> float:
+        """Record what is pending, then run one job; returns how long to wait for work (0: look again now)."""
+        self._work_available.clear()  # cleared before looking, so a submit after the look wakes us
+        if self._unrecorded and not self._record_unrecorded():
+            return STORAGE_RETRY_SECONDS
+        problem = self.store.problem()
+        if (problem and problem.reason) != self._storage_problem:  # logged when it changes, not every second
+            self._storage_problem = problem and problem.reason
+            if problem is None:
+                log.info("the data directory can be written again; queued jobs run")
+            else:
+                log.error("queued jobs wait: %s", problem)
+        if problem is not None:
+            return STORAGE_RETRY_SECONDS
+        if time.monotonic() - self._last_purge > PURGE_INTERVAL_SECONDS:
+            self.purge_expired()
+        job = self.store.claim_next()
+        if job is None:
+            return 5.0
+        try:
+            state, fields = self._execute(job)
+        except Exception as error:  # noqa: BLE001 - whatever went wrong, the job ends failed with one sentence
+            log.exception("job %s failed with an unexpected error", job["id"])
+            state, fields = FAILED, {"error_code": "engine_error", "error_message": _readable(error)}
+        finally:
+            self._live.pop(job["id"], None)
+            self._cancel_requested.discard(job["id"])
+        self._record(job["id"], state, fields)
+        return 0.0
+
+    def _record(self, job_id: str, state: str, fields: dict) -> None:
+        """Store a job's final state; if the store refuses, keep it to write when the store recovers."""
+        try:
+            self.store.finish(job_id, state, **fields)
+        except StorageError as error:
+            log.error("job %s ended %s but the store cannot record it (%s); retrying", job_id, state, error.reason)
+            self._unrecorded[job_id] = (state, fields)
+        finally:
             with self._finished:
                 self._finished.notify_all()
 
-    def _execute(self, job: dict) -> None:
+    def _record_unrecorded(self) -> bool:
+        """Write the final states the store refused earlier; True when none is left."""
+        for job_id, (state, fields) in list(self._unrecorded.items()):
+            try:
+                self.store.finish(job_id, state, **fields)
+            except StorageError:
+                return False
+            del self._unrecorded[job_id]
+            log.info("job %s: its final state (%s) is recorded now", job_id, state)
+        with self._finished:
+            self._finished.notify_all()
+        return True
+
+    def _execute(self, job: dict) -> tuple[str, dict]:
+        """Run one claimed job; returns (final state, the store's finish fields)."""
         job_id, spec = job["id"], job["spec"]
         if self.model_state != "ready":
-            self.store.finish(job_id, FAILED, error_code="model_unavailable", error_message=self.model_error)
-            return
+            return FAILED, {"error_code": "model_unavailable", "error_message": self.model_error}
         live = LiveProgress(expected_steps=spec.expected_steps)
         self._live[job_id] = live
 
@@ -209,31 +269,34 @@ class JobService:
                                        self.store.result_dir(job_id), progress)
         except Cancelled:
             self._discard_result(job_id)
-            self.store.finish(job_id, CANCELLED, error_code="cancelled", error_message="The job was cancelled.")
             log.info("job %s cancelled", job_id)
+            return CANCELLED, {"error_code": "cancelled", "error_message": "The job was cancelled."}
         except _Interrupted:
             self._discard_result(job_id)
-            self.store.finish(job_id, FAILED, error_code="interrupted", error_message=INTERRUPTED_MESSAGE)
             log.info("job %s interrupted by shutdown", job_id)
-        except (InputError, ModelError, XRealError) as error:
+            return FAILED, {"error_code": "interrupted", "error_message": INTERRUPTED_MESSAGE}
+        except (StorageError, OSError) as error:  # the result could not be written: the engine's disk, not the input
             self._discard_result(job_id)
-            self.store.finish(job_id, FAILED, error_code="generation_failed", error_message=str(error))
+            reason = error.reason if isinstance(error, StorageError) else os_reason(error)
+            self.store.note_failure(reason)
+            log.error("job %s failed: its result could not be stored (%s)", job_id, reason)
+            return FAILED, {"error_code": "storage_error",
+                            "error_message": f"The engine could not store the result: {reason}."}
+        except XRealError as error:
+            self._discard_result(job_id)
             log.warning("job %s failed: %s", job_id, type(error).__name__)
+            return FAILED, {"error_code": "generation_failed",
+                            "error_message": scrub(str(error), self.store.data_dir)}
         except Exception as error:  # noqa: BLE001 - the service must keep serving
             self._discard_result(job_id)
-            self.store.finish(job_id, FAILED, error_code="engine_error", error_message=_readable(error))
             log.exception("job %s failed with an unexpected error", job_id)
             _release_device_memory()
-        else:
-            clear_job_dir(self.store.job_dir(job_id), keep=("result",))
-            files = list_result_files(self.store.result_dir(job_id))
-            push_report = self._push_result(job_id, spec)
-            self.store.finish(job_id, SUCCEEDED, files=files, dicom=(provenance or {}).get("dicom"),
-                              push_report=push_report)
-            log.info("job %s succeeded in %.1f s", job_id, time.monotonic() - started)
-        finally:
-            self._live.pop(job_id, None)
-            self._cancel_requested.discard(job_id)
+            return FAILED, {"error_code": "engine_error", "error_message": _readable(error)}
+        clear_job_dir(self.store.job_dir(job_id), keep=("result",))
+        files = list_result_files(self.store.result_dir(job_id))
+        push_report = self._push_result(job_id, spec)
+        log.info("job %s succeeded in %.1f s", job_id, time.monotonic() - started)
+        return SUCCEEDED, {"files": files, "dicom": (provenance or {}).get("dicom"), "push_report": push_report}
 
     def _push_result(self, job_id: str, spec: JobSpec) -> dict | None:
         if not spec.push_to:
@@ -276,6 +339,8 @@ def _readable(error: BaseException, prefix: str = "The generation failed") -> st
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if isinstance(error, XRealError):
         return text
+    if isinstance(error, OSError):
+        return f"{prefix} because the engine could not use its files: {os_reason(error)}."
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
         return ("The engine ran out of memory while generating; use fewer concurrent jobs, "
                 "a smaller model or a device with more memory.")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
-from ..model.sampling import SamplingParameters
+from ..model.sampling import FAST_PRESET, SAMPLERS, SamplingParameters
 from .segmenter import (
     STRUCTURES,
     AnatomySample,
@@ -209,6 +209,8 @@ def evaluate(
     counterfactuals: bool = True,
     progress: bool = True,
     settings_note: dict | None = None,
+    sampler: str | None = None,
+    fast: bool = False,
 ) -> dict:
     """Generate from every sample's anatomy and write report.json + contact_sheet.png into ``out_dir``."""
     from tqdm import tqdm
@@ -216,7 +218,7 @@ def evaluate(
     info = pipe.model_info
     size = int(info.image_size)
     parameters = SamplingParameters.resolve(info.defaults, num_inference_steps=num_inference_steps,
-                                            anatomy_steps=anatomy_steps)
+                                            anatomy_steps=anatomy_steps, sampler=sampler, fast=fast)
     findings = [f for f in info.findings if f.strip().lower() not in ("no finding", "normal")]
     if len(samples) < 2:
         raise InputError("The evaluation needs at least 2 anatomy masks in the split (one is compared with another's).")
@@ -359,11 +361,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="generations per anatomy for diversity (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     parser.add_argument("--anatomy-steps", type=int, default=None, help="anchored steps (default: the model's ratio)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="ddim (default), dpmpp or unipc")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"the fast preset ({FAST_PRESET['sampler']}, {FAST_PRESET['num_inference_steps']} steps) "
+                             "unless --sampler/--steps say otherwise")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N anatomy masks")
     parser.add_argument("--segmenter", type=Path, default=None, help="segmenter directory (default: the shipped one)")
     parser.add_argument("--no-counterfactuals", action="store_true", help="skip the edited-anatomy requests")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: $OMP_NUM_THREADS, else half the CPUs, at least 1)")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -379,11 +386,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model.info import ModelInfo, resolve_model
+    from ..model.loading import configure_threads
     from ..model.pipeline import XRealPipeline
 
     _check_arguments(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     samples = read_layout(args.data, args.split)[: args.limit]
     if not samples:
         raise InputError(f"{args.data} has no {args.split!r} images with left lung, right lung and heart masks.")
@@ -391,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter.load(args.segmenter, device=device)
     model_dir = resolve_model(args.model)
     SamplingParameters.resolve(ModelInfo.load(model_dir).defaults, num_inference_steps=args.steps,
-                               anatomy_steps=args.anatomy_steps)  # refuse bad settings before loading anything
+                               anatomy_steps=args.anatomy_steps, sampler=args.sampler,
+                               fast=args.fast)  # refuse bad settings before loading anything
     pipe = XRealPipeline.from_pretrained(model_dir).to(device)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(
             pipe, segmenter, samples, staging, seeds=args.seeds, num_inference_steps=args.steps,
             anatomy_steps=args.anatomy_steps, counterfactuals=not args.no_counterfactuals,
-            settings_note={"split": args.split, "limit": args.limit, "device": device},
+            settings_note={"split": args.split, "limit": args.limit, "device": device, "threads": torch.get_num_threads()},
+            sampler=args.sampler, fast=args.fast,
         )
         if args.out.exists():
             args.out.rmdir()

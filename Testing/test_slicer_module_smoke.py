@@ -1,0 +1,276 @@
+"""XRealSlicer.py's widget and logic executed against stand-ins for Slicer, Qt and VTK (Testing/slicer_fakes.py).
+
+Slicer cannot run here, so this runs the module's own code paths — setup, the embedded editor wiring, the
+Finding choice, Generate with the replaying engine through the widget's timer, the results list, showing
+only the selected result's masks, "Generate again", starting the local engine on the first Generate,
+the install outcomes, removing the engine environment, the token setting, RGB canvases, Sample Data
+registration — with strict fakes: an unmodelled widget, method or parameter field fails, and a
+translation off the main thread fails. What it cannot show is Slicer's own behaviour; the module's
+self-test (ctest py_XRealSlicer) runs the same workflow in Slicer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO_DIR / "XRealSlicer"
+sys.path.insert(0, str(MODULE_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import slicer_fakes  # noqa: E402
+from XRealSlicerLib import environment  # noqa: E402
+from XRealSlicerLib.testing import ReplayEngineClient  # noqa: E402
+
+
+@pytest.fixture
+def module(monkeypatch, tmp_path):
+    fakes = slicer_fakes.install(monkeypatch, tmp_path, MODULE_DIR)
+    spec = importlib.util.spec_from_file_location("XRealSlicer", MODULE_DIR / "XRealSlicer.py")
+    loaded = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "XRealSlicer", loaded)
+    spec.loader.exec_module(loaded)
+    loaded.fakes = fakes
+    return loaded
+
+
+@pytest.fixture
+def widget(module, monkeypatch, tmp_path):
+    monkeypatch.setattr(environment, "default_environment_dir", lambda *a, **k: tmp_path / "local" / "engine-venv")
+    widget = module.XRealSlicerWidget()
+    widget.setup()
+    module.fakes.slicer.util.getModuleWidget = lambda name: widget
+    return widget
+
+
+def _drive(widget, until, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        widget.onTimer()
+        time.sleep(0.01)
+    widget.onTimer()
+    assert until(), "timed out"
+
+
+def _template_canvas(widget):
+    widget.loadTemplate(str(widget.logic.templatePaths()[0]))
+    node = widget._parameterNode
+    return node, node.canvasVolume, node.segmentation
+
+
+def _paint(segmentation, segment_id, volume, inside="Right lung", radius=6):
+    inside_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(inside)
+    mask = segmentation.masks[inside_id][0]
+    centre = np.argwhere(mask).mean(axis=0)
+    rows, columns = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    segmentation.masks[segment_id] = (((rows - centre[0]) ** 2 + (columns - centre[1]) ** 2) <= radius ** 2
+                                      ).astype(np.uint8)[np.newaxis]
+
+
+def test_setup_keeps_no_token_unless_asked_and_puts_the_environment_in_local_data(module, tmp_path, monkeypatch):
+    store = slicer_fakes.QSettings.store
+    store["XRealSlicer/token"] = "stored-by-an-old-version"
+    widget = module.XRealSlicerWidget()
+    monkeypatch.setattr(environment, "default_environment_dir", lambda *a, **k: tmp_path / "local" / "engine-venv")
+    widget.setup()
+    ui = widget.ui
+    assert ui.tokenLineEdit.text == "" and "XRealSlicer/token" not in store  # defect 9
+    assert ui.environmentPathLineEdit.currentPath == str(tmp_path / "local" / "engine-venv")  # defect 8
+    assert ui.canvasVolumeSelector.nodeTypes == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]  # defect 10
+    editor = ui.embeddedSegmentEditorWidget
+    assert editor.editorNode is not None and editor.scene is module.fakes.scene
+    assert [ui.samplerComboBox.itemData(i) for i in range(ui.samplerComboBox.count)] == ["ddim", "dpmpp", "unipc"]
+    # the demo model's defaults before any engine runs (its xreal_model.json): 100 steps, 80 anatomy
+    assert (widget._parameterNode.steps, widget._parameterNode.anatomySteps) == (100, 80)
+    assert ui.generateButton.enabled  # local mode: Generate starts the engine
+    # remembered only when ticked
+    ui.remoteEngineRadioButton.checked, ui.localEngineRadioButton.checked = True, False
+    ui.serverUrlComboBox.addItem("http://127.0.0.1:1")
+    monkeypatch.setattr(widget, "runInBackground", lambda *a: None)
+    ui.tokenLineEdit.text = "secret"
+    widget.onConnect()
+    assert "XRealSlicer/token" not in store
+    ui.rememberTokenCheckBox.checked = True
+    widget.onRememberTokenToggled(True)
+    widget.onConnect()
+    assert store["XRealSlicer/token"] == "secret" and store["XRealSlicer/rememberToken"] is True
+    widget.onRememberTokenToggled(False)
+    assert "XRealSlicer/token" not in store
+
+
+def test_segments_findings_and_controls(widget, module):
+    ui = widget.ui
+    node, canvas, segmentation = _template_canvas(widget)
+    editor = ui.embeddedSegmentEditorWidget
+    assert editor.segmentationNodeID() == segmentation.GetID() and editor.sourceVolumeNodeID() == canvas.GetID()
+    names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentation.GetSegmentation().order]
+    assert names == ["Left lung", "Right lung", "Heart", "Pathology"]  # the demo model has no aorta label
+    pathology = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+    editor.setCurrentSegmentID(segmentation.GetSegmentation().GetSegmentIdBySegmentName("Heart"))
+    assert not ui.findingComboBox.enabled  # anatomy has no finding
+    editor.setCurrentSegmentID(pathology)
+    combo = ui.findingComboBox
+    assert combo.enabled and combo.currentData == "" and combo.currentText == "Choose a finding ..."  # defect 5
+    assert [combo.itemData(i) for i in range(combo.count)] == ["", "no finding", "cardiomegaly", "pneumonia"]
+    widget.onFindingChosen(combo.findData("pneumonia"))
+    assert segmentation.GetSegmentation().GetSegment(pathology).GetName() == "Pneumonia"
+    assert combo.currentData == "pneumonia"
+    widget.onAddPathology()
+    assert editor.currentSegmentID() == segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+    assert ui.findingComboBox.currentData == ""
+    # defect 11 and Fast preview: only the controls that apply
+    node.interpolate = True
+    assert not ui.variationsSpinBox.enabled and not ui.variationsLabel.enabled and ui.interpolationPathSelector.enabled
+    node.interpolate = False
+    node.fastPreview = True
+    assert not ui.stepsSpinBox.enabled and not ui.samplerComboBox.enabled and ui.variationsSpinBox.enabled
+    node.editMode = True
+    assert not ui.anatomyStepsSpinBox.enabled and ui.pacsSourceComboBox.enabled
+    # Steps changes keep the model's anatomy fraction
+    node.fastPreview, node.editMode = False, False
+    node.steps = 20
+    assert node.anatomySteps == 16
+
+
+def test_generate_with_the_replaying_engine_through_the_timer(widget, module):
+    ui, logic = widget.ui, widget.logic
+    client = ReplayEngineClient(polls=3)
+    logic.useClient(client, client.info(), "replay")
+    widget.applyModelInfo()
+    node, canvas, segmentation = _template_canvas(widget)
+    pathology = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+    _paint(segmentation, pathology, canvas)
+    with pytest.raises(module.XRealError):  # tryWithErrorDisplay shows it, then re-raises (to PythonQt's log)
+        widget.onGenerateOrCancel()  # painted without a finding: refused with the sentence, nothing submitted
+    assert "Generate failed.\n\nThe painted segment 'Pathology' has no finding" in module.fakes.recorder.errors[-1]
+    assert not client.submitted
+    logic.setSegmentFinding(segmentation, pathology, "pneumonia")
+    logic.addPathologySegment(segmentation)  # left unpainted: a note, not a refusal (defect 4)
+    node.variations = 2
+    widget.onGenerateOrCancel()
+    assert ui.generateButton.text == "Cancel"
+    _drive(widget, lambda: not widget._runner.busy and widget._runner.events.empty()
+           and ui.resultsListWidget.count == 2)
+    assert ui.progressBar.value == 100 and ui.generateButton.text == "Generate"
+    assert "'Pathology' is empty" in ui.statusLabel.text
+    assert [s["pathologies"] for s in client.submitted] == [[("pathology_01.nrrd", "pneumonia")]] * 2
+    assert [s["seed"] for s in client.submitted] == [0, 1]
+    assert ui.resultsListWidget.item(1).text().startswith("seed-1: seed 7 · xreal-demo-v2")
+    assert "Dice 0.88" in ui.resultDetailsLabel.text and "seed 7" in ui.resultDetailsLabel.text
+    # defect 3: only the shown result's masks are visible, over its SC in Red; the drawing in Yellow
+    first, second = (module.fakes.scene.GetNodeByID(r["segmentation"]) for r in widget._results)
+    assert not first.display.visible and second.display.visible and second.display.views == ["vtkMRMLSliceNodeRed"]
+    assert segmentation.display.views == ["vtkMRMLSliceNodeYellow"]
+    assert module.fakes.layout.backgrounds["Red"] == widget._results[1]["volume"]
+    ui.resultsListWidget.setCurrentRow(0)
+    widget.onShowResult()
+    assert first.display.visible and not second.display.visible
+    assert [first.GetSegmentation().GetSegment(i).GetName() for i in first.GetSegmentation().order] == [
+        "Left lung", "Right lung", "Heart", "Pneumonia"]  # rebuilt without a SEG loader (fallback)
+    # Generate again with the result's settings
+    node.fastPreview = True
+    widget.onGenerateAgain()
+    assert (node.seed, node.steps, node.anatomySteps, node.fastPreview, node.variations) == (7, 2, 2, False, 1)
+    _drive(widget, lambda: ui.resultsListWidget.count == 3 and not widget._runner.busy)
+    assert {k: client.submitted[-1][k] for k in ("seed", "steps", "anatomy_steps", "sampler")} == {
+        "seed": 7, "steps": 2, "anatomy_steps": 2, "sampler": "ddim"}
+    # leaving the module: the masks are visible in every view again
+    widget.exit()
+    assert segmentation.display.views == [] and first.display.views == []
+    # PACS: the engine's destination, in the background
+    ui.pushDestinationComboBox.setCurrentIndex(ui.pushDestinationComboBox.findData("replay-pacs"))
+    widget.onSendToPacs()
+    _drive(widget, lambda: widget._task.done and widget._taskDone is None)
+    assert client.pushed == [("replay-3", "replay-pacs")]  # the selected result: the newest
+    assert "2 of 2 objects accepted" in ui.statusLabel.text
+
+
+def test_the_first_generate_starts_the_local_engine(widget, module, monkeypatch):
+    ui, logic = widget.ui, widget.logic
+    node, canvas, segmentation = _template_canvas(widget)
+    pathology = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+    logic.setSegmentFinding(segmentation, pathology, "cardiomegaly")
+    _paint(segmentation, pathology, canvas, inside="Heart")
+    node.steps = 20  # set before the engine runs: kept when it connects (same model)
+    client = ReplayEngineClient(polls=1)
+    started = []
+    monkeypatch.setattr(module, "requirements_installed", lambda python, env: True)
+    monkeypatch.setattr(logic, "startLocalEngine",
+                        lambda task, python, model, data: started.append(python) or logic.useClient(
+                            client, client.info(), "http://127.0.0.1:1"))
+    assert logic.client is None
+    widget.onGenerateOrCancel()
+    _drive(widget, lambda: widget._runner is not None and not widget._runner.busy and ui.resultsListWidget.count == 1)
+    assert started and started[0].endswith(("bin/python", "python.exe")) and "engine-venv" in started[0]
+    assert client.submitted[0]["steps"] == 20 and client.submitted[0]["anatomy_steps"] == 16
+    assert "Connected to http://127.0.0.1:1" in ui.engineStatusLabel.text
+
+
+def test_declined_install_and_install_outcomes(widget, module, monkeypatch):
+    ui, recorder = widget.ui, module.fakes.recorder
+    node, canvas, segmentation = _template_canvas(widget)
+    monkeypatch.setattr(module, "requirements_installed", lambda python, env: False)
+    recorder.answer = False
+    widget.onGenerateOrCancel()
+    _drive(widget, lambda: widget._task.done and widget._taskDone is None)
+    assert "Install them now?" in recorder.questions[-1] and not widget._generateAfterStart
+    assert ui.engineStatusLabel.text.startswith("Local engine not started")
+    # agreed, but the install fails: the outcome's sentence, translated on the main thread
+    recorder.answer = True
+    monkeypatch.setattr(environment, "find_base_python", lambda env: None)  # the real install, no Python found
+    widget.onStartEngine()
+    _drive(widget, lambda: widget._task.done and widget._taskDone is None and "failed" in ui.engineStatusLabel.text)
+    assert "No Python 3.10 or newer" in recorder.errors[-1] and ui.progressBar.range == (0, 100)
+
+
+def test_removing_the_engine_environment(widget, module, tmp_path):
+    ui, recorder = widget.ui, module.fakes.recorder
+    venv = tmp_path / "local" / "engine-venv"
+    widget.onRemoveEnvironment()
+    assert "No engine environment made by XRealSlicer" in recorder.infos[-1]
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("")
+    (venv / environment.MARKER_FILE).write_text(environment.MARKER_TEXT)
+    recorder.answer = False
+    widget.onRemoveEnvironment()
+    assert venv.exists() and str(venv) in recorder.questions[-1]
+    recorder.answer = True
+    widget.onRemoveEnvironment()
+    _drive(widget, lambda: widget._task.done and widget._taskDone is None)
+    assert not venv.exists() and ui.engineStatusLabel.text == "Engine environment removed."
+
+
+def test_an_rgb_xray_becomes_a_grey_canvas(widget, module):
+    rgb = np.zeros((1, 8, 6, 3), np.uint8)
+    rgb[..., 1] = 100
+    volume = module.fakes.scene.add(slicer_fakes.Volume(rgb, np.diag([-0.5, -0.5, 1, 1]), "chest.png",
+                                                        cls="vtkMRMLVectorVolumeNode"))
+    widget._parameterNode.canvasVolume = volume
+    canvas = widget._parameterNode.canvasVolume
+    assert canvas is not volume and canvas.GetName() == "chest.png (grey)"
+    assert canvas.array.shape == (1, 8, 6) and np.allclose(canvas.array, 58.7)
+    assert canvas.GetSpacing() == (0.5, 0.5, 1.0)
+    assert widget.ui.embeddedSegmentEditorWidget.sourceVolumeNodeID() == canvas.GetID()
+
+
+def test_templates_are_registered_with_sample_data(widget, module, monkeypatch):
+    registered = []
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **kwargs: registered.append(kwargs))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    templates = widget.logic.templatePaths()
+    assert len(registered) == len(templates) >= 1
+    assert {entry["category"] for entry in registered} == {"XReal"}
+    assert all(Path(entry["thumbnailFileName"]).is_file() for entry in registered)
+    registered[0]["customDownloader"](None)  # the Sample Data button: a canvas with the template's segments
+    node = widget._parameterNode
+    assert node.canvasVolume.GetName() == f"XReal canvas {templates[0].stem}" and node.segmentation is not None

@@ -1,0 +1,392 @@
+"""``xreal-engine generate-batch``: a synthetic data set from a manifest or a design, resumable, local or on Ray.
+
+The output directory::
+
+    OUT/plan.jsonl      the rows this directory makes (absolute paths): a restart must ask for the same rows (or more)
+    OUT/images/<name>/  one result directory per finished row, as ``generate`` writes them (+ ``quality``)
+    OUT/inputs/         the edited anatomies and drawn regions of a --from-templates design
+    OUT/failures.csv    row, name, kind (failed | dropped), reason: the latest attempt of each unfinished row
+    OUT/dataset.json    the provenance summary: engine version, model id, weights hash, counts, quality
+    OUT/labels/ datalist.json imagefolder/ nnunet/   per --format (exports.py)
+
+Every row is checked before anything is written; a restart skips the rows whose directory was renamed
+into place, retries the others, and never makes a row twice. Exit status: 0 when every row is
+finished, 1 when a row failed or was dropped, 2 for bad input, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from ..model.info import ModelInfo, resolve_model, weights_hash
+from ..model.loading import resolve_threads, select_device
+from ..model.sampling import FAST_PRESET, SAMPLERS
+from . import backends
+from .designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, parse_scales, parse_seeds, plan_design
+from .exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
+                      write_text_atomic)
+from .manifest import BatchRow, check_rows, read_manifest, report_problems
+from .worker import IMAGES_DIR, WorkerSettings, is_finished
+
+PLAN_FILE = "plan.jsonl"
+FAILURES_FILE = "failures.csv"
+INPUTS_DIR = "inputs"
+LOCK_FILE = ".lock"
+BACKENDS = ("local", "ray", "accelerate")
+
+
+def configure_parser(parser) -> None:
+    source = parser.add_argument_group("what to make (one of)")
+    source.add_argument("--manifest", type=Path, help="CSV or JSONL manifest, one row per image (README: Synthetic datasets)")
+    source.add_argument("--from-templates", nargs="?", const="", metavar="NAMES",
+                        help="no manifest: the anatomy templates (all anatomy_* or a comma-separated list) x "
+                             "--findings x --seeds (x --augment-anatomy)")
+    source.add_argument("--findings", default="none",
+                        help="with --from-templates: comma-separated findings; 'none' = anatomy only (default)")
+    source.add_argument("--seeds", help="with --from-templates: START:STOP (stop excluded) or a comma-separated list")
+    source.add_argument("--augment-anatomy", action="store_true",
+                        help=f"with --from-templates: also the evaluation's counterfactual anatomies: heart x "
+                             f"{AUGMENT_HEART_SCALES[1]:g}, lungs' width x {AUGMENT_LUNG_WIDTHS[1]:g}, and both")
+    source.add_argument("--heart-scales", help="with --from-templates: heart scale factors, e.g. 1,1.1,1.25")
+    source.add_argument("--lung-widths", help="with --from-templates: lung width factors, e.g. 1,0.9,0.8")
+    source.add_argument("--templates", type=Path, help="templates folder (default: Resources/Templates beside the engine)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (new, or one to resume)")
+    parser.add_argument("--format", action="append", default=[], metavar="LIST",
+                        help=f"outputs, comma-separated or repeated: {', '.join(FORMATS)} (default results: the "
+                             "per-image directories, always written)")
+    parser.add_argument("--model", default="demo", help="model directory, or 'demo' (default)")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help="local (default), ray (Ray Data; pip install 'xreal-engine[ray]') or accelerate "
+                             "(run under `accelerate launch`)")
+    parser.add_argument("--workers", type=int, help="local: processes (default 1); ray: actors (default: the "
+                        "cluster's GPUs, else 1), each loads the model once")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per worker (default: the engine's CPU "
+                        "threads, shared out among --workers; 1 per Ray actor)")
+    parser.add_argument("--ray-address", help="with --backend ray: an existing cluster (default: a local instance)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    quality = parser.add_argument_group("quality check (the shipped anatomy segmenter on every image)")
+    quality.add_argument("--min-dice", type=float, help="drop (and record) images whose Dice for a requested "
+                         "structure is below this, e.g. 0.8")
+    quality.add_argument("--no-quality-check", action="store_true", help="do not segment the images")
+    quality.add_argument("--segmenter", type=Path, help="segmenter directory (default: the shipped one)")
+    sampling = parser.add_argument_group("sampling settings of rows that do not set their own")
+    sampling.add_argument("--steps", type=int)
+    sampling.add_argument("--anatomy-steps", type=int)
+    sampling.add_argument("--guidance", type=float)
+    sampling.add_argument("--eta", type=float)
+    sampling.add_argument("--sampler", choices=SAMPLERS)
+    sampling.add_argument("--fast", action="store_true",
+                          help=f"{FAST_PRESET['sampler']} with {FAST_PRESET['num_inference_steps']} steps")
+
+
+def _check_arguments(args) -> list:
+    """Refusals that need nothing but the command line; returns the chosen formats."""
+    formats = ["results"]
+    for item in args.format:
+        for name in (part.strip() for part in item.split(",")):
+            if name not in FORMATS:
+                raise InputError(f"--format {name!r} is not one of {', '.join(FORMATS)}.")
+            if name not in formats:
+                formats.append(name)
+    design_options = [name for name in ("seeds", "heart_scales", "lung_widths") if getattr(args, name)]
+    if args.augment_anatomy or args.findings != "none":
+        design_options.append("findings / --augment-anatomy")
+    if (args.manifest is None) == (args.from_templates is None):
+        raise InputError("Give either --manifest FILE or --from-templates (with --seeds).")
+    if args.manifest is not None and design_options:
+        raise InputError(f"--{design_options[0].replace('_', '-')} belongs to --from-templates, not --manifest.")
+    if args.from_templates is not None and not args.seeds:
+        raise InputError("--from-templates needs --seeds, e.g. --seeds 0:100.")
+    if args.workers is not None and args.workers < 1 or args.threads is not None and args.threads < 1:
+        raise InputError("--workers and --threads must be at least 1.")
+    if args.backend == "accelerate" and args.workers not in (None, 1):
+        raise InputError("With --backend accelerate the processes are accelerate launch's: use --num_processes.")
+    if args.ray_address and args.backend != "ray":
+        raise InputError("--ray-address needs --backend ray.")
+    if args.min_dice is not None and not 0 <= args.min_dice <= 1:
+        raise InputError(f"--min-dice must be from 0 to 1, not {args.min_dice:g}.")
+    if args.min_dice is not None and args.no_quality_check:
+        raise InputError("--min-dice needs the quality check; leave out --no-quality-check.")
+    return formats
+
+
+def _design(args) -> Design:
+    heart = parse_scales(args.heart_scales, "--heart-scales") if args.heart_scales else \
+        (AUGMENT_HEART_SCALES if args.augment_anatomy else (1.0,))
+    width = parse_scales(args.lung_widths, "--lung-widths") if args.lung_widths else \
+        (AUGMENT_LUNG_WIDTHS if args.augment_anatomy else (1.0,))
+    templates = [name.strip() for name in args.from_templates.split(",") if name.strip()] or None
+    findings = [name for name in args.findings.split(",") if name.strip()] or ["none"]
+    return Design(templates=templates, findings=findings, seeds=parse_seeds(args.seeds), heart_scales=heart,
+                  lung_widths=width)
+
+
+def run(args) -> int:
+    formats = _check_arguments(args)
+    if args.backend == "ray":
+        backends.import_ray()  # the install hint before any work
+    select_device(args.device, args.dtype)
+    model_dir = resolve_model(args.model)
+    info = ModelInfo.load(model_dir)
+    out = Path(args.out)
+    _check_output_directory(out)
+    sampling = {"steps": args.steps, "anatomy_steps": args.anatomy_steps, "guidance": args.guidance,
+                "eta": args.eta, "sampler": args.sampler, "fast": args.fast or None}
+    sampling = {key: value for key, value in sampling.items() if value is not None}
+
+    files, problems = {}, []
+    if args.manifest is not None:
+        rows, problems = read_manifest(args.manifest, args.templates, sampling)
+    else:
+        rows, files = plan_design(_design(args), info, args.templates, out / INPUTS_DIR, sampling)
+    _check_same_plan(read_plan(out / PLAN_FILE), rows, out)
+    done = frozenset(row.name for row in rows if is_finished(out / IMAGES_DIR / row.name))
+    if args.manifest is not None:
+        problems += check_rows(rows, info, skip=done)
+    if problems:
+        raise report_problems(problems, Path(args.manifest).name)
+    weights = weights_hash(model_dir)
+    previous = _read_json(out / SUMMARY_FILE)
+    if previous.get("weights_hash") not in (None, weights):
+        raise InputError(f"{out} was made with the model {previous.get('model_id')} (other weights); "
+                         "use the same --model or a new --out.")
+
+    state = backends.accelerate_state(args.device) if args.backend == "accelerate" else None
+    is_main = state is None or state.is_main_process
+    failures = None  # the main process keeps failures.csv
+    with _output_lock(out, is_main):
+        if is_main:
+            for path, data in files.items():
+                if not (path.is_file() and path.read_bytes() == data):
+                    write_text_atomic(path, data)
+            write_plan(rows, out / PLAN_FILE)
+            (out / IMAGES_DIR).mkdir(exist_ok=True)
+            _remove_leftovers(out)
+            failures = FailureLog(out / FAILURES_FILE, {row.name for row in rows} - done)
+            started = summary(previous, model_info=info, weights_hash=weights, model=str(args.model), rows=rows,
+                              records=finished_records(rows, out), failures=failures.entries, formats=formats,
+                              min_dice=args.min_dice, last_run={"backend": args.backend, "running": True})
+            write_text_atomic(out / SUMMARY_FILE, json.dumps(started, indent=2) + "\n")  # the model, from now on
+            previous = started
+        if state is not None:
+            state.wait_for_everyone()
+        pending = [row.to_json() for row in rows if row.name not in done]
+        workers = args.workers or 1
+        threads = args.threads or (max(1, resolve_threads() // workers) if workers > 1 else None)  # shared out
+        settings = WorkerSettings(model=str(model_dir), out_dir=str(out), device=args.device, dtype=args.dtype,
+                                  threads=threads, quality_check=not args.no_quality_check,
+                                  segmenter=str(args.segmenter) if args.segmenter else None, min_dice=args.min_dice)
+        if args.backend == "local":
+            outcomes = backends.iter_local(pending, settings, workers)
+        elif args.backend == "ray":
+            outcomes = backends.iter_ray(pending, settings, args.workers, args.ray_address)
+        else:
+            outcomes = backends.iter_accelerate(pending, settings, state)
+
+        progress = Progress(len(rows), len(done), enabled=is_main)
+        own, interrupted = [], False
+        try:
+            for outcome in outcomes:
+                own.append(outcome)
+                if is_main:
+                    failures.record(outcome)
+                progress.update(outcome)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
+            with contextlib.suppress(Exception):
+                outcomes.close()
+        if state is not None:
+            from accelerate.utils import gather_object
+
+            state.wait_for_everyone()
+            workers = state.num_processes
+            gathered = gather_object(own)  # in process order: the main process's own outcomes come first
+            if is_main:
+                for outcome in gathered[len(own):]:
+                    failures.record(outcome)
+                    progress.count(outcome)
+            else:
+                state.wait_for_everyone()  # until the main process has written the exports and the summary
+                return 0  # the main process reports
+
+        records = write_exports(out, rows, formats, info)
+        last_run = {"backend": args.backend, "workers": workers, "attempted": progress.attempted,
+                    "finished": progress.finished, "failed": progress.failed, "dropped": progress.dropped,
+                    "seconds": round(progress.seconds(), 1), "images_per_minute": round(progress.rate(), 2),
+                    "interrupted": interrupted}
+        dataset = summary(previous, model_info=info, weights_hash=weights, model=str(args.model), rows=rows,
+                          records=records, failures=failures.entries, formats=formats, min_dice=args.min_dice,
+                          last_run=last_run)
+        write_text_atomic(out / SUMMARY_FILE, json.dumps(dataset, indent=2) + "\n")
+        if state is not None:
+            state.wait_for_everyone()
+    counts = dataset["counts"]
+    print(f"{counts['finished']} of {counts['rows']} rows finished in {out} ({counts['failed']} failed, "
+          f"{counts['dropped']} dropped, {counts['pending']} pending; {last_run['images_per_minute']:.1f} images/min "
+          f"this run){'; see failures.csv' if failures.entries else ''}.")
+    if interrupted:
+        print("xreal-engine generate-batch: interrupted; finished rows are kept, run the same command to go on.",
+              file=sys.stderr)
+        return 130
+    return 1 if failures.entries else 0
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+def _check_output_directory(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory.")
+    if out.is_dir() and any(out.iterdir()) and not (out / PLAN_FILE).is_file():
+        raise InputError(f"--out {out} is not empty and was not made by generate-batch; choose a new directory.")
+
+
+def write_plan(rows: list, path: Path) -> None:
+    """The rows as JSON lines with absolute paths: what this output directory is being made of."""
+    write_text_atomic(path, "".join(json.dumps(row.to_json(), sort_keys=True) + "\n" for row in rows))
+
+
+def read_plan(path: Path) -> list:
+    if not Path(path).is_file():
+        return []
+    return [BatchRow.from_json(json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _check_same_plan(previous: list, rows: list, out: Path) -> None:
+    """A restart must ask for every row the directory was planned with, each with the same settings."""
+    if not previous:
+        return
+    new = {row.name: row for row in rows}
+    missing = [old.name for old in previous if old.name not in new]
+    if missing:
+        raise InputError(f"{out} was planned with {len(missing)} row(s) that this command does not ask for (first: "
+                         f"'{missing[0]}'); run the same command again, or choose a new --out.")
+    changed = [(old, new[old.name]) for old in previous if new[old.name].content() != old.content()]
+    if changed:
+        old, row = changed[0]
+        keys = sorted(k for k in row.content() if row.content()[k] != old.content().get(k))
+        raise InputError(f"{out} was planned with other settings for {len(changed)} row(s) (first: row {row.row}, "
+                         f"'{row.name}': {', '.join(keys)}); run the same command again, or choose a new --out.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path, is_main: bool):
+    """One run per output directory at a time (POSIX advisory lock on OUT/.lock)."""
+    if not is_main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(out / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"Another generate-batch run is writing {out}; wait for it or choose another --out.") \
+                from None
+        yield
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a killed run left half-written: hidden staging directories and temporary files."""
+    for folder in (out, out / IMAGES_DIR, out / INPUTS_DIR, out / LABELS_DIR, out / FINDINGS_DIR):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            name = entry.name
+            if name.startswith(".") and (".partial-" in name or name.endswith((".new", ".old", ".tmp"))):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+class FailureLog:
+    """failures.csv: the latest failed or dropped attempt of each row that is not finished, rewritten whole."""
+
+    COLUMNS = ("row", "name", "kind", "reason")
+
+    def __init__(self, path: Path, unfinished: set):
+        self.path = Path(path)
+        self.entries = {}
+        if self.path.is_file():
+            with self.path.open(newline="") as handle:
+                for entry in csv.DictReader(handle):
+                    if entry.get("name") in unfinished:
+                        self.entries[entry["name"]] = entry
+        self._save()
+
+    def record(self, outcome: dict) -> None:
+        if outcome["status"] == "finished":
+            if self.entries.pop(outcome["name"], None) is not None:
+                self._save()
+            return
+        self.entries[outcome["name"]] = {"row": outcome["row"], "name": outcome["name"], "kind": outcome["status"],
+                                         "reason": outcome["reason"]}
+        self._save()
+
+    def _save(self) -> None:
+        if not self.entries and not self.path.exists():
+            return
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for entry in sorted(self.entries.values(), key=lambda e: int(e["row"])):
+            writer.writerow({key: entry[key] for key in self.COLUMNS})
+        write_text_atomic(self.path, buffer.getvalue())
+
+
+class Progress:
+    """One tqdm bar on stderr: rows done (finished + failed + dropped), failures, images per minute, ETA."""
+
+    def __init__(self, total: int, done: int, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="row", desc="generate-batch", file=sys.stderr,
+                        disable=not enabled, dynamic_ncols=True)
+        self.started = time.monotonic()
+        self.attempted = self.finished = self.failed = self.dropped = 0
+
+    def count(self, outcome: dict) -> None:
+        self.attempted += 1
+        status = outcome["status"]
+        self.finished += status == "finished"
+        self.failed += status == "failed"
+        self.dropped += status == "dropped"
+
+    def update(self, outcome: dict) -> None:
+        self.count(outcome)
+        self.bar.set_postfix_str(f"failed {self.failed}, dropped {self.dropped}, {self.rate():.1f} img/min",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def rate(self) -> float:
+        return 60.0 * self.finished / max(self.seconds(), 1e-9)
+
+    def close(self) -> None:
+        self.bar.close()
