@@ -20,7 +20,7 @@ MESSAGE_LIMIT = 1000  # characters of an error line; longer echoes are shortened
 # name -> (module, one-line help). Modules are imported only when their command runs.
 SUBCOMMANDS = {
     "generate": ("xreal_engine.cli.generate", "generate a synthetic chest X-ray from anatomy and pathology masks"),
-    "generate-batch": ("xreal_engine.batch.command", "generate a synthetic data set from a manifest or templates"),
+    "generate-batch": ("xreal_engine.cli.generate_batch", "generate a synthetic data set from a manifest or templates"),
     "info": ("xreal_engine.cli.info", "describe a model directory"),
     "convert": ("xreal_engine.model.convert", "convert the official XReal checkpoints into a model directory"),
     "serve": ("xreal_engine.service.serve", "run the HTTP engine service"),

@@ -28,6 +28,12 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--push-to", metavar="NAME", help="send sc.dcm + seg.dcm to this PACS destination when done")
     parser.add_argument("--seed", type=int, help=f"random seed 0..{SETTINGS['seed'].high:.0f} "
                         "(default: a random one, recorded in provenance.json)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="result directory (must not exist or be empty)")
+
+
+def add_sampling_arguments(parser) -> None:
+    """The sampling flags (all but the seed); ranges are checked by model/sampling.py, not here."""
     parser.add_argument("--steps", type=int, help=f"diffusion steps per stage, {_range('num_inference_steps')} "
                         "(default: the model's, usually 100)")
     parser.add_argument("--anatomy-steps", type=int,
@@ -42,7 +48,6 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help=f"fast preset: {FAST_PRESET['sampler']} with {FAST_PRESET['num_inference_steps']} steps "
                              "(anatomy held for the model's share of them) unless --sampler/--steps say otherwise")
-    parser.add_argument("--out", type=Path, required=True, help="result directory (must not exist or be empty)")
 
 
 def check_request_arguments(args) -> None:

@@ -28,13 +28,13 @@ from pathlib import Path
 from ..errors import InputError
 from ..model.info import ModelInfo, resolve_model, weights_hash
 from ..model.loading import resolve_threads, select_device
-from ..model.sampling import FAST_PRESET, SAMPLERS
-from . import backends
-from .designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, parse_scales, parse_seeds, plan_design
-from .exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
+from ..batch import backends
+from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, parse_scales, parse_seeds, plan_design
+from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
                       write_text_atomic)
-from .manifest import BatchRow, check_rows, read_manifest, report_problems
-from .worker import IMAGES_DIR, WorkerSettings, is_finished
+from ..batch.manifest import BatchRow, check_rows, read_manifest, report_problems
+from ..batch.worker import IMAGES_DIR, WorkerSettings, is_finished
+from .arguments import add_sampling_arguments, sampling_arguments
 
 PLAN_FILE = "plan.jsonl"
 FAILURES_FILE = "failures.csv"
@@ -78,14 +78,7 @@ def configure_parser(parser) -> None:
                          "structure is below this, e.g. 0.8")
     quality.add_argument("--no-quality-check", action="store_true", help="do not segment the images")
     quality.add_argument("--segmenter", type=Path, help="segmenter directory (default: the shipped one)")
-    sampling = parser.add_argument_group("sampling settings of rows that do not set their own")
-    sampling.add_argument("--steps", type=int)
-    sampling.add_argument("--anatomy-steps", type=int)
-    sampling.add_argument("--guidance", type=float)
-    sampling.add_argument("--eta", type=float)
-    sampling.add_argument("--sampler", choices=SAMPLERS)
-    sampling.add_argument("--fast", action="store_true",
-                          help=f"{FAST_PRESET['sampler']} with {FAST_PRESET['num_inference_steps']} steps")
+    add_sampling_arguments(parser.add_argument_group("sampling settings of rows that do not set their own"))
 
 
 def _check_arguments(args) -> list:
@@ -139,8 +132,7 @@ def run(args) -> int:
     info = ModelInfo.load(model_dir)
     out = Path(args.out)
     _check_output_directory(out)
-    sampling = {"steps": args.steps, "anatomy_steps": args.anatomy_steps, "guidance": args.guidance,
-                "eta": args.eta, "sampler": args.sampler, "fast": args.fast or None}
+    sampling = sampling_arguments(args)
     sampling = {key: value for key, value in sampling.items() if value is not None}
 
     files, problems = {}, []
