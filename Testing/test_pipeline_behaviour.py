@@ -290,6 +290,19 @@ def test_multistep_solvers_end_a_pathology_stage_at_the_known_latent(pipe, monke
     assert torch.equal(final[~inside], x0[~inside]) and not torch.equal(final[inside], x0[inside])
 
 
+def test_unipc_corrector_never_rewrites_a_held_input(pipe, monkeypatch):
+    """UniPC's corrector recomputes a step's input from the previous step's and would throw the blend away."""
+    from diffusers import UniPCMultistepScheduler
+
+    corrected, stages = [], []
+    correct = UniPCMultistepScheduler.multistep_uni_c_bh_update
+    monkeypatch.setattr(UniPCMultistepScheduler, "multistep_uni_c_bh_update",
+                        lambda self, *a, **k: corrected.append((stages[-1], self.step_index)) or correct(self, *a, **k))
+    run(pipe, num_inference_steps=6, anatomy_steps=3, sampler="unipc", callback=lambda s, i, n: stages.append(s))
+    # anatomy stage: inputs 0..2 held, so the corrector starts at step 3; the pathology stage holds every input
+    assert corrected == [("anatomy", 3), ("anatomy", 4), ("anatomy", 5)]
+
+
 # ----------------------------------------------------------------------------- devices, precision, memory, threads
 
 

@@ -61,14 +61,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--low-dtype", default="auto", help="auto (bfloat16 on CPU, float16 on CUDA), bfloat16, float16")
+    parser.add_argument("--fast-presets", default=None, metavar="SAMPLER:STEPS,...",
+                        help="what the fast modes run (default: FAST_PRESET); several, e.g. dpmpp:15,dpmpp:10,unipc:15, "
+                             "compare candidate presets side by side")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile this engine's UNets (not the original's); the warm-up round pays it")
+    parser.add_argument("--anatomy-only", action="store_true",
+                        help="images without a pathology region (the anatomy stage only, as most of evaluate's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown or not args.modes:
         parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    try:
+        args.fast_presets = [(sampler, int(steps)) for sampler, steps in
+                             (item.split(":") for item in args.fast_presets.split(","))] if args.fast_presets else None
+    except ValueError:
+        parser.error("--fast-presets takes SAMPLER:STEPS pairs separated by commas, e.g. dpmpp:15,unipc:10")
     if args.steps < 0 or args.steps == 1 or args.repeats < 1:
         parser.error("--steps must be 0 (real step counts) or at least 2 (the per-step cost needs two steps); "
                      "--repeats at least 1")
@@ -149,12 +159,13 @@ class Mode:
     parameters: object  # SamplingParameters actually run
     target_steps: int  # the mode's real steps per stage (per image is extrapolated to these)
     weight_bytes: int
+    variant: str = ""  # the fast preset's SAMPLER:STEPS when several are compared
     runs: list = field(default_factory=list)  # one dict per timed round
     warmup: dict = None
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.threads} thr)" if self.threads else self.name
+        return f"{self.name}{' ' + self.variant if self.variant else ''} ({self.threads} thr)"
 
 
 def weight_bytes(pipe) -> int:
@@ -169,7 +180,7 @@ def make_modes(args, pipe, low_dtype, thread_counts) -> list:
 
     defaults = pipe.model_info.defaults
     full_steps = defaults["num_inference_steps"]
-    fast_steps = FAST_PRESET["num_inference_steps"]
+    presets = args.fast_presets or [(FAST_PRESET["sampler"], FAST_PRESET["num_inference_steps"])]
     ours32 = pipe
     if args.compile and "original" in args.modes:  # the original keeps its own, uncompiled UNet
         ours32 = pipeline_copy(pipe, torch.float32, own=("unet",))
@@ -185,11 +196,12 @@ def make_modes(args, pipe, low_dtype, thread_counts) -> list:
     modes = []
     for threads in thread_counts:
         for name in args.modes:
-            fast = name.startswith("fast")
-            target = fast_steps if fast else full_steps
-            steps = target if args.steps == 0 else min(args.steps, target)
-            parameters = SamplingParameters.resolve(defaults, num_inference_steps=steps, fast=fast)
-            modes.append(Mode(name, threads, pipes[name], parameters, target, weight_bytes(pipes[name])))
+            variants = presets if name.startswith("fast") else [("ddim", full_steps)]
+            for sampler, target in variants:
+                steps = target if args.steps == 0 else min(args.steps, target)
+                parameters = SamplingParameters.resolve(defaults, num_inference_steps=steps, sampler=sampler)
+                variant = f"{sampler}:{target}" if len(variants) > 1 else ""
+                modes.append(Mode(name, threads, pipes[name], parameters, target, weight_bytes(pipes[name]), variant))
     return modes
 
 
@@ -257,7 +269,7 @@ class PeakMemory:
         raise OSError(key)
 
 
-def run_once(mode: Mode, masks, seed: int, device, memory: PeakMemory) -> dict:
+def run_once(mode: Mode, masks, seed: int, device, memory: PeakMemory, anatomy_only: bool = False) -> dict:
     """One image; per stage the clock at step 1 and at the last step (the per-step cost), and the total."""
     import torch
 
@@ -278,13 +290,13 @@ def run_once(mode: Mode, masks, seed: int, device, memory: PeakMemory) -> dict:
     memory.start()
     synchronize()
     start, cpu_start = time.perf_counter(), time.process_time()
-    output = mode.pipe(anatomy, pathologies=[(pathology, FINDING)], parameters=mode.parameters,
-                       generator=generator, callback=callback)
+    output = mode.pipe(anatomy, pathologies=[] if anatomy_only else [(pathology, FINDING)],
+                       parameters=mode.parameters, generator=generator, callback=callback)
     synchronize()
     total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     steps = mode.parameters.num_inference_steps
     per_step = {stage: (marks[(stage, steps)] - marks[(stage, 1)]) / (steps - 1) if steps > 1 else None
-                for stage in ("anatomy", "pathology")}
+                for stage in ("anatomy", "pathology") if (stage, 1) in marks}
     missing = mode.target_steps - steps
     per_image = total + sum(missing * s for s in per_step.values()) if missing else total
     # CPU seconds of this process, scaled the same way: with 1 thread, what an idle machine would take.
@@ -324,12 +336,12 @@ def measure(args) -> dict:
     load_start = os.getloadavg()[0]
     for mode in modes:  # warm-up round (and torch.compile, when asked)
         started = time.perf_counter()
-        mode.warmup = run_once(mode, masks, args.seed, device, memory)
+        mode.warmup = run_once(mode, masks, args.seed, device, memory, args.anatomy_only)
         mode.warmup["seconds"] = time.perf_counter() - started
         print(f"warm-up {mode.label}: {mode.warmup['seconds']:.1f} s", file=sys.stderr, flush=True)
     for round_index in range(args.repeats):
         for mode in modes:
-            mode.runs.append(run_once(mode, masks, args.seed, device, memory))
+            mode.runs.append(run_once(mode, masks, args.seed, device, memory, args.anatomy_only))
         print(f"round {round_index + 1}/{args.repeats}: " + ", ".join(
             f"{m.label} {m.runs[-1]['per_image']:.1f} s" for m in modes), file=sys.stderr, flush=True)
     return {"modes": modes, "device": device, "low_dtype": low_dtype, "build_seconds": build_seconds, "info": info,
@@ -358,17 +370,19 @@ def report(args, result) -> None:
           f"{str(result['low_dtype']).removeprefix('torch.')}, compile {'on' if args.compile else 'off'}, "
           f"{args.repeats} interleaved rounds after a warm-up, load average {result['load'][0]:.1f} -> "
           f"{result['load'][1]:.1f}, build {result['build_seconds']:.0f} s")
+    if args.anatomy_only:
+        print("Images without a pathology region: the anatomy controller and the anatomy stage only.")
     if extrapolated:
         print(f"Ran {args.steps} steps per stage; 's / image' is EXTRAPOLATED to the mode's steps (measured total + "
               "missing steps x measured cost per step), not measured.")
-    header = (f"{'mode':24s} {'sampler':7s} {'steps':>5s} {'dtype':8s} {'s/step anat':>11s} {'s/step path':>11s} "
+    header = (f"{'mode':30s} {'sampler':7s} {'steps':>5s} {'dtype':8s} {'s/step anat':>11s} {'s/step path':>11s} "
               f"{'s/image min':>11s} {'median':>8s} {'CPU s':>7s} {'x original':>10s} {'(range)':>13s} {'x CPU':>6s} "
               f"{'peak GiB':>8s}")
     print(header)
     originals = {m.threads: m for m in modes if m.name == "original"}
     for mode in modes:
         per_image = [r["per_image"] for r in mode.runs]
-        anatomy, pathology = (statistics.median(r["per_step"][stage] or float("nan") for r in mode.runs)
+        anatomy, pathology = (statistics.median(r["per_step"].get(stage) or float("nan") for r in mode.runs)
                               for stage in ("anatomy", "pathology"))
         dtype = str(mode.pipe.dtype).removeprefix("torch.")
         ratio_text = range_text = cpu_ratio_text = ""
@@ -381,7 +395,7 @@ def report(args, result) -> None:
             cpu_ratio_text = f"{statistics.median(cpu_ratios):.2f}"
         added = [r["added_bytes"] for r in [mode.warmup] + mode.runs if r["added_bytes"] is not None]
         peak = f"{(mode.weight_bytes + max(added)) / gib:.2f}" if added else "n/a"
-        print(f"{mode.label:24s} {mode.parameters.sampler:7s} {mode.target_steps:5d} {dtype:8s} {anatomy:11.3f} "
+        print(f"{mode.label:30s} {mode.parameters.sampler:7s} {mode.target_steps:5d} {dtype:8s} {anatomy:11.3f} "
               f"{pathology:11.3f} {min(per_image):11.2f} {statistics.median(per_image):8.2f} "
               f"{statistics.median(r['cpu_per_image'] for r in mode.runs):7.2f} {ratio_text:>10s} "
               f"{range_text:>13s} {cpu_ratio_text:>6s} {peak:>8s}")

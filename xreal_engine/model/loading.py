@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from ..errors import InputError, ModelError, XRealError
 from .info import resolve_model, weights_hash
@@ -22,7 +23,7 @@ def usable_cores() -> int:
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="ascii").split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
@@ -32,9 +33,10 @@ def usable_cores() -> int:
 
 def default_threads() -> int:
     """Half the usable logical CPUs, at least 1: the physical cores on an SMT machine, and on a shared
-    machine room for the others. A torch thread that has to share a core makes every other one
-    spin-wait for it (measured here: the demo model 6.6 s per image with 1 thread, 54-61 s with 2,
-    on 2 busy cores)."""
+    machine room for the others. A torch thread that has to share its core makes every other one
+    spin-wait for it: on this project's 2 busy cores the demo model took 7 s per image with 1 thread
+    and 4 to 112 s with 2 (median 20); with the cores to itself 2 threads were 1.4x faster
+    (benchmarks/README.md). ``--threads`` / ``OMP_NUM_THREADS`` give more where the cores are free."""
     return max(1, usable_cores() // 2)
 
 

@@ -290,7 +290,7 @@ class XRealPipeline(DiffusionPipeline):
         index up on the device).
         """
         steps = params.num_inference_steps
-        scheduler = make_solver(params.sampler, self.scheduler.config)
+        scheduler = make_solver(params.sampler, self.scheduler.config, held_steps=min(stage.masked_steps, steps))
         scheduler.set_timesteps(steps)
         scheduler.set_begin_index(0)
         host_timesteps = [int(t) for t in scheduler.timesteps]
