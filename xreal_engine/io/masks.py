@@ -8,6 +8,9 @@ Pixels are used in file order: numpy row = image row, column = image column, as
 Slicer writes a 2D canvas (``ijkToRAS = diag(-sx, -sy, 1, 1)``). Orientation
 matrices are not applied, so a mask always stays on the grid of the image it was
 drawn on. Every refusal is an ``InputError`` naming the file and the problem.
+
+Why this file is long: the five mask formats share one validation path (labels, size, body region) and
+the resampling to the model grid that every mask goes through; split the resampling out when it grows.
 """
 
 from __future__ import annotations
