@@ -49,10 +49,6 @@ def sniff_file(path: Path) -> str | None:
         raise InputError(f"{path.name} cannot be read ({error.strerror or error}).") from None
 
 
-def is_dicom(path: Path) -> bool:
-    return sniff_file(path) == "dicom"
-
-
 class ImageTooLarge(InputError):
     """An image whose header announces more than MAX_IMAGE_SIDE pixels on a side (refused before decoding)."""
 
