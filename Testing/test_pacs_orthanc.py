@@ -296,12 +296,10 @@ def test_refusals_are_clear_and_not_retried(orthanc, tmp_path):
     expected = {"wrong-password": "refused STOW-RS: HTTP 401", "wrong-path": "refused STOW-RS: HTTP 404",
                 "wrong-aet": "rejected the association for C-STORE permanently"}
     for name, message in expected.items():
-        started = time.monotonic()
         with pytest.raises(PacsError, match=message) as caught:
             push_files(name, files, config=config, retries=3, backoff_s=2.0)
         assert caught.value.attempts == 1, f"{name}: a permanent refusal must not be retried"
         assert not isinstance(caught.value, TransientPacsError)
-        assert time.monotonic() - started < 2.0
         assert "\n" not in str(caught.value)
         assert [item["status"] for item in caught.value.report["instances"]] == ["failed", "failed"]
         assert caught.value.report["instances"][1]["detail"] == "not sent"
@@ -520,3 +518,24 @@ def test_push_over_https_with_the_pacs_ca_bundle_and_a_clear_refusal_without(ort
     report = push_files("with-ca", files, config=config, **FAST)
     assert report["ok"] and report["accepted"] == 2, report
     assert len(web_client.search_for_instances(study_instance_uid=study)) == 2
+
+
+def test_a_rejection_left_unread_by_pynetdicom_is_still_permanent():
+    """pynetdicom's requestor may abort on a closed socket before it reads the peer's A-ASSOCIATE-RJ
+    (seen in CI under load): the rejection waiting in the DUL queue decides, not "connection refused"."""
+    import queue
+    from types import SimpleNamespace
+
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+    from xreal_engine.pacs.dimse import _late_rejection
+
+    rejection = A_ASSOCIATE()
+    rejection.result, rejection.result_source, rejection.diagnostic = 0x01, 0x01, 0x07
+    waiting = queue.Queue()
+    for primitive in (object(), rejection):
+        waiting.put(primitive)
+    dul = SimpleNamespace(receive_pdu=lambda wait=False: None if waiting.empty() else waiting.get_nowait())
+    found = _late_rejection(SimpleNamespace(dul=dul))
+    assert found is rejection and "Called AE title not recognised" in found.reason_str
+    assert _late_rejection(SimpleNamespace(dul=dul)) is None

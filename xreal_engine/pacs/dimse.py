@@ -38,8 +38,8 @@ def _associate(node: PacsNode, contexts, action: str, ext_neg=None, evt_handlers
         classes = ", ".join(sorted({str(context.abstract_syntax) for context in association.rejected_contexts}))
         raise PacsError(f"PACS '{node.name}' ({node.address}) accepts none of the proposed SOP classes for {action} "
                         f"({classes}).")
-    if association.is_rejected:
-        answer = association.acceptor.primitive
+    answer = association.acceptor.primitive if association.is_rejected else _late_rejection(association)
+    if answer is not None:
         reason = f"{getattr(answer, 'reason_str', 'no reason given')}"
         if getattr(answer, "result", None) == 0x01:
             raise PacsError(f"PACS '{node.name}' ({node.address}) rejected the association for {action} "
@@ -47,6 +47,25 @@ def _associate(node: PacsNode, contexts, action: str, ext_neg=None, evt_handlers
         raise TransientPacsError(f"{node.address} rejected the association for {action} for now: {reason}.")
     raise TransientPacsError(f"cannot open a DICOM association with {node.address} for {action} "
                              "(connection refused, aborted or timed out).")
+
+
+def _late_rejection(association):
+    """The A-ASSOCIATE-RJ that pynetdicom received but did not act on, or None.
+
+    A race in pynetdicom 3.0 (acse.py, ``_negotiate_as_requestor``): when the peer sends its
+    rejection and closes the connection before the requesting thread looks at the socket, the
+    thread sees "not connected" and aborts, leaving the rejection unread in the DUL's queue
+    (``DULServiceProvider.receive_pdu``). On a busy machine that turned a permanent refusal into
+    a retried "connection refused"; reading the queue restores the peer's own answer.
+    """
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+    while True:
+        primitive = association.dul.receive_pdu(wait=False)
+        if primitive is None:
+            return None
+        if isinstance(primitive, A_ASSOCIATE) and getattr(primitive, "result", None) in (0x01, 0x02):
+            return primitive
 
 
 class DimseSender:
