@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 # `pytest -m "not slow"` runs the rest in under two minutes; `make test` runs everything.
 SLOW_MODULES = {
     "test_server_service", "test_server_pacs", "test_pacs_orthanc", "test_slicer_lib", "test_training_cli",
+    "test_server_controls",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
+import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -23,11 +24,14 @@ import numpy as np
 class Signals:
     def __init__(self):
         self._slots = {}
+        self._blocked = False
 
     def connect(self, signal, slot):
         self._slots.setdefault(signal, []).append(slot)
 
     def emit(self, signal, *args):
+        if self._blocked:  # QObject.blockSignals
+            return
         for slot in self._slots.get(signal, []):
             slot(*args)
 
@@ -65,14 +69,15 @@ class FakeWidget(Signals):
             text, data = text.text(), text
         self._items.append((text, data))
         if self.currentIndex < 0:
-            self.currentIndex = 0
+            self.setCurrentIndex(0)  # QComboBox selects its first item, and says so
 
     def addItems(self, texts):
         for text in texts:
             self.addItem(text)
 
     def clear(self):
-        self._items, self.currentIndex, self.currentRow = [], -1, -1
+        self._items, self.currentRow = [], -1
+        self.setCurrentIndex(-1)
 
     def findData(self, data):
         return next((i for i, (_t, d) in enumerate(self._items) if d == data), -1)
@@ -87,14 +92,21 @@ class FakeWidget(Signals):
         return self._items[index][1]
 
     def setCurrentIndex(self, index):
-        self.currentIndex = index
+        changed, self.currentIndex = index != self.currentIndex, index
+        if changed:
+            self.emit("currentIndexChanged(int)", index)
+
+    def choose(self, data):
+        """The user picks the item with ``data`` (tests only): Qt emits currentIndexChanged."""
+        self.setCurrentIndex(self.findData(data))
 
     def setCurrentRow(self, row):
         self.currentRow = row
         self.emit("currentRowChanged(int)", row)
 
     def blockSignals(self, block):
-        return False
+        was, self._blocked = self._blocked, bool(block)
+        return was
 
     def setRange(self, low, high):
         self.range = (low, high)
@@ -165,11 +177,21 @@ class QListWidgetItem:
 
 
 class QTimer(Signals):
+    running = []  # the started timers: slicer.app.processEvents() fires them once
+
     def setInterval(self, ms):
         pass
 
     def start(self):
         self.active = True
+        if self not in QTimer.running:
+            QTimer.running.append(self)
+
+    @staticmethod
+    def fire():
+        for timer in list(QTimer.running):
+            if getattr(timer, "active", False):
+                timer.emit("timeout()")
 
     def stop(self):
         self.active = False
@@ -498,7 +520,7 @@ def install(monkeypatch, tmp_path: Path, module_dir: Path):
     util.VTKObservationMixin = VTKObservationMixin
     app = types.SimpleNamespace(temporaryPath=str(tmp_path / "slicer-temp"), connect=lambda *a: None,
                                 slicerUserSettingsFilePath=str(tmp_path / "settings" / "Slicer.ini"),
-                                layoutManager=lambda: layout, processEvents=lambda: None,
+                                layoutManager=lambda: layout, processEvents=QTimer.fire,
                                 testingEnabled=lambda: True)
     database = types.SimpleNamespace(isOpen=True, instanceValue=lambda uid, tag: scene.series_of.get(uid),
                                      fileForInstance=lambda uid: None)
@@ -519,7 +541,7 @@ def install(monkeypatch, tmp_path: Path, module_dir: Path):
     scripted.ScriptedLoadableModule = ScriptedLoadableModule
     scripted.ScriptedLoadableModuleWidget = lambda *a: None  # replaced below (needs module_dir)
     scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    scripted.ScriptedLoadableModuleTest = object
+    scripted.ScriptedLoadableModuleTest = SelfTest
 
     class Widget:
         def __init__(self, parent=None):
@@ -558,11 +580,13 @@ def install(monkeypatch, tmp_path: Path, module_dir: Path):
 
     scene.dicom_files = {}
     dicom_utils.importDicom = importDicom
+    dicom_utils.TemporaryDICOMDatabase = contextlib.nullcontext  # the fake database is temporary already
     dicom_utils.loadSeriesByUID = lambda uids: [_load_sc(scene, uid) for uid in uids]
     dicomlib.DICOMUtils = dicom_utils
     dicomlib.DICOMSendDialog = lambda files: recorder.infos.append(("send", files))
 
     QSettings.store = {}
+    QTimer.running = []
     ScriptedLoadableModuleLogic._store = None
     for name, module in (("slicer", slicer), ("slicer.i18n", i18n), ("slicer.parameterNodeWrapper", wrapper),
                          ("slicer.ScriptedLoadableModule", scripted), ("slicer.util", util_module), ("qt", qt),
@@ -658,6 +682,13 @@ def parameterNodeWrapper(cls):
 
     Wrapped.__name__ = cls.__name__
     return Wrapped
+
+
+class SelfTest(unittest.TestCase):
+    """ScriptedLoadableModuleTest: a unittest.TestCase with delayDisplay (Base/Python/slicer/ScriptedLoadableModule.py)."""
+
+    def delayDisplay(self, message, msec=None):
+        pass
 
 
 class ScriptedLoadableModule:

@@ -423,3 +423,42 @@ def test_accelerate_backend_splits_the_rows_between_two_cpu_processes(tiny_model
         assert np.array_equal(pixels(tmp_path / "local" / "images" / name), pixels(tmp_path / "two" / "images" / name))
     last_run = json.loads((tmp_path / "two" / "dataset.json").read_text())["last_run"]
     assert last_run["workers"] == 2 and last_run["attempted"] == 5  # each row made by one of the two
+
+
+def test_manifest_rows_carry_controls_in_csv_and_jsonl_alike(tmp_path, capsys):
+    """``controls``: CSV ``;``-separated ``NAME[:FILE][:SCALE]``, JSONL strings or {"name", "file", "scale"};
+    the same request makes the same pixels, provenance names each control, a bad one names its row."""
+    from xreal_engine.model.random_model import create_random_model
+
+    model = create_random_model(tmp_path / "controlled", preset="tiny", controlnets=("sobel", "attention"))
+    size = ModelInfo.load(model).image_size
+    y, x = np.mgrid[0:size, 0:size]
+    Image.fromarray((127 + 100 * np.sin(x / 4.0) * np.cos(y / 6.0)).astype(np.uint8)).save(tmp_path / "ref.png")
+    (tmp_path / "fix.csv").write_text("x,y,duration\n20,20,0.5\n30,28,0.3\n")
+    header = ["name", "anatomy", "seed", "controls", "control_stages"]
+    csv_manifest = write_csv(tmp_path / "m.csv", header, [
+        ["steered", "anatomy_01", "3", "sobel:ref.png:0.5;attention:fix.csv", "anatomy"],
+        ["free", "anatomy_01", "3", "", ""]])
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"name": "steered", "anatomy": "anatomy_01", "seed": 3, "control_stages": "anatomy",
+                                 "controls": [{"name": "sobel", "file": "ref.png", "scale": 0.5}, "attention:fix.csv"]})
+                     + "\n")
+    assert batch("--manifest", csv_manifest, "--out", tmp_path / "a", "--model", model, *STEPS,
+                 "--no-quality-check") == 0
+    assert batch("--manifest", jsonl, "--out", tmp_path / "b", "--model", model, *STEPS, "--no-quality-check") == 0
+    steered = tmp_path / "a" / "images" / "steered"
+    assert np.array_equal(pixels(steered), pixels(tmp_path / "b" / "images" / "steered"))
+    assert not np.array_equal(pixels(steered), pixels(tmp_path / "a" / "images" / "free"))
+    provenance = json.loads((steered / "provenance.json").read_text())
+    assert [(c["name"], c["source"], c["scale"], c["stages"]) for c in provenance["controls"]] == [
+        ("sobel", "ref.png", 0.5, "anatomy"), ("attention", "fix.csv", 1.0, "anatomy")]
+    assert json.loads((tmp_path / "a" / "images" / "free" / "provenance.json").read_text())["controls"] == []
+
+    bad = write_csv(tmp_path / "bad.csv", header, [["canny", "anatomy_01", "1", "canny:ref.png", ""],
+                                                   ["strong", "anatomy_01", "2", "sobel:ref.png:2.01", ""],
+                                                   ["missing", "anatomy_01", "3", "attention:nowhere.csv", ""]])
+    capsys.readouterr()
+    assert batch("--manifest", bad, "--out", tmp_path / "c", "--model", model, *STEPS) == 2
+    err = capsys.readouterr().err
+    assert "row 2:" in err and "canny" in err and "row 3:" in err and "2.01" in err and "row 4:" in err
+    assert not (tmp_path / "c").exists()

@@ -60,6 +60,7 @@ def chest_segments(shape, n_segments: int) -> list[SegmentSpec]:
         SegmentSpec(ellipse(shape, (0.45 * r, 0.7 * c), (0.05 * r, 0.05 * c)), finding="nodule"),
         SegmentSpec(ellipse(shape, (0.75 * r, 0.3 * c), (0.06 * r, 0.12 * c)), finding="Pleural Effusion"),
         SegmentSpec(ellipse(shape, (0.3 * r, 0.25 * c), (0.05 * r, 0.05 * c)), removal=True),  # an edit's removal region
+        SegmentSpec(ellipse(shape, (0.4 * r, 0.65 * c), (0.12 * r, 0.1 * c)), attention=True),  # the attention control's region
     ]
     return specs[:n_segments]
 
@@ -72,7 +73,7 @@ def synthetic_image(shape) -> np.ndarray:
 # name: (shape, number of segments, pixel spacing (row, col))
 CASES = {
     "square256_1seg_no_pathology": ((256, 256), 1, (1.5625, 1.5625)),
-    "nonsquare_7seg_overlap": ((256, 192), 7, (400 / 256, 400 / 192)),  # spacing that needs DS rounding
+    "nonsquare_8seg_overlap": ((256, 192), 8, (400 / 256, 400 / 192)),  # spacing that needs DS rounding
     "wide_3seg_empty_skipped": ((200, 320), 3, (1.0, 1.0)),
     "square1024_5seg": ((1024, 1024), 5, (0.39, 0.39)),
 }
@@ -324,8 +325,10 @@ def test_segment_needs_exactly_one_meaning():
     sc = build_secondary_capture(synthetic_image((64, 64)), (1.0, 1.0), PROVENANCE)
     for ambiguous in (SegmentSpec(np.ones((64, 64), bool), label=1, finding="nodule"),
                       SegmentSpec(np.ones((64, 64), bool), finding="nodule", removal=True),
+                      SegmentSpec(np.ones((64, 64), bool), removal=True, attention=True),
                       SegmentSpec(np.ones((64, 64), bool))):
-        with pytest.raises(InputError, match="exactly one of an anatomy label, a finding or the removal flag"):
+        with pytest.raises(InputError, match="exactly one of an anatomy label, a finding, the removal flag or the "
+                                             "attention flag"):
             build_segmentation(sc, [ambiguous], PROVENANCE)
     with pytest.raises(InputError, match="no non-empty segment"):
         build_segmentation(sc, [SegmentSpec(np.zeros((64, 64), bool), label=1)], PROVENANCE)

@@ -127,8 +127,15 @@ def test_evaluate_tiny_model_writes_well_formed_report(tiny_model, untrained_seg
         assert 0.0 <= values["follows_request_fraction"] <= 1.0
         assert 0.0 <= values["dice_vs_request"]["mean"] <= 1.0
     assert len(report["per_image"]) == 3
+    realism = report["realism"]
+    assert realism["images"] == {"generated": 6, "real": 3}
+    assert realism["sharpness"]["ratio_geometric_mean"] > 0
+    assert 0.0 <= realism["exposure"]["generated"]["burnt_white_fraction"] <= 1.0
+    assert 0.0 <= realism["histogram_distance"]["total_variation"] <= 1.0
+    assert realism["segmenter_frechet_distance"] >= 0 and realism["segmenter_frechet_distance_real_floor"] >= 0
     sheet = Image.open(out / CONTACT_SHEET_FILE)
-    assert sheet.size == (6 * 128, 16 + 3 * 128)
+    # 6 columns, 3 rows, and the realism summary wrapped below them
+    assert sheet.size[0] == 6 * 128 and sheet.size[1] > 16 + 3 * 128
     assert np.asarray(sheet).std() > 10  # images and outlines, not a blank canvas
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
 

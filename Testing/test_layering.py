@@ -20,14 +20,15 @@ FORBIDDEN = {
     "pacs": ("cli", "service", "training", "generate", "model", "batch"),
     "training": ("cli", "service", "pacs", "batch"),
     "batch": ("cli", "service", "pacs"),
-    "service": ("cli", "batch"),
+    "service": ("cli",),  # batch/manifest.py checks the service's batch manifests too
     "client": ("cli", "service", "model", "io", "pacs", "training", "generate", "batch"),
     "errors": ("",), "vocabulary": ("cli", "service", "model", "io", "pacs", "training", "generate", "client", "batch"),
     "files": ("cli", "service", "model", "io", "pacs", "training", "generate", "client", "batch"),
+    "control_spec": ("cli", "service", "model", "io", "pacs", "training", "generate", "client", "batch"),
 }
 # Modules that Slicer's bare Python (or a machine without torch) imports.
 STDLIB_ONLY = ("errors", "vocabulary", "files", "client", "model.info", "model.sampling", "cli", "cli.arguments",
-               "cli.submit", "cli.__main__")
+               "cli.submit", "cli.__main__", "control_spec")
 
 
 def _module_name(path: Path) -> str:

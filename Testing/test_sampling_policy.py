@@ -38,7 +38,8 @@ def test_unset_settings_take_the_models_defaults():
     parameters = SamplingParameters.resolve(DEMO_LIKE, seed=3)
     assert parameters == SamplingParameters(100, 80, 7.0, 1.0, 0.2, 3)
     assert parameters.to_public() == {"steps": 100, "anatomy_steps": 80, "guidance": 7.0, "eta": 1.0,
-                                      "soft_mask_value": 0.2, "seed": 3, "sampler": "ddim"}
+                                      "soft_mask_value": 0.2, "seed": 3, "sampler": "ddim", "control_stages": "both",
+                                      "keep_outside_region": False}
     assert SamplingParameters.from_public(DEMO_LIKE, {"steps": 20, "seed": 3}) == \
         SamplingParameters.resolve(DEMO_LIKE, num_inference_steps=20, seed=3)
 
@@ -236,9 +237,14 @@ def test_steps_alone_works_at_both_ends_and_past_the_leading_spacing_limit(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps, anatomy_steps", [(1, 1), (20, 16)])
-def test_the_issue_example_steps_20_runs_on_the_demo_model(repo_dir, tmp_path, steps, anatomy_steps):
-    """`generate --steps 20` on the default model used to fail with 'Anatomy steps (80) cannot exceed ... (20)'."""
+@pytest.mark.parametrize("steps", [1, 20])
+def test_the_issue_example_steps_20_runs_on_the_demo_model(repo_dir, tmp_path, steps):
+    """`generate --steps 20` on the default model used to fail with 'Anatomy steps (80) cannot exceed ... (20)';
+    the anatomy steps keep the demo model's share (v3: 85 of 100, so 17 of 20)."""
+    from xreal_engine.model.info import ModelInfo, resolve_model
+    from xreal_engine.model.sampling import anatomy_steps_for
+
+    anatomy_steps = anatomy_steps_for(steps, ModelInfo.load(resolve_model("demo")).defaults)
     out = tmp_path / "result"
     completed = subprocess.run(
         [sys.executable, "-m", "xreal_engine.cli", "generate", "--anatomy",

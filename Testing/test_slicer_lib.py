@@ -792,3 +792,87 @@ def test_variations_and_interpolated_pathology_series(engine, vocabulary, tmp_pa
         pathology = [s for s in read_fallback_segments(result.directory, vocabulary) if s.kind == "pathology"][0]
         centroids.append(np.argwhere(pathology.array[0]).mean(axis=0))
     assert np.allclose(centroids, positions, atol=1.0)  # each image has the finding where the path says
+
+
+@pytest.mark.slow
+def test_variations_as_one_batch_on_the_real_engine(engine, vocabulary, tmp_path):
+    """Issue 13 item 5: the module's Variations through the engine's batch endpoint (XRealSlicerLib.batches), each
+    result delivered with the quality check's anatomy Dice, which the results list shows."""
+    from XRealSlicerLib import batches, planning, results
+    from XRealSlicerLib.jobs import DONE
+
+    info = engine.client().info()
+    size, fov = connection.model_geometry(info)
+    canvas = CanvasGeometry((1, size, size), (fov / size, fov / size, 1.0))
+    connection_findings = connection.model_findings(info)
+    finding = next(f for f in connection_findings if f != "no finding")
+    plan = planning.plan_jobs(_drawing(vocabulary, (size, size), finding), canvas, vocabulary, info,
+                              planning.PanelSettings(seed=10, variations=2, steps=2, anatomy_steps=1), tmp_path)
+    assert batches.can_batch(plan.jobs)
+    runner = batches.BatchRunner(engine.client(), poll_interval=0.2)
+    events = _run(runner, plan.jobs)
+    assert events[-1].state == DONE, events[-1].message
+    assert runner.batch_id and [r.provenance["seed"] for r in runner.results] == [10, 11]
+    assert engine.client().batch_status(runner.batch_id)["counts"]["succeeded"] == 2  # one batch, both rows
+    for result in runner.results:
+        assert set(result.provenance["quality"]["anatomy_dice"]) >= {"left lung", "right lung", "heart"}
+        assert "anatomy followed: Dice" in results.result_label("seed", result.provenance)
+        assert result.job["id"] and engine.client().status(result.job["id"])["state"] == "succeeded"
+
+
+@pytest.fixture(scope="module")
+def controlnet_engine(tmp_path_factory):
+    """An engine on a tiny model with sobel and attention ControlNets, started as the module starts it."""
+    from XRealSlicerLib.launcher import EngineLauncher
+    from xreal_engine.model.random_model import create_random_model
+
+    model = create_random_model(tmp_path_factory.mktemp("model") / "tiny-cn", preset="tiny",
+                                controlnets=("sobel", "attention"))
+    launcher = EngineLauncher(sys.executable, str(model), tmp_path_factory.mktemp("engine-data"), device="cpu")
+    launcher.start(timeout=240)
+    yield launcher
+    launcher.stop()
+
+
+@pytest.mark.slow
+def test_the_loaded_xray_and_the_painted_attention_steer_a_real_engine(controlnet_engine, vocabulary, tmp_path):
+    """Issue 12 item 5 end to end: /info's ControlNets, the canvas as sobel reference and an Attention segment
+    planned by the module, run by the engine; provenance records both with their scales, the SEG the attention
+    region, and the results list and "Generate again" read them back."""
+    from XRealSlicerLib import controls, planning, results
+    from XRealSlicerLib.jobs import DONE, JobRunner
+    from XRealSlicerLib.results import read_fallback_segments
+
+    client = controlnet_engine.client()
+    info = client.info()
+    assert controls.model_controlnets(info) == {"sobel": 1.0, "attention": 1.0}
+    size, fov = connection.model_geometry(info)
+    canvas = CanvasGeometry((1, size, size), (fov / size, fov / size, 1.0))
+    finding = next(f for f in connection.model_findings(info) if f != "no finding")
+    attention = vocabulary.attention_template([])
+    segments = _drawing(vocabulary, (size, size), finding) + [
+        SegmentInput(attention.name, _disc((size, size), (20, 20), 6), attention.terminology)]
+    rows, columns = np.mgrid[:size, :size]
+    xray = (500.0 + 4.0 * rows + np.where(columns > size // 2, 300.0, 0.0))[np.newaxis]
+    panel = planning.PanelSettings(seed=3, steps=2, anatomy_steps=1, use_reference=True, reference_scale=0.5,
+                                   attention_scale=1.5, control_stages="pathology")
+    plan = planning.plan_jobs(segments, canvas, vocabulary, info, panel, tmp_path, reference=xray)
+    runner = JobRunner(client, poll_interval=0.2)
+    events = _run(runner, plan.jobs)
+    assert events[-1].state == DONE, events[-1].message
+    provenance = runner.results[0].provenance
+    used = {entry["name"]: entry for entry in provenance["controls"]}
+    assert (used["sobel"]["scale"], used["attention"]["scale"]) == (0.5, 1.5)
+    import hashlib
+
+    sent = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest() for name, path, _ in plan.jobs[0].files.controls}
+    assert {name: entry["source_sha256"] for name, entry in used.items()} == sent  # the files the module wrote
+    assert all(entry["stages"] in ("pathology", ["pathology"]) for entry in used.values())
+    assert results.control_stages_of(provenance) == "pathology"
+    assert "controls sobel 0.5, attention 1.5" in results.provenance_summary(provenance)
+    rebuilt = read_fallback_segments(runner.results[0].directory, vocabulary)
+    (region,) = [segment for segment in rebuilt if segment.kind == "attention"]  # the SEG records the region
+    assert vocabulary.classify(region.name, region.terminology).kind == "attention" and region.array.any()
+    again = results.settings_from_provenance(provenance)
+    assert (again["useReference"], again["referenceControl"], again["referenceScale"], again["attentionScale"],
+            again["controlStages"]) == (True, "sobel", 0.5, 1.5, "pathology")

@@ -87,8 +87,8 @@ def test_setup_keeps_no_token_unless_asked_and_puts_the_environment_in_local_dat
     editor = ui.embeddedSegmentEditorWidget
     assert editor.editorNode is not None and editor.scene is module.fakes.scene
     assert [ui.samplerComboBox.itemData(i) for i in range(ui.samplerComboBox.count)] == ["ddim", "dpmpp", "unipc"]
-    # the demo model's defaults before any engine runs (its xreal_model.json): 100 steps, 80 anatomy
-    assert (widget._parameterNode.steps, widget._parameterNode.anatomySteps) == (100, 80)
+    # the demo model's defaults before any engine runs (its xreal_model.json): 100 steps, 85 anatomy
+    assert (widget._parameterNode.steps, widget._parameterNode.anatomySteps) == (100, 85)
     assert ui.generateButton.enabled  # local mode: Generate starts the engine
     # remembered only when ticked
     ui.remoteEngineRadioButton.checked, ui.localEngineRadioButton.checked = True, False
@@ -136,7 +136,7 @@ def test_segments_findings_and_controls(widget, module):
     # Steps changes keep the model's anatomy fraction
     node.fastPreview, node.editMode = False, False
     node.steps = 20
-    assert node.anatomySteps == 16
+    assert node.anatomySteps == 17  # 85 of 100 for the demo model (v3) -> 17 of 20
 
 
 def test_generate_with_the_replaying_engine_through_the_timer(widget, module):
@@ -163,7 +163,8 @@ def test_generate_with_the_replaying_engine_through_the_timer(widget, module):
     assert [s["pathologies"] for s in client.submitted] == [[("pathology_01.nrrd", "pneumonia")]] * 2
     assert [s["seed"] for s in client.submitted] == [0, 1]
     assert ui.resultsListWidget.item(1).text().startswith("seed-1: seed 7 · xreal-demo-v2")
-    assert "Dice 0.88" in ui.resultDetailsLabel.text and "seed 7" in ui.resultDetailsLabel.text
+    assert "Dice 0.91 / 0.89 / 0.84" in ui.resultDetailsLabel.text and "seed 7" in ui.resultDetailsLabel.text
+    assert all("anatomy followed: Dice" in ui.resultsListWidget.item(row).text() for row in (0, 1))
     # defect 3: only the shown result's masks are visible, over its SC in Red; the drawing in Yellow
     first, second = (module.fakes.scene.GetNodeByID(r["segmentation"]) for r in widget._results)
     assert not first.display.visible and second.display.visible and second.display.views == ["vtkMRMLSliceNodeRed"]
@@ -209,7 +210,7 @@ def test_the_first_generate_starts_the_local_engine(widget, module, monkeypatch)
     widget.onGenerateOrCancel()
     _drive(widget, lambda: widget._runner is not None and not widget._runner.busy and ui.resultsListWidget.count == 1)
     assert started and started[0].endswith(("bin/python", "python.exe")) and "engine-venv" in started[0]
-    assert client.submitted[0]["steps"] == 20 and client.submitted[0]["anatomy_steps"] == 16
+    assert client.submitted[0]["steps"] == 20 and client.submitted[0]["anatomy_steps"] == 17  # 85 % (demo v3)
     assert "Connected to http://127.0.0.1:1" in ui.engineStatusLabel.text
 
 
@@ -274,3 +275,85 @@ def test_templates_are_registered_with_sample_data(widget, module, monkeypatch):
     registered[0]["customDownloader"](None)  # the Sample Data button: a canvas with the template's segments
     node = widget._parameterNode
     assert node.canvasVolume.GetName() == f"XReal canvas {templates[0].stem}" and node.segmentation is not None
+
+
+def test_sampler_and_controlnet_settings_are_saved_with_the_scene(widget, module):
+    """Issue 14's leftover: the sampler lives in the parameter node (saved with the scene) like the other
+    settings, and so do the ControlNet settings (issue 12 item 5); their lists show the node's values."""
+    ui, logic = widget.ui, widget.logic
+    info = dict(ReplayEngineClient().info(), controlnets={"sobel": {"scale": 0.5}, "canny": {"scale": 0.3},
+                                                           "attention": {"scale": 1.25}})
+    client = ReplayEngineClient(polls=1, info=info)
+    logic.useClient(client, client.info(), "replay")
+    widget.applyModelInfo()
+    node = widget._parameterNode
+    # the model's controls and default scales
+    assert (node.referenceControl, node.referenceScale, node.attentionScale) == ("sobel", 0.5, 1.25)
+    combo = ui.referenceControlComboBox
+    assert [combo.itemData(i) for i in range(combo.count)] == ["sobel", "canny"]
+    assert ui.referenceCheckBox.enabled and ui.attentionScaleSpinBox.enabled and ui.addAttentionButton.enabled
+    assert not combo.enabled and not ui.referenceScaleSpinBox.enabled  # until the reference is ticked
+    node.useReference = True
+    assert combo.enabled and ui.referenceScaleSpinBox.enabled
+    # the user's choices go into the node; a newly chosen map starts at its default scale
+    ui.samplerComboBox.choose("unipc")
+    combo.choose("canny")
+    ui.controlStagesComboBox.choose("pathology")
+    assert (node.sampler, node.referenceControl, node.referenceScale, node.controlStages) == (
+        "unipc", "canny", 0.3, "pathology")
+    # a scene's values (as loading it sets them) are what the lists show
+    node.sampler, node.referenceControl, node.controlStages = "dpmpp", "sobel", "anatomy"
+    assert (ui.samplerComboBox.currentData, combo.currentData, ui.controlStagesComboBox.currentData) == (
+        "dpmpp", "sobel", "anatomy")
+    widget.applyModelInfo()  # the same model again (refilled lists): the choices and scales stay
+    assert (node.sampler, ui.samplerComboBox.currentData, node.referenceScale) == ("dpmpp", "dpmpp", 0.3)
+    # a model without ControlNets: their widgets do not apply
+    logic.useClient(client, dict(client.info(), controlnets={}), "replay")
+    widget.applyModelInfo()
+    assert not ui.referenceCheckBox.enabled and not ui.addAttentionButton.enabled and not combo.count
+    assert not node.useReference  # a disabled checkbox cannot stay ticked
+
+
+def test_generate_sends_the_loaded_xray_and_the_painted_attention(widget, module):
+    ui, logic, recorder = widget.ui, widget.logic, module.fakes.recorder
+    client = ReplayEngineClient(polls=1)  # offers sobel and attention (the demo model's, else the replay's own)
+    logic.useClient(client, client.info(), "replay")
+    widget.applyModelInfo()
+    node, canvas, segmentation = _template_canvas(widget)
+    pathology = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+    logic.setSegmentFinding(segmentation, pathology, "pneumonia")
+    _paint(segmentation, pathology, canvas)
+    widget.onAddAttention()
+    attention = ui.embeddedSegmentEditorWidget.currentSegmentID()
+    assert segmentation.GetSegmentation().GetSegment(attention).GetName() == "Attention"
+    assert not ui.findingComboBox.enabled and ui.findingComboBox.currentText == "(attention region: no finding)"
+    _paint(segmentation, attention, canvas, inside="Heart", radius=4)
+    node.useReference = True
+    with pytest.raises(module.XRealError):  # the template canvas is blank: no reference to use
+        widget.onGenerateOrCancel()
+    assert "The canvas is blank, so it cannot be the radiomics reference" in recorder.errors[-1]
+    canvas.array = np.linspace(0.0, 900.0, canvas.array.size, dtype=np.float32).reshape(canvas.array.shape)
+    node.attentionScale = 2.0
+    widget.onGenerateOrCancel()
+    _drive(widget, lambda: not widget._runner.busy and ui.resultsListWidget.count == 1)
+    (sent,) = client.submitted
+    offered = client.info()["controlnets"]["sobel"]  # the model's default scale (the shipped demo's, or the replay's)
+    sobel_scale = offered["scale"] if isinstance(offered, dict) else offered
+    assert sent["controls"] == [("sobel", "reference.nrrd", sobel_scale), ("attention", "attention.nrrd", 2.0)]
+    assert sent["control_stages"] == "both" and sent["pathologies"] == [("pathology_01.nrrd", "pneumonia")]
+    # Variations go to the engine as one batch (a single image with controls went through submit())
+    node.useReference = False
+    segmentation.masks[attention][:] = 0
+    node.variations = 2
+    widget.onGenerateOrCancel()
+    _drive(widget, lambda: not widget._runner.busy and ui.resultsListWidget.count == 3)
+    assert len(client.batches) == 1 and [row[0] for row in client.batches[0]["rows"]] == ["seed-0", "seed-1"]
+    assert "controls" not in client.submitted[-1]
+
+
+def test_the_modules_own_self_test_without_an_engine_passes_here(widget, module):
+    """The self-test ctest runs in Slicer (XRealSlicerTest.test_XRealSlicer_workflow_without_engine), run here on
+    the fakes: its steps and assertions agree with the module (in Slicer it also checks Slicer's own behaviour)."""
+    test = module.XRealSlicerTest("test_XRealSlicer_workflow_without_engine")
+    test.test_XRealSlicer_workflow_without_engine()
+    assert widget.ui.resultsListWidget.count == 5 and len(widget._results) == 5

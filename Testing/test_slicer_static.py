@@ -38,9 +38,9 @@ LIB_DIR = MODULE_DIR / "XRealSlicerLib"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "XRealSlicer.ui"
 
 HEAVY_MODULES = {"torch", "diffusers", "transformers", "monai", "accelerate", "fastapi", "uvicorn", "highdicom",
-                 "safetensors", "pynetdicom", "dicomweb_client", "PIL", "scipy"}
+                 "safetensors", "pynetdicom", "dicomweb_client", "PIL", "scipy", "skimage"}
 ENGINE_MODULES_ALLOWED = {"xreal_engine", "xreal_engine.client", "xreal_engine.errors", "xreal_engine.model",
-                          "xreal_engine.model.sampling"}
+                          "xreal_engine.model.sampling", "xreal_engine.control_spec"}
 SLICER_ONLY_MODULES = {"slicer", "qt", "vtk", "ctk", "DICOMLib", "DICOM", "SampleData", "SegmentEditor"}
 # VTK base-class methods (vtkObject's are listed; these come from vtkMatrix4x4 / Qt and are not in the list)
 BASE_METHODS = {"IsA"}
@@ -164,6 +164,19 @@ def test_parameter_node_takes_sampling_ranges_and_defaults_from_the_engine_polic
         assert (within.minimum, within.maximum) == parameters.node_range(field), field
     for field, value in parameters.NODE_DEFAULTS.items():
         assert getattr(node, field) == value, field
+    # the sampler and where the ControlNets steer are the policy's defaults; the controls' scales have the
+    # engine's one range (xreal_engine/control_spec.py)
+    from xreal_engine.control_spec import CONTROL_SCALE_RANGE
+    from xreal_engine.model.sampling import DEFAULT_CONTROL_STAGES, SAMPLERS, SamplingParameters
+
+    assert node.sampler == SAMPLERS[0] == SamplingParameters.__dataclass_fields__["sampler"].default
+    assert node.controlStages == DEFAULT_CONTROL_STAGES
+    for field in SCALE_FIELDS:
+        (within,) = [item for item in hints[field].__metadata__ if isinstance(item, _WithinRange)]
+        assert (within.minimum, within.maximum) == CONTROL_SCALE_RANGE, field
+
+
+SCALE_FIELDS = ("referenceScale", "attentionScale")  # the ControlNet scale spin boxes
 
 
 def test_ui_spin_boxes_pin_no_sampling_range_of_their_own():
@@ -171,11 +184,12 @@ def test_ui_spin_boxes_pin_no_sampling_range_of_their_own():
     the .ui would only be a second copy that can disagree with the engine's."""
     parameters = _lib()
     bound = {}
+    ranged = set(parameters.NODE_FIELDS) | set(SCALE_FIELDS)
     for widget in _ui_tree().getroot().iter("widget"):
         for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName" and prop.find("string").text in parameters.NODE_FIELDS:
+            if prop.get("name") == "SlicerParameterName" and prop.find("string").text in ranged:
                 bound[prop.find("string").text] = widget
-    assert set(bound) == set(parameters.NODE_FIELDS)
+    assert set(bound) == ranged
     for field, widget in bound.items():
         pinned = [prop.get("name") for prop in widget.findall("property") if prop.get("name") in ("minimum", "maximum")]
         assert not pinned, f"{widget.get('name')} pins {pinned} in the .ui; the parameter node gives its range"
@@ -183,7 +197,8 @@ def test_ui_spin_boxes_pin_no_sampling_range_of_their_own():
 
 # the engine files Slicer's own Python imports (the rest runs in the engine's Python)
 ENGINE_FILES_IMPORTED_BY_SLICER = ["xreal_engine/__init__.py", "xreal_engine/client.py", "xreal_engine/errors.py",
-                                   "xreal_engine/model/__init__.py", "xreal_engine/model/sampling.py"]
+                                   "xreal_engine/model/__init__.py", "xreal_engine/model/sampling.py",
+                                   "xreal_engine/control_spec.py"]
 
 
 @pytest.mark.parametrize("version", [(3, 9), (3, 12)])

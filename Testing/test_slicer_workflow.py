@@ -115,9 +115,9 @@ def test_local_model_info_before_the_engine_runs(tmp_path):
     from XRealSlicerLib.enginepath import find_engine_root
 
     demo = connection.local_model_info("demo", find_engine_root())
-    assert demo["model"]["id"] == "xreal-demo-v2" and connection.model_geometry(demo) == (128, 400.0)
+    assert demo["model"]["id"] == "xreal-demo-v3" and connection.model_geometry(demo) == (128, 400.0)
     assert sorted(connection.model_anatomy_labels(demo)) == [1, 2, 3]
-    assert parameters.model_defaults(demo)["anatomy_steps"] == 80
+    assert parameters.model_defaults(demo)["anatomy_steps"] == 85
     assert connection.local_model_info(str(tmp_path), find_engine_root()) is None  # no xreal_model.json
     (tmp_path / "xreal_model.json").write_text("{not json")
     assert connection.local_model_info(str(tmp_path), find_engine_root()) is None
@@ -267,7 +267,8 @@ def test_a_run_through_the_runner_and_the_panels_progress_on_the_committed_resul
     label = results.result_label("seed-0", result.provenance)
     assert label.startswith("seed-0: seed 7 · xreal-demo-v2 · 2 steps (2 anatomy) · guidance 7 · ddim")
     assert results.quality_summary(result.provenance) == \
-        "Follows the drawn anatomy: Dice 0.88 (left lung 0.91, right lung 0.89, heart 0.84)"
+        "anatomy followed: Dice 0.91 / 0.89 / 0.84 (left lung / right lung / heart)"  # issue 13 item 4's form
+    assert label.endswith("anatomy followed: Dice 0.91 / 0.89 / 0.84 (left lung / right lung / heart)")
     segments = results.read_fallback_segments(result.directory, vocabulary)
     assert [s.name for s in segments] == ["Left lung", "Right lung", "Heart", "Pneumonia"]
     assert all(s.array.shape == (1, 64, 64) for s in segments)
@@ -287,13 +288,14 @@ def test_quality_is_shown_only_when_the_result_has_it(tmp_path):
     from XRealSlicerLib.results import read_result
 
     with_quality = read_result(EXAMPLE_RESULT_DIR)
-    assert "Dice 0.88" in results.quality_summary(with_quality.provenance)
+    assert "Dice 0.91 / 0.89 / 0.84" in results.quality_summary(with_quality.provenance)
     copy = tmp_path / "result"
     shutil.copytree(EXAMPLE_RESULT_DIR, copy)
     provenance = json.loads((copy / "provenance.json").read_text())
     del provenance["quality"]
     (copy / "provenance.json").write_text(json.dumps(provenance))
     assert results.quality_summary(read_result(copy).provenance) is None
+    assert "Dice" not in results.result_label("seed-7", read_result(copy).provenance)
     for quality in ({}, {"anatomy_dice": {}}, {"anatomy_dice": {"heart": "n/a"}}, "0.9", {"other": 1}):
         assert results.quality_summary({"quality": quality}) is None
 
@@ -311,7 +313,9 @@ def test_generate_again_reproduces_a_results_settings(vocabulary, tmp_path):
                                    anatomy_steps=settings["anatomySteps"], guidance=settings["guidance"],
                                    sampler=settings["sampler"], fast=settings["fastPreview"])
     plan = planning.plan_jobs(_segments(vocabulary), CANVAS, vocabulary, replay_info(), panel, tmp_path)
-    again = plan.parameters.with_seed(7).to_public()
+    # settings newer than the committed result (control stages, ...) are at values that change nothing here
+    again = {name: value for name, value in plan.parameters.with_seed(7).to_public().items() if name in provenance}
+    assert set(again) >= {"seed", "steps", "anatomy_steps", "guidance", "eta", "sampler"}
     assert {name: provenance[name] for name in again} == {**again, "soft_mask_value": provenance["soft_mask_value"]}
     assert results.settings_from_provenance({"seed": True, "steps": "20"}) == {"fastPreview": False, "variations": 1,
                                                                              "interpolate": False}

@@ -1,12 +1,13 @@
 """XReal: draw chest anatomy and pathology in Slicer, generate a synthetic X-ray (SC + SEG) with the XReal engine.
 
 This file is the thin GUI: widget wiring and MRML calls. Everything that can run without Slicer (masks ->
-request, the job planning of Generate, which controls apply, progress and status text, the results list's
-provenance lines, the engine environment, the launcher, the job runner, result handling, the fallback SEG
-reader, a replaying engine for tests) is in ``XRealSlicerLib`` and tested with pytest. The engine itself
+request, the job planning of Generate, the ControlNet controls, which controls apply, progress and status text,
+the results list's provenance and quality lines, the engine environment, the launcher, the job and batch
+runners, result handling, the fallback SEG reader, a replaying engine for tests) is in ``XRealSlicerLib`` and
+tested with pytest. The engine itself
 (torch, diffusers) always runs in a separate process.
 
-Why this file is still long (about 550 statements of widget, 280 of logic, 125 of self-test): Slicer's
+Why this file is still long (about 615 statements of widget, 305 of logic, 140 of self-test): Slicer's
 scripted-module pattern keeps the module, its widget, its logic (the MRML side) and its self-test in one file
 (``Utilities/Templates/Modules/Scripted/TemplateKey.py``); Slicer loads every ``.py`` beside it as a module of
 its own, and ``XRealSlicerLib`` must stay importable without Slicer, so the MRML and Qt code stays here. What
@@ -42,15 +43,16 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-from XRealSlicerLib import connection, enginepath, environment, planning, results
+from XRealSlicerLib import connection, controls, enginepath, environment, planning, results
 from XRealSlicerLib import parameters as sampling
+from XRealSlicerLib.batches import BatchRunner
 from XRealSlicerLib.jobs import DONE, JobRunner
 from XRealSlicerLib.launcher import EngineLauncher, make_spawn, requirements_installed, venv_python
 from XRealSlicerLib.request import CanvasGeometry, SegmentInput, blank_canvas, canvas_ijk_to_ras, grey_pixels, \
     read_template, template_segments
 from XRealSlicerLib.results import push_summary, read_fallback_segments
 from XRealSlicerLib.tasks import BackgroundCall
-from XRealSlicerLib.vocabulary import ANATOMY, Vocabulary
+from XRealSlicerLib.vocabulary import ANATOMY, ATTENTION, Vocabulary
 from xreal_engine.client import EngineClient
 from xreal_engine.errors import Cancelled, XRealError
 
@@ -66,7 +68,17 @@ CONTROL_WIDGETS = {
     "anatomySteps": ("anatomyStepsLabel", "anatomyStepsSpinBox"),
     "sampler": ("samplerLabel", "samplerComboBox"),
     "pacsSource": ("pacsSourceLabel", "pacsSourceComboBox"),
+    "reference": ("referenceCheckBox",),
+    "referenceControl": ("referenceControlLabel", "referenceControlComboBox"),
+    "referenceScale": ("referenceScaleLabel", "referenceScaleSpinBox"),
+    "attention": ("attentionScaleLabel", "attentionScaleSpinBox", "addAttentionButton"),
+    "controlStages": ("controlStagesLabel", "controlStagesComboBox"),
 }
+# Parameter-node field -> the combo box that shows it (item data = the value). Not bound by connectGui: its combo
+# connector lists fixed choices by their text (Slicer Base/Python/slicer/parameterNodeWrapper/guiConnectors.py),
+# these lists are the connected engine's and show labels.
+COMBO_FIELDS = {"sampler": "samplerComboBox", "referenceControl": "referenceControlComboBox",
+                "controlStages": "controlStagesComboBox"}
 
 
 class XRealSlicer(ScriptedLoadableModule):
@@ -130,9 +142,16 @@ class XRealSlicerParameterNode:
         sampling.NODE_DEFAULTS["anatomySteps"]
     guidance: Annotated[float, WithinRange(*sampling.node_range("guidance"))] = sampling.NODE_DEFAULTS["guidance"]
     fastPreview: bool = False
+    sampler: str = sampling.DEFAULT_SAMPLER
     variations: Annotated[int, WithinRange(1, 64)] = 1
     interpolate: bool = False
     interpolationSteps: Annotated[int, WithinRange(2, 64)] = 8
+    # the ControlNet controls; scales in the engine's range (xreal_engine/control_spec.py)
+    useReference: bool = False
+    referenceControl: str = ""  # "" until a model with a radiomics ControlNet is connected
+    referenceScale: Annotated[float, WithinRange(*controls.scale_range())] = controls.DEFAULT_SCALE
+    attentionScale: Annotated[float, WithinRange(*controls.scale_range())] = controls.DEFAULT_SCALE
+    controlStages: str = sampling.DEFAULT_CONTROL_STAGES
 
 
 def settingsValue(key, default, converter=lambda value: value):
@@ -155,6 +174,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._stepsSeen = None  # the Steps the Anatomy steps were last matched to (onParameterNodeModified)
         self._defaultsModel = None  # the model whose sampling defaults the panel shows
+        self._controlnets = {}  # the model's ControlNets and default scales (controls.model_controlnets)
+        self._controlDefaultsFor = None  # (model, its ControlNets) whose default scales the panel shows
         self._task = None  # BackgroundCall for engine start / connect / install / removal / send
         self._taskDone = None  # main-thread continuation of self._task
         self._generateAfterStart = False  # Generate started the local engine: generate once it answers
@@ -221,11 +242,15 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Masks
         self.ui.createSegmentsButton.connect("clicked()", self.onCreateSegments)
         self.ui.addPathologyButton.connect("clicked()", self.onAddPathology)
+        self.ui.addAttentionButton.connect("clicked()", self.onAddAttention)
         self.ui.findingComboBox.connect("activated(int)", self.onFindingChosen)
 
         # Generate / Results
-        for name, label in sampling.sampler_choices():
-            self.ui.samplerComboBox.addItem(label, name)
+        self.fillCombo("samplerComboBox", sampling.sampler_choices())
+        self.fillCombo("controlStagesComboBox", sampling.control_stage_choices())
+        for field, comboName in COMBO_FIELDS.items():
+            getattr(self.ui, comboName).connect("currentIndexChanged(int)",
+                                                lambda index, field=field: self.onComboChosen(field))
         self.ui.randomSeedButton.connect("clicked()", self.onRandomSeed)
         self.ui.generateButton.connect("clicked()", self.onGenerateOrCancel)
         self.ui.showResultButton.connect("clicked()", self.onShowResult)
@@ -325,11 +350,45 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             editor.setSegmentationNode(node.segmentation)
         if canvasId and editor.sourceVolumeNodeID() != canvasId:
             editor.setSourceVolumeNode(node.canvasVolume)
-        states = planning.control_states(interpolate=node.interpolate, edit_mode=node.editMode, fast=node.fastPreview)
+        states = planning.control_states(interpolate=node.interpolate, edit_mode=node.editMode, fast=node.fastPreview,
+                                         controlnets=self._controlnets, use_reference=node.useReference)
         for key, names in CONTROL_WIDGETS.items():
             for name in names:
                 getattr(self.ui, name).enabled = states[key]
+        self.showComboValues()
         self.updateFindingChoice()
+
+    def fillCombo(self, comboName, choices):
+        """Refill a COMBO_FIELDS list with (value, label) choices, showing the parameter node's value."""
+        combo = getattr(self.ui, comboName)
+        wasBlocked = combo.blockSignals(True)  # a refill is no choice of the user's
+        combo.clear()
+        for value, label in choices:
+            combo.addItem(label, value)
+        combo.blockSignals(wasBlocked)
+        self.showComboValues()
+
+    def showComboValues(self):
+        """Each COMBO_FIELDS list shows its parameter-node value (one the list lacks leaves the list's first)."""
+        for field, comboName in COMBO_FIELDS.items():
+            combo = getattr(self.ui, comboName)
+            index = combo.findData(getattr(self._parameterNode, field)) if self._parameterNode else -1
+            if index >= 0 and combo.currentIndex != index:
+                wasBlocked = combo.blockSignals(True)
+                combo.setCurrentIndex(index)
+                combo.blockSignals(wasBlocked)
+
+    def onComboChosen(self, field):
+        """The user chose in a COMBO_FIELDS list: into the parameter node (a new radiomics map: its default scale)."""
+        value = getattr(self.ui, COMBO_FIELDS[field]).currentData
+        node = self._parameterNode
+        if node is None or not value or getattr(node, field) == value:
+            return
+        with slicer.util.NodeModify(node):
+            setattr(node, field, value)
+            if field == "referenceControl":
+                for name, scale in controls.reference_values(self._controlnets, value).items():
+                    setattr(node, name, scale)
 
     # ------------------------------------------------------------------ errors and status
 
@@ -545,18 +604,22 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info = self.modelInfo()
         modelId = (info.get("model") or {}).get("id")
         self.logic.samplingDefaults = sampling.model_defaults(info)  # checked by the policy
-        if self._parameterNode and modelId and modelId != self._defaultsModel:
-            values = sampling.node_defaults(self.logic.samplingDefaults)
-            self._stepsSeen = values["steps"]  # the model's own anatomy steps, not the follow rule's
+        self._controlnets = controls.model_controlnets(info)
+        controlsKey = (modelId, tuple(sorted(self._controlnets.items())))
+        if self._parameterNode and modelId:
+            values = {}
+            if modelId != self._defaultsModel:
+                values = sampling.node_defaults(self.logic.samplingDefaults)
+                self._stepsSeen = values["steps"]  # the model's own anatomy steps, not the follow rule's
+            if controlsKey != self._controlDefaultsFor:  # the same model may come with other ControlNets
+                values.update(controls.node_defaults(self._controlnets, self._parameterNode.referenceControl))
             with slicer.util.NodeModify(self._parameterNode):  # one Modified event (as wrapper.py uses it)
                 for name, value in values.items():
                     setattr(self._parameterNode, name, value)
-            self._defaultsModel = modelId
-        sampler = self.ui.samplerComboBox.currentData
-        self.ui.samplerComboBox.clear()
-        for name, label in sampling.sampler_choices(info):
-            self.ui.samplerComboBox.addItem(label, name)
-        self.ui.samplerComboBox.setCurrentIndex(max(0, self.ui.samplerComboBox.findData(sampler)))
+            self._defaultsModel, self._controlDefaultsFor = modelId, controlsKey
+        self.fillCombo("samplerComboBox", sampling.sampler_choices(info))
+        self.fillCombo("referenceControlComboBox", controls.reference_choices(self._controlnets))
+        self.onParameterNodeModified()  # the control widgets that apply to this model
         destinations, sources = connection.pacs_nodes(info)
         for combo, none, names in ((self.ui.pushDestinationComboBox, _("Do not send"), destinations),
                                    (self.ui.pacsSourceComboBox, _("Upload the canvas pixels"), sources)):
@@ -615,6 +678,16 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateFindingChoice()
             self.setStatus(_("Choose the new segment's finding, then paint it."))
 
+    def onAddAttention(self):
+        with slicer.util.tryWithErrorDisplay(_("The attention segment could not be added.")):
+            segmentation = self._parameterNode.segmentation
+            if segmentation is None:
+                raise XRealError(_("Create the segments first (Create segments)."))
+            segmentId = self.logic.addAttentionSegment(segmentation)
+            self.ui.embeddedSegmentEditorWidget.setCurrentSegmentID(segmentId)
+            self.updateFindingChoice()
+            self.setStatus(_("Paint where the image should draw attention; the engine blurs it into a map."))
+
     def currentSegment(self):
         """(segmentation, id of the segment selected in the embedded editor's list) or (segmentation, None)."""
         segmentation = self._parameterNode.segmentation if self._parameterNode else None
@@ -630,8 +703,11 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         kind = self.logic.segmentKind(segmentation, segmentId) if segmentId else None
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        if segmentId is None or kind == ANATOMY:
-            combo.addItem(_("(anatomy: no finding)") if segmentId else _("(select a pathology segment)"), "")
+        if segmentId is None or kind in (ANATOMY, ATTENTION):
+            if segmentId is None:
+                combo.addItem(_("(select a pathology segment)"), "")
+            else:
+                combo.addItem(_("(anatomy: no finding)") if kind == ANATOMY else _("(attention region: no finding)"), "")
             combo.enabled = False
         else:
             combo.addItem(_("Choose a finding ..."), "")
@@ -687,11 +763,14 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def panelSettings(self):
         node = self._parameterNode
-        return planning.PanelSettings(
+        return planning.PanelSettings(  # the lists' values as shown (showComboValues: the node's where offered)
             seed=node.seed, steps=node.steps, anatomy_steps=node.anatomySteps, guidance=node.guidance,
             sampler=self.ui.samplerComboBox.currentData or None, fast=node.fastPreview, variations=node.variations,
             interpolate=node.interpolate, interpolation_steps=node.interpolationSteps, edit_mode=node.editMode,
-            push_to=self.ui.pushDestinationComboBox.currentData or None)
+            push_to=self.ui.pushDestinationComboBox.currentData or None,
+            control_stages=self.ui.controlStagesComboBox.currentData or None, use_reference=node.useReference,
+            reference_control=self.ui.referenceControlComboBox.currentData or None,
+            reference_scale=node.referenceScale, attention_scale=node.attentionScale)
 
     def prepareJobs(self):
         """Read the MRML side into plain values; XRealSlicerLib.planning validates and writes one job per image."""
@@ -713,13 +792,14 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.readSegments(segmentation, canvas), self.logic.canvasGeometry(canvas), self.logic.vocabulary,
             self.logic.info, self.panelSettings(), self.logic.newRunDirectory(), edit_source=editSource,
             selected_segment=segmentation.GetSegmentation().GetSegment(segmentId).GetName() if segmentId else None,
-            path=path)
+            path=path, reference=slicer.util.arrayFromVolume(canvas) if self._parameterNode.useReference else None)
         self._notes = plan.warnings
         self.appendLog(plan.warnings)
         return plan.jobs
 
     def startRun(self, jobs):
-        self._runner = JobRunner(self.logic.client, describe_engine=self.logic.engineDescription())
+        # several images go to the engine as one batch where it can (XRealSlicerLib.batches), else one by one
+        self._runner = BatchRunner(self.logic.client, describe_engine=self.logic.engineDescription())
         self._runner.start(jobs)
         self.ui.generateButton.text = _("Cancel")
         self.ui.progressBar.value = 0
@@ -814,20 +894,18 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showResult(record)
 
     def onGenerateAgain(self):
-        """Generate again with the selected result's settings (seed, steps, anatomy steps, guidance, sampler)."""
+        """Generate again with the selected result's settings (seed, steps, anatomy steps, guidance, sampler,
+        ControlNet settings)."""
         record = self.selectedResult()
         if record is None:
             slicer.util.errorDisplay(_("Select a result first."))
             return
         with slicer.util.tryWithErrorDisplay(_("The result's settings could not be used.")):
             settings = results.settings_from_provenance(record["result"].provenance)
-            sampler = settings.pop("sampler", None)
             self._stepsSeen = settings.get("steps", self._parameterNode.steps)  # its anatomy steps, not the rule's
-            with slicer.util.NodeModify(self._parameterNode):
+            with slicer.util.NodeModify(self._parameterNode):  # the lists follow (showComboValues)
                 for name, value in settings.items():
                     setattr(self._parameterNode, name, value)
-            if sampler is not None and self.ui.samplerComboBox.findData(sampler) >= 0:
-                self.ui.samplerComboBox.setCurrentIndex(self.ui.samplerComboBox.findData(sampler))
         self.onGenerateOrCancel()
 
     def onSendToPacs(self):
@@ -1103,6 +1181,11 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         name = self.vocabulary.new_pathology_name([name for _id, name, _term in self.segments(segmentation)])
         return self._addSegment(segmentation, name, (1.0, 0.8, 0.0), "")
 
+    def addAttentionSegment(self, segmentation):
+        """A new "Attention" segment: painted, it is sent as the attention control (the engine blurs it)."""
+        template = self.vocabulary.attention_template([name for _id, name, _term in self.segments(segmentation)])
+        return self._addSegment(segmentation, template.name, template.color, template.terminology)
+
     def segments(self, segmentation):
         """(segment id, name, terminology) of every segment."""
         result = []
@@ -1251,8 +1334,9 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
 
 class XRealSlicerTest(ScriptedLoadableModuleTest):
     """Inside Slicer. Without an engine (always, so ctest proves something by default): the widget plans jobs
-    from a template canvas, a replaying engine (XRealSlicerLib.testing) runs them through the timer, and the
-    committed result (Resources/Testing/Result) is imported and shown. With an engine (XREALSLICER_ENGINE_PYTHON):
+    from a template canvas (with a painted attention control), a replaying engine (XRealSlicerLib.testing) runs
+    them through the timer, one by one and as a batch, and the committed result (Resources/Testing/Result) is
+    imported and shown. With an engine (XREALSLICER_ENGINE_PYTHON):
     a 2-step generation on the local engine, loaded and compared with the drawing."""
 
     def setUp(self):
@@ -1301,9 +1385,17 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
         self.assertFalse(ui.variationsSpinBox.enabled)
         self.assertTrue(ui.interpolationStepsSpinBox.enabled)
         node.interpolate = False
+        ui.samplerComboBox.setCurrentIndex(ui.samplerComboBox.findData("unipc"))  # saved with the scene
+        self.assertEqual(node.sampler, "unipc")
+        node.sampler = "ddim"  # as a loaded scene sets it: the list follows
+        self.assertEqual(ui.samplerComboBox.currentData, "ddim")
         node.variations = 2
         node.fastPreview = True
         self.assertFalse(ui.stepsSpinBox.enabled)
+        # the replaying engine offers an attention ControlNet: a painted Attention segment is sent as its map
+        self.assertTrue(ui.addAttentionButton.enabled)
+        attentionId = logic.addAttentionSegment(segmentation)
+        self._paintDisc(segmentation, attentionId, volume, "Heart")
         with DICOMUtils.TemporaryDICOMDatabase():  # results go into a temporary database, never the user's
             with self.assertRaises(XRealError):  # painted without a finding: an explicit choice is required
                 widget.prepareJobs()
@@ -1314,12 +1406,16 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
             self.assertEqual([job.label for job in jobs], [f"seed-{node.seed}", f"seed-{node.seed + 1}"])
             self.assertTrue(any("empty" in note for note in widget._notes))
             self.assertTrue(jobs[0].files.parameters.get("fast"))
+            self.assertEqual([control[0] for control in jobs[0].files.controls], ["attention"])
             widget.startRun(jobs)
             self._waitForRun(widget, 120)
             self.assertEqual(ui.progressBar.value, 100)
             self.assertIn("empty", ui.statusLabel.text)
             self.assertEqual(ui.resultsListWidget.count, 2)
             self.assertEqual(len(client.submitted), 2)
+            self.assertEqual(len(client.batches), 1)  # the variations, their attention control in every row
+            self.assertEqual(client.submitted[0]["controls"][0][:2], ("attention", "attention.nrrd"))
+            self.assertIn("anatomy followed: Dice", ui.resultsListWidget.item(1).text())  # every result's figure
             self.assertIn("seed 7", ui.resultsListWidget.item(0).text())  # the committed result's provenance
             self.assertIn("Dice", ui.resultDetailsLabel.text)  # its quality figure
             first, second = (slicer.mrmlScene.GetNodeByID(r["segmentation"]) for r in widget._results)
@@ -1336,6 +1432,14 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
             self._waitForRun(widget, 120)
             self.assertEqual(client.submitted[-1]["steps"], 2)
             self.assertEqual(ui.resultsListWidget.count, 3)
+            # Variations without controls go to the engine as one batch too (XRealSlicerLib.batches)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros_like(slicer.util.arrayFromSegmentBinaryLabelmap(
+                segmentation, attentionId, volume)), segmentation, attentionId, volume)
+            node.variations = 2
+            widget.startRun(widget.prepareJobs())
+            self._waitForRun(widget, 120)
+            self.assertEqual(len(client.batches), 2)
+            self.assertEqual(ui.resultsListWidget.count, 5)
         self.delayDisplay("Workflow test without an engine passed")
 
     def test_XRealSlicer_generate_from_template(self):

@@ -52,9 +52,11 @@ CLIENT_HEADERS = {"X-XReal-Client": "1"}  # marks a request as a program's, not 
 class EngineError(Exception):
     """The engine answered with an error: HTTP ``status``, machine ``code``, human ``message``."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.details = details or {}  # the error's other keys, e.g. "rows": every bad manifest row
 
     def __str__(self) -> str:
         return self.message
@@ -139,16 +141,25 @@ class EngineClient:
     def submit(self, anatomy_path=None, pathologies=(), image_path=None, *, seed: int | None = None,
                steps: int | None = None, anatomy_steps: int | None = None, guidance: float | None = None,
                eta: float | None = None, request_id: str | None = None, push_to: str | None = None,
-               source: dict | None = None, sampler: str | None = None, fast: bool | None = None) -> dict:
+               source: dict | None = None, sampler: str | None = None, fast: bool | None = None,
+               controls=(), control_stages: str | None = None, keep_outside_region: bool | None = None) -> dict:
         """Upload masks (and an image to edit) and queue a job; returns the job status dict.
 
         ``pathologies`` is a list of (mask path, finding). ``source`` is
         ``{"source": NAME, "study": UID, "series": UID, "instance": UID?}`` to edit an image
         fetched by the engine from a PACS. The request id (default: a new UUID) makes a
-        retried submission return the same job.
+        retried submission return the same job. ``controls``: ControlNets to steer with, as
+        ``[(name, file path or None, scale or None), ...]`` (``lungs`` takes no file; a None scale is the
+        model's), and ``control_stages`` the stages they steer (anatomy, pathology or both).
+        ``keep_outside_region``: keep the previous image outside each (feathered) pathology region
+        (None: the model's default; model/sampling.py).
         """
         fields = []
         files = []
+        for name, path, scale in controls:  # the engine checks names, scales and which controls take a file
+            fields.append(("control", str(name) if scale is None else f"{name}:{float(scale)!r}"))
+            if path is not None:
+                files.append(("control_file", Path(path)))
         if anatomy_path is not None:
             files.append(("anatomy", Path(anatomy_path)))
         for mask_path, finding in pathologies:
@@ -158,7 +169,8 @@ class EngineClient:
             files.append(("image", Path(image_path)))
         parameters = {"seed": seed, "steps": steps, "anatomy_steps": anatomy_steps, "guidance": guidance,
                       "eta": eta, "sampler": sampler, "fast": None if fast is None else str(bool(fast)).lower(),
-                      "request_id": request_id or uuid.uuid4().hex, "push_to": push_to}
+                      "request_id": request_id or uuid.uuid4().hex, "push_to": push_to, "control_stages": control_stages,
+                      "keep_outside_region": None if keep_outside_region is None else str(bool(keep_outside_region)).lower()}
         parameters.update(source or {})
         fields.extend((name, str(value)) for name, value in parameters.items() if value is not None)
         with MultipartBody(fields, files) as body:
@@ -252,6 +264,150 @@ class EngineClient:
             with self._open("GET", f"/jobs/{_quote(job_id)}/result.zip", retry=True) as response:
                 _save_stream(response, zip_path)
             return extract_zip_safely(zip_path, dest_dir)
+
+    # -- batches (many jobs from one manifest; the engine's batch endpoints) ---------------------------
+    def submit_batch(self, manifest=None, rows=None, *, formats=None, quality_check: bool | None = None,
+                     min_dice: float | None = None, request_id: str | None = None) -> dict:
+        """Queue one job per manifest row, all or none; returns the batch status dict.
+
+        Either ``manifest``, a ``.csv`` / ``.jsonl`` file in generate-batch's columns (the files it names,
+        relative to it, are uploaded with it), or ``rows``, dicts of the JSONL form (``name``, ``anatomy``,
+        ``pathologies`` [{"mask", "finding"}], ``image``, ``seed``, ``steps``, ...) naming local files. A value
+        that is no existing file (a template name such as ``anatomy_01``) is left to the engine, which
+        reports every bad row by number (EngineError 422 ``invalid_manifest``, ``rows`` in ``details``).
+        ``formats``: exports in the dataset besides the results ("monai", "imagefolder", "nnunet").
+        """
+        if (manifest is None) == (rows is None):
+            raise ValueError("Give submit_batch either a manifest file or rows.")
+        with tempfile.TemporaryDirectory(prefix="xreal-batch-") as tmp:
+            if manifest is not None:
+                manifest = Path(manifest)
+                files = [("file", manifest.parent / value, value) for value in _manifest_files(manifest)]
+            else:
+                manifest, files = _rows_manifest(rows, Path(tmp) / "manifest.jsonl")
+            fields = {"formats": ",".join(formats) if formats else None,
+                      "quality_check": None if quality_check is None else str(bool(quality_check)).lower(),
+                      "min_dice": min_dice, "request_id": request_id or uuid.uuid4().hex}
+            with MultipartBody([(k, v) for k, v in fields.items() if v is not None],
+                               [("manifest", manifest, manifest.name), *files]) as body:
+                self._check_upload_size(body.length)
+                return self._json("POST", "/batches", body.stream, body.headers(), retry=True)
+
+    def batch_status(self, batch_id: str) -> dict:
+        """Counts (queued, running, succeeded, failed, dropped, cancelled), progress, ETA, and every row."""
+        return self._json("GET", f"/batches/{_quote(batch_id)}", retry=True)
+
+    def batches(self, limit: int = 100) -> list:
+        return self._json("GET", f"/batches?limit={int(limit)}", retry=True)["batches"]
+
+    def wait_batch(self, batch_id: str, poll_interval: float = 1.0, callback=None, timeout: float | None = None) -> dict:
+        """Poll until every row is final (state finished or cancelled); ``callback(status)`` sees each status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.batch_status(batch_id)
+            if callback is not None:
+                callback(status)
+            if status["state"] in BATCH_FINAL_STATES:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise EngineError(0, "timeout", f"The batch {batch_id} did not finish within {timeout:g} seconds.")
+            time.sleep(poll_interval)
+
+    def cancel_batch(self, batch_id: str) -> dict:
+        """Cancel the queued rows now and the running one within a diffusion step; returns the status."""
+        return self._json("POST", f"/batches/{_quote(batch_id)}/cancel", retry=True)
+
+    def delete_batch(self, batch_id: str) -> None:
+        with self._open("DELETE", f"/batches/{_quote(batch_id)}"):
+            pass
+
+    def download_dataset(self, batch_id: str, dest_dir, timeout: float = 600.0) -> list:
+        """A finished batch's dataset.zip (results, exports, dataset.json) extracted into ``dest_dir``.
+
+        The engine builds the zip on the first request, hence the longer ``timeout``.
+        """
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="xreal-download-") as tmp:
+            zip_path = Path(tmp) / "dataset.zip"
+            with self._open("GET", f"/batches/{_quote(batch_id)}/dataset.zip", retry=True,
+                            timeout=max(timeout, self.timeout)) as response:
+                _save_stream(response, zip_path)
+            return extract_zip_safely(zip_path, dest_dir)
+
+
+BATCH_FINAL_STATES = ("finished", "cancelled")
+
+
+def _manifest_files(manifest: Path) -> list:
+    """The relative file names in a manifest that exist beside it (template names and the rest: the engine's)."""
+    values = []
+    if manifest.suffix.lower() == ".csv":
+        import csv
+
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            for record in csv.DictReader(handle):
+                values += [record.get("anatomy"), record.get("image"), *(record.get("pathology_masks") or "").split(";"),
+                           *(_control_file(text) for text in (record.get("controls") or "").split(";"))]
+    else:
+        for line in manifest.read_text(encoding="utf-8-sig").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else {}
+            except ValueError:
+                continue  # the engine reports the line by its number
+            record = record if isinstance(record, dict) else {}
+            pathologies = record.get("pathologies") if isinstance(record.get("pathologies"), list) else []
+            controls = record.get("controls") if isinstance(record.get("controls"), list) else []
+            values += [record.get("anatomy"), record.get("image"),
+                       *(p.get("mask") for p in pathologies if isinstance(p, dict)), *map(_control_file, controls)]
+    found = []
+    for value in values:
+        value = value.strip() if isinstance(value, str) else ""
+        relative = PurePosixPath(value.replace("\\", "/"))
+        if value and not relative.is_absolute() and ".." not in relative.parts and value not in found \
+                and (manifest.parent / value).is_file():
+            found.append(value)
+    return found
+
+
+def _control_file(control):
+    """The file a manifest's control names: ``NAME:FILE[:SCALE]`` or ``{"file": FILE}`` (None for ``lungs``)."""
+    if isinstance(control, dict):
+        return control.get("file")
+    if not isinstance(control, str):
+        return None
+    parts = control.strip().split(":")[1:]
+    if parts and parts[-1].strip().replace(".", "", 1).isdigit():
+        parts = parts[:-1]  # the scale
+    return ":".join(parts) or None
+
+
+def _rows_manifest(rows, path: Path) -> tuple:
+    """Rows naming local files -> (a JSONL manifest at ``path`` naming them by upload name, the file parts)."""
+    uploads: dict = {}  # local path -> the name the manifest gives it
+
+    def named(value):
+        if not isinstance(value, (str, os.PathLike)) or not Path(value).is_file():
+            return value  # a template name, or a missing file the engine reports by row
+        local = str(Path(value).resolve())
+        if local not in uploads:
+            uploads[local] = f"f{len(uploads) + 1:04d}/{Path(local).name}"
+        return uploads[local]
+
+    lines = []
+    for row in rows:
+        row = dict(row)
+        for key in ("anatomy", "image"):
+            if row.get(key) is not None:
+                row[key] = named(row[key])
+        if row.get("pathologies"):
+            row["pathologies"] = [{**p, "mask": named(p.get("mask"))} for p in row["pathologies"]]
+        if row.get("controls"):  # (name, file or None, scale or None), as submit() takes them, or manifest forms
+            row["controls"] = [{"name": c[0], "file": named(str(c[1])) if c[1] else None, "scale": c[2]}
+                               if isinstance(c, (tuple, list)) else c for c in row["controls"]]
+        lines.append(json.dumps(row))
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path, [("file", Path(local), name) for local, name in uploads.items()]
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -368,7 +524,7 @@ class MultipartBody:
             self._part(name, None, "text/plain; charset=utf-8")
             self.stream.write(str(value).encode("utf-8"))
             self.stream.write(b"\r\n")
-        for name, path in files:
+        for name, path, *filename in files:  # (field, path) or (field, path, the part's filename)
             if not path.is_file():
                 self.stream.close()
                 if path.is_dir():
@@ -377,7 +533,7 @@ class MultipartBody:
             content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             if content_type not in ("image/png", "application/dicom"):
                 content_type = "application/octet-stream"
-            self._part(name, path.name, content_type)
+            self._part(name, filename[0] if filename else path.name, content_type)
             with open(path, "rb") as source:
                 shutil.copyfileobj(source, self.stream, 1 << 20)
             self.stream.write(b"\r\n")
@@ -428,14 +584,14 @@ def _error_from_response(error) -> EngineError:
     """EngineError from an HTTP error response (the engine's JSON, or the bare status)."""
     try:
         payload = json.loads(error.read() or b"{}")
-        details = payload.get("error") or {}
-        code, message = details.get("code"), details.get("message")
+        details = dict(payload.get("error") or {})
+        code, message = details.pop("code", None), details.pop("message", None)
     except (ValueError, AttributeError, OSError):
-        code = message = None
+        code = message = details = None
     retry_after = error.headers.get("Retry-After") if error.headers else None
     try:
         retry_after = float(retry_after) if retry_after is not None else None
     except ValueError:
         retry_after = None
     return EngineError(error.code, code or f"http_{error.code}",
-                       message or f"The engine answered HTTP {error.code} ({error.reason}).", retry_after)
+                       message or f"The engine answered HTTP {error.code} ({error.reason}).", retry_after, details)

@@ -11,6 +11,11 @@ X-ray's in edit mode). The model works on its own square grid
 resampled back, so the DICOM pair lands on the same pixels and field of view the
 user drew on. In edit mode the source pixels outside the (slightly widened)
 pathology regions are kept as they were.
+
+Controls (optional ControlNets, io/controls.py): each map is computed at the model's size in
+``prepare_request`` (a source of another size is resampled and a warning says so); provenance
+records each control's source file name, its sha256, its scale and the stages it steered, and the
+SEG records the attention map's region (map >= 0.5) as a segment.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from . import __version__
 from .errors import InputError, ModelError
 from .files import check_new_directory, staged_directory
+from .io.controls import check_requests, load_control
 from .io.images import read_source_image
 from .model.info import canonical_finding
 from .model.sampling import SamplingParameters
@@ -52,6 +58,7 @@ class GenerationRequest:
     # Sampling settings by public name (steps, anatomy_steps, guidance, eta, soft_mask_value, sampler, fast);
     # missing or None = the model's default. model/sampling.py, the one policy, resolves and checks them.
     sampling: dict = field(default_factory=dict)
+    controls: list = field(default_factory=list)  # [io.controls.ControlRequest]: ControlNets to steer with
 
 
 @dataclass
@@ -66,6 +73,7 @@ class PreparedRequest:
     source_dataset: object  # edit mode from DICOM: the source pydicom Dataset (patient/study are reused)
     parameters: SamplingParameters  # resolved and checked, seed included
     warnings: list
+    controls: list = field(default_factory=list)  # [io.controls.LoadedControl], maps on the model grid, scales resolved
 
     @property
     def shape(self) -> tuple:
@@ -126,6 +134,9 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
                     f"{source_pixels.shape[1]}x{source_pixels.shape[0]}; draw the masks on the image itself."
                 )
             spacing = source_spacing or spacing
+    controls = _prepare_controls(request, model_info, parameters, anatomy,
+                                 tuple(source_pixels.shape) if source_pixels is not None else tuple(anatomy.shape),
+                                 warnings)
     return PreparedRequest(
         request=request,
         anatomy=anatomy,
@@ -135,7 +146,26 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
         source_dataset=source_dataset,
         parameters=parameters,
         warnings=warnings,
+        controls=controls,
     )
+
+
+def _prepare_controls(request: GenerationRequest, model_info, parameters, anatomy, input_shape, warnings) -> list:
+    """Each control's map on the model grid with its scale resolved; names, scales and the model's ControlNets
+    are checked before any file is read."""
+    requests = check_requests(request.controls)
+    scales = [model_info.controlnet_scale(control.name, control.scale) for control in requests]
+    if requests and request.image_path is not None and parameters.control_stages == "anatomy":
+        raise InputError("Editing an X-ray has no anatomy stage for the controls to steer; use control stages "
+                         "'pathology' or 'both'.")
+    loaded = []
+    for control, scale in zip(requests, scales):
+        result = load_control(control, size=int(model_info.image_size), input_shape=input_shape, labels=anatomy,
+                              labels_path=request.anatomy_path)
+        result.scale = scale
+        warnings.extend(result.warnings)
+        loaded.append(result)
+    return loaded
 
 
 def _read_edit_region(path: Path, shape: tuple) -> np.ndarray:
@@ -184,8 +214,12 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
 
     device = pipe.device
     generator = torch.Generator(device=device).manual_seed(params.seed)
+    from .model.controlnets import PreparedControl
+
+    controls = [PreparedControl(c.name, torch.from_numpy(np.ascontiguousarray(c.map, dtype=np.float32)), c.scale)
+                for c in prepared.controls]
     output = pipe(anatomy, pathologies=pathologies, image=image, parameters=params, generator=generator,
-                  callback=progress)
+                  callback=progress, controls=controls)
     generated = np.asarray(output.image, dtype=np.float32)
     if not np.isfinite(generated).all():
         raise ModelError("The model produced invalid values (NaN or infinity); try another seed or float32.")
@@ -203,6 +237,7 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         "mode": "edit" if prepared.edit_mode else "generate",
         **params.to_public(),  # seed, steps, anatomy_steps, guidance, eta, soft_mask_value
         "findings": findings,
+        "controls": [_control_provenance(c, params, prepared.edit_mode) for c in prepared.controls],
         "device": str(device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "input_grid": {"rows": prepared.shape[0], "columns": prepared.shape[1], "pixel_spacing_mm": list(prepared.pixel_spacing_mm)},
@@ -224,6 +259,14 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         _write_segments(staging, segments)
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
+
+
+def _control_provenance(control, params, edit_mode: bool) -> dict:
+    """What provenance records of one control: its source (file name only), the file's sha256, scale and the
+    stages it steered ("anatomy", "pathology" or "both"; an edit has no anatomy stage, so "both" is "pathology")."""
+    stages = "pathology" if edit_mode and params.control_stages == "both" else params.control_stages
+    return {"name": control.name, "source": control.source_name, "source_sha256": control.source_sha256,
+            "scale": control.scale, "stages": stages}
 
 
 def _keep_source_outside_regions(source: np.ndarray, generated: np.ndarray, regions: list) -> np.ndarray:
@@ -255,6 +298,12 @@ def _segment_specs(prepared: PreparedRequest) -> list:
             specs.append(SegmentSpec(mask=pathology.mask.astype(bool), finding=pathology.finding))
         else:  # edit mode removed whatever was in this region
             specs.append(SegmentSpec(mask=pathology.mask.astype(bool), removal=True))
+    from .io.masks import resample_to_grid
+
+    for control in prepared.controls:  # where the attention map is high, on the input grid
+        if control.name == "attention":
+            specs.append(SegmentSpec(mask=resample_to_grid(control.region().astype(np.uint8), prepared.shape, "mask") > 0,
+                                     attention=True))
     return specs
 
 

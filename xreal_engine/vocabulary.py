@@ -70,6 +70,11 @@ def removal_region_entry() -> dict:
     return copy.deepcopy(_parsed()["removal_region"])
 
 
+def attention_region_entry() -> dict:
+    """The entry for the attention control's region (its map at least 0.5): coded as a saliency region."""
+    return copy.deepcopy(_parsed()["attention_region"])
+
+
 def anatomy_label_for_name(name: str) -> int | None:
     """The label whose name or display name equals ``name`` (normalised), else None."""
     key = normalise_name(name)

@@ -121,8 +121,9 @@ def _node_name(node) -> str:
 
 def local_model_info(model: str, engine_root: Path) -> Optional[dict]:
     """What the panel needs of a local model before its engine runs, from its ``xreal_model.json``, in the
-    shape of ``/info``: the model's findings, labels, geometry and defaults (so the finding list, a blank
-    canvas and the sampling defaults are right before the first Generate starts the engine).
+    shape of ``/info``: the model's findings, labels, geometry, defaults and ControlNets (so the finding list, a
+    blank canvas, the sampling defaults and the control widgets are right before the first Generate starts the
+    engine).
 
     ``model`` is 'demo' (the bundled demo model) or a model directory; None when it has no readable file.
     """
@@ -140,4 +141,5 @@ def local_model_info(model: str, engine_root: Path) -> Optional[dict]:
         "anatomy_labels": dict(data.get("anatomy_labels") or {}),
         "findings": list(data.get("findings") or []),
         "defaults": dict(data.get("defaults") or {}),
+        "controlnets": dict(data.get("controlnets") or {}),
     }

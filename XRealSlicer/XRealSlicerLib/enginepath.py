@@ -8,8 +8,8 @@ directory that *contains* the module's ``XRealSlicer.py``'s parent or beside it:
 - source checkout: ``XRealSlicer/XRealSlicer.py`` and ``xreal_engine/`` are
   siblings under the repository root.
 
-Only ``xreal_engine.client``, ``xreal_engine.errors``, ``xreal_engine.model.sampling``
-and ``vocabulary.json`` are used inside Slicer; everything heavy runs in the separate
+Only ``xreal_engine.client``, ``xreal_engine.errors``, ``xreal_engine.model.sampling``,
+``xreal_engine.control_spec`` and ``vocabulary.json`` are used inside Slicer; everything heavy runs in the separate
 engine process.
 """
 

@@ -262,8 +262,12 @@ def error_text(error: Exception) -> str:
 
 
 def submit_request(client, files: RequestFiles) -> dict:
-    """Upload one request (anatomy, pathology masks + findings, edit image or PACS source, parameters)."""
+    """Upload one request (anatomy, pathology masks + findings, edit image or PACS source, parameters, and the
+    ControlNet controls with where they steer, only when there are any)."""
     parameters = {k: v for k, v in files.parameters.items() if k in REQUEST_FIELDS and v is not None}
+    if files.controls:
+        parameters.update(controls=[(name, Path(path) if path else None, scale) for name, path, scale in files.controls],
+                          control_stages=files.control_stages)
     return client.submit(
         files.anatomy_path,
         [(Path(path), finding) for path, finding in files.pathologies],

@@ -1,5 +1,5 @@
-"""The panel's sampling settings (Steps, Anatomy steps, Guidance, Seed, Sampler, Fast preview) by the engine's one
-sampling policy.
+"""The panel's sampling settings (Steps, Anatomy steps, Guidance, Seed, Sampler, Fast preview, where the
+ControlNets steer) by the engine's one sampling policy.
 
 Nothing here has its own ranges or rules: they come from ``xreal_engine.model.sampling`` (stdlib only,
 bundled beside the module), so a request from Slicer resolves to exactly what the CLI and the service
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import List, Mapping, Optional, Tuple
 
 from xreal_engine.model.sampling import (
+    CONTROL_STAGES,
+    DEFAULT_CONTROL_STAGES,
     FAST_PRESET,
     MODEL_DEFAULT_NAMES,
     SAMPLERS,
@@ -35,6 +37,9 @@ FAST_FIELDS = tuple(sorted({SETTINGS[name].public_name if name in SETTINGS else 
 # How the panel's Sampler list names the policy's samplers (a sampler without a label shows its own name).
 SAMPLER_LABELS = {"ddim": "DDIM (XReal's sampler)", "dpmpp": "DPM-Solver++ 2M (fewer steps)",
                   "unipc": "UniPC (fewer steps)"}
+DEFAULT_SAMPLER = SAMPLERS[0]  # XReal's DDIM: what the policy uses when a request names none
+# How the panel's "Controls steer" list names the policy's control stages.
+CONTROL_STAGE_LABELS = {"both": "Both stages", "anatomy": "The anatomy stage", "pathology": "The pathology stages"}
 
 
 def sampler_choices(info: Optional[Mapping] = None) -> List[Tuple[str, str]]:
@@ -42,6 +47,14 @@ def sampler_choices(info: Optional[Mapping] = None) -> List[Tuple[str, str]]:
     policy's, in that order (the first, XReal's DDIM, is the default)."""
     names = list(((info or {}).get("choices") or {}).get("sampler") or SAMPLERS)
     return [(str(name), SAMPLER_LABELS.get(str(name), str(name))) for name in names]
+
+
+def control_stage_choices() -> List[Tuple[str, str]]:
+    """(stages, label) for the panel's list: the policy's control stages, its default first."""
+    names = [DEFAULT_CONTROL_STAGES] + [name for name in CONTROL_STAGES if name != DEFAULT_CONTROL_STAGES]
+    return [(name, CONTROL_STAGE_LABELS.get(name, name)) for name in names]
+
+
 # The largest value a QSpinBox takes (a C int). Slicer's QSliderOrSpinBoxToIntConnector sets the spin box's
 # range from the field's WithinRange and uses 2**31 - 1 as the ceiling it "was unable to set higher than"
 # (Slicer Base/Python/slicer/parameterNodeWrapper/guiConnectors.py).
@@ -75,7 +88,7 @@ NODE_DEFAULTS = node_defaults(model_defaults())
 
 
 def resolve(defaults: Mapping, *, steps=None, anatomy_steps=None, guidance=None, eta=None,
-            seed=None, sampler=None, fast: bool = False) -> SamplingParameters:
+            seed=None, sampler=None, fast: bool = False, control_stages=None) -> SamplingParameters:
     """The panel's values resolved exactly as the engine resolves them (None = the model's default).
 
     Unset anatomy steps follow the step count (the model's fraction of the schedule); ``fast`` fills
@@ -83,16 +96,18 @@ def resolve(defaults: Mapping, *, steps=None, anatomy_steps=None, guidance=None,
     """
     return SamplingParameters.from_public(defaults, {"steps": steps, "anatomy_steps": anatomy_steps,
                                                      "guidance": guidance, "eta": eta, "seed": seed,
-                                                     "sampler": sampler, "fast": True if fast else None})
+                                                     "sampler": sampler, "fast": True if fast else None,
+                                                     "control_stages": control_stages})
 
 
 def panel_parameters(defaults: Mapping, *, steps=None, anatomy_steps=None, guidance=None, sampler=None,
-                     fast: bool = False, seed=None) -> SamplingParameters:
+                     fast: bool = False, seed=None, control_stages=None) -> SamplingParameters:
     """What the Generate section asks for. Fast preview: the preset chooses the steps, anatomy steps and
-    sampler (the panel disables those three), the panel's guidance and seed still apply."""
+    sampler (the panel disables those three), the panel's guidance, seed and control stages still apply."""
     if fast:
-        return resolve(defaults, guidance=guidance, seed=seed, fast=True)
-    return resolve(defaults, steps=steps, anatomy_steps=anatomy_steps, guidance=guidance, sampler=sampler, seed=seed)
+        return resolve(defaults, guidance=guidance, seed=seed, fast=True, control_stages=control_stages)
+    return resolve(defaults, steps=steps, anatomy_steps=anatomy_steps, guidance=guidance, sampler=sampler, seed=seed,
+                   control_stages=control_stages)
 
 
 def request_values(parameters: SamplingParameters, seed: Optional[int] = None, fast: bool = False) -> dict:

@@ -3,8 +3,8 @@
 ``XRealSlicer.py`` reads the MRML side (segments as arrays, the canvas geometry, the markups path in
 RAS, the edit source) and hands plain values to :func:`plan_jobs`, which validates everything like the
 engine does, writes the request files and returns one :class:`JobSpec` per image: N seeds for
-Variations, one per position for Interpolate (same seed, the pathology moved along the path). The
-panel's rules (which controls apply, what the progress bar and status line show) are here too.
+Variations, one per position for Interpolate (same seed, the pathology moved along the path), each with
+the run's ControlNet controls (XRealSlicerLib.controls). The panel's rules (which controls apply, what the progress bar and status line show) are here too.
 No Qt here.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from xreal_engine.errors import InputError
 
-from . import connection, parameters, series
+from . import connection, controls, parameters, series
 from .jobs import DONE, FAILED, FINAL, JobEvent, JobSpec
 from .request import REMOVE_FINDING, CanvasGeometry, SegmentInput, build_inputs, write_request_files
 from .vocabulary import Vocabulary
@@ -39,6 +39,11 @@ class PanelSettings:
     interpolation_steps: int = 8
     edit_mode: bool = False
     push_to: Optional[str] = None
+    control_stages: Optional[str] = None  # where the ControlNets steer (None = the policy's default)
+    use_reference: bool = False  # the loaded X-ray (canvas) as the reference of a radiomics map
+    reference_control: Optional[str] = None  # sobel / canny / texture (None = the model's first)
+    reference_scale: Optional[float] = None  # None = the model's default scale
+    attention_scale: Optional[float] = None
 
 
 @dataclass
@@ -78,17 +83,24 @@ def check_drawing(segments: Sequence[SegmentInput], canvas: CanvasGeometry, voca
 
 def plan_jobs(segments: Sequence[SegmentInput], canvas: CanvasGeometry, vocabulary: Vocabulary, info: Mapping,
               panel: PanelSettings, run_dir: Path, *, edit_source: Optional[EditSource] = None,
-              selected_segment: Optional[str] = None, path: Optional[InterpolationPath] = None) -> RunPlan:
+              selected_segment: Optional[str] = None, path: Optional[InterpolationPath] = None,
+              reference: Optional[np.ndarray] = None) -> RunPlan:
     """Validate the drawing and the settings against the connected model and write one request per image.
 
     ``selected_segment``: the pathology that Interpolate moves (the segment list's current one; the first
-    pathology when it is not one). InputError with one sentence for anything the engine would refuse.
+    pathology when it is not one). ``reference``: the canvas pixels, the radiomics reference when
+    ``panel.use_reference``. InputError with one sentence for anything the engine would refuse.
     """
     resolved = parameters.panel_parameters(parameters.model_defaults(info), steps=panel.steps,
                                            anatomy_steps=panel.anatomy_steps, guidance=panel.guidance,
-                                           sampler=panel.sampler, fast=panel.fast)
+                                           sampler=panel.sampler, fast=panel.fast,
+                                           control_stages=panel.control_stages)
     inputs = build_inputs(segments, canvas, vocabulary, list(connection.model_anatomy_labels(info)),
                           connection.model_findings(info), edit_mode=panel.edit_mode)
+    planned = controls.plan_controls(controls.model_controlnets(info), use_reference=panel.use_reference,
+                                     reference_control=panel.reference_control,
+                                     reference_scale=panel.reference_scale, reference=reference,
+                                     attention=inputs.attention, attention_scale=panel.attention_scale)
     edit_source = edit_source or EditSource()
     if panel.edit_mode and edit_source.file is None and edit_source.pixels is None and not edit_source.pacs:
         raise InputError("Editing needs the X-ray: its DICOM file, its pixels or a PACS source.")
@@ -97,7 +109,9 @@ def plan_jobs(segments: Sequence[SegmentInput], canvas: CanvasGeometry, vocabula
     def job(name: str, seed: int) -> JobSpec:
         files = write_request_files(inputs, run_dir / name, parameters.request_values(resolved, seed, panel.fast),
                                     edit_image=edit_source.pixels if panel.edit_mode else None,
-                                    edit_image_file=edit_source.file if panel.edit_mode else None)
+                                    edit_image_file=edit_source.file if panel.edit_mode else None,
+                                    controls=planned)
+        files.control_stages = resolved.control_stages if planned else None
         files.push_to = panel.push_to or None
         files.source = edit_source.pacs if panel.edit_mode else None
         return JobSpec(files, run_dir / name / "result", name)
@@ -134,14 +148,23 @@ def finding_choices(findings: Sequence[str], vocabulary: Vocabulary, edit_mode: 
     return choices
 
 
-def control_states(*, interpolate: bool, edit_mode: bool, fast: bool) -> Dict[str, bool]:
+def control_states(*, interpolate: bool, edit_mode: bool, fast: bool, controlnets: Mapping[str, float] = None,
+                   use_reference: bool = False) -> Dict[str, bool]:
     """Which Generate controls apply (the others are disabled, so nothing is silently ignored).
 
     Interpolate makes one image per path position with one seed: Variations does not apply, the path and
     its positions do. Fast preview lets the preset choose the steps, anatomy steps and sampler. Editing an
-    X-ray runs only the pathology stage: no anatomy steps; the PACS source applies only there.
+    X-ray runs only the pathology stage: no anatomy steps; the PACS source applies only there. The ControlNet
+    controls apply only to the ControlNets the model has (``controlnets``: ``controls.model_controlnets``).
     """
+    controlnets = controlnets or {}
+    radiomics = bool(controls.reference_choices(controlnets))
     return {
+        "reference": radiomics,
+        "referenceControl": radiomics and use_reference,
+        "referenceScale": radiomics and use_reference,
+        "attention": controls.ATTENTION in controlnets,
+        "controlStages": bool(controlnets),
         "variations": not interpolate,
         "interpolationPath": interpolate,
         "interpolationSteps": interpolate,

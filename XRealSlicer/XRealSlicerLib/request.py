@@ -4,7 +4,7 @@ The GUI hands over one array per segment, exactly as
 ``slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentId, canvas)`` returns it
 ((1, rows, columns) on the canvas grid), so overlapping segments (a nodule inside
 a lung) are kept: the anatomy becomes one exclusive label map, every pathology
-keeps its own mask. The checks mirror the engine's so the user hears about a
+keeps its own mask, the "Attention" segments become one attention region. The checks mirror the engine's so the user hears about a
 problem before anything is uploaded; the engine still checks everything again.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from xreal_engine.errors import InputError
 
-from .vocabulary import ANATOMY, PATHOLOGY, Vocabulary
+from .vocabulary import ANATOMY, ATTENTION, PATHOLOGY, Vocabulary
 
 REMOVE_FINDING = "no finding"  # vocabulary entry (SNOMED "Normal"): in edit mode, remove what is in the region
 
@@ -50,6 +50,7 @@ class GenerationInputs:
     pathologies: List[Tuple[np.ndarray, str, str]]  # (mask bool (rows, columns), finding, segment name)
     pixel_spacing_mm: Tuple[float, float]  # (row, column), as DICOM Pixel Spacing
     warnings: List[str] = field(default_factory=list)
+    attention: Optional[np.ndarray] = None  # bool (rows, columns): the painted attention segments; None if none
 
 
 @dataclass
@@ -62,6 +63,8 @@ class RequestFiles:
     parameters: Dict[str, object] = field(default_factory=dict)  # seed, steps, anatomy_steps, guidance, eta
     push_to: Optional[str] = None  # a PACS destination configured in the engine
     source: Optional[Dict[str, str]] = None  # edit an image the engine fetches: {"source", "study", "series", "instance"}
+    controls: List[Tuple[str, Optional[Path], Optional[float]]] = field(default_factory=list)  # (name, file, scale)
+    control_stages: Optional[str] = None  # where the controls steer (sent only with controls)
 
 
 def canvas_rows_columns(canvas: CanvasGeometry) -> Tuple[int, int]:
@@ -105,15 +108,19 @@ def build_inputs(
     known_findings = {f.lower(): f for f in model_findings}
     anatomy_masks: Dict[int, np.ndarray] = {}
     pathologies: List[Tuple[np.ndarray, str, str]] = []
+    attention: Optional[np.ndarray] = None
     warnings: List[str] = []
 
     for segment in segments:
         mask = _segment_plane(segment, rows, columns, canvas.name)
         meaning = vocabulary.classify(segment.name, segment.terminology)
-        if not mask.any() and (meaning is None or meaning.kind == PATHOLOGY):
+        if not mask.any() and (meaning is None or meaning.kind in (PATHOLOGY, ATTENTION)):
             # before any finding check: an unpainted segment (e.g. the new "Pathology" without a finding yet)
             # is nothing the engine would get, so it cannot stop Generate
             warnings.append(f"The segment '{segment.name}' is empty and was left out.")
+            continue
+        if meaning is not None and meaning.kind == ATTENTION:  # sent as the attention control (planning)
+            attention = mask if attention is None else (attention | mask)
             continue
         if segment.finding is not None and (meaning is None or meaning.kind == PATHOLOGY):
             chosen = segment.finding.strip()
@@ -167,6 +174,7 @@ def build_inputs(
         pathologies=pathologies,
         pixel_spacing_mm=(spacing[1], spacing[0]),
         warnings=warnings,
+        attention=attention,
     )
 
 
@@ -186,8 +194,10 @@ def write_request_files(
     parameters: Optional[Dict[str, object]] = None,
     edit_image: Optional[np.ndarray] = None,
     edit_image_file: Optional[Path] = None,
+    controls: Sequence = (),
 ) -> RequestFiles:
-    """Write the masks (and the edit-mode image) as NRRD files with spacing into ``out_dir``.
+    """Write the masks (and the edit-mode image, and the controls' images) as NRRD files with spacing into
+    ``out_dir``. ``controls``: ``XRealSlicerLib.controls.PlannedControl`` of the run.
 
     ``edit_image_file`` (the source DICOM file, when the canvas came from the DICOM
     database) is preferred over ``edit_image`` pixels so the result joins the source's study.
@@ -206,7 +216,9 @@ def write_request_files(
         image_path = Path(edit_image_file)
     elif edit_image is not None:
         image_path = _write_image(normalized_image(edit_image), inputs.pixel_spacing_mm, out_dir / "image.nrrd")
-    return RequestFiles(anatomy_path, pathology_files, image_path, dict(parameters or {}))
+    written = [(control.name, _write_image(control.pixels, inputs.pixel_spacing_mm, out_dir / control.file_name),
+                control.scale) for control in controls]
+    return RequestFiles(anatomy_path, pathology_files, image_path, dict(parameters or {}), controls=written)
 
 
 # ITU-R BT.601 luma weights: how an RGB (screenshot, PNG export) X-ray becomes one grey value per pixel.

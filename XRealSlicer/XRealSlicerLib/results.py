@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from xreal_engine.control_spec import REFERENCE_CONTROLS
 from xreal_engine.errors import InputError
 
 from .vocabulary import Vocabulary
@@ -162,6 +163,8 @@ def read_fallback_segments(directory: Path, vocabulary: Optional[Vocabulary] = N
         if entry.get("kind") == "anatomy" and entry.get("label") is not None:
             for template in vocabulary.anatomy_templates([int(entry["label"])]):
                 terminology, display_name = template.terminology, template.name
+        elif entry.get("kind") == "attention":  # the attention control's region: coded as the engine codes it
+            terminology = vocabulary.attention_template([]).terminology
         elif entry.get("finding"):
             vocab_entry = vocabulary.finding_entry(entry["finding"])
             if vocab_entry is not None:
@@ -219,14 +222,46 @@ def provenance_summary(provenance: dict) -> str:
     findings = [f for f in provenance.get("findings") or [] if f]
     if findings:
         parts.append(", ".join(findings))
+    used = controls_used(provenance)
+    if used:
+        parts.append("controls " + ", ".join(f"{name} {scale:g}" for name, scale in used))
     return " · ".join(parts)
 
 
-def quality_summary(provenance: dict) -> Optional[str]:
-    """How well the image follows the drawn anatomy, when the result carries the quality check's figure.
+def controls_used(provenance: dict) -> List[Tuple[str, float]]:
+    """(name, scale) of each ControlNet control that made the result (provenance ``controls``)."""
+    used = []
+    for entry in provenance.get("controls") or []:
+        if not isinstance(entry, dict) or not entry.get("name"):
+            continue
+        scale = entry.get("scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            continue
+        used.append((str(entry["name"]), float(scale)))
+    return used
 
-    ``provenance["quality"]["anatomy_dice"]`` is ``{structure: Dice}`` (the dataset's quality check writes
-    it); None when the result has no such figure (older engines, or the check did not run): nothing is shown.
+
+def control_stages_of(provenance: dict) -> Optional[str]:
+    """The control stages setting that made a result: provenance's ``control_stages``, else what its controls'
+    ``stages`` say (the setting, or the list of stages steered, e.g. ["anatomy", "pathology"]); None if neither."""
+    if isinstance(provenance.get("control_stages"), str):
+        return provenance["control_stages"]
+    for entry in provenance.get("controls") or []:
+        stages = entry.get("stages") if isinstance(entry, dict) else None
+        if isinstance(stages, str) and stages:
+            return stages
+        if isinstance(stages, list) and stages:
+            return "both" if set(stages) == {"anatomy", "pathology"} else str(stages[0])
+    return None
+
+
+def quality_summary(provenance: dict) -> Optional[str]:
+    """How well the image follows the drawn anatomy, when the result carries the quality check's figure:
+    "anatomy followed: Dice 0.91 / 0.93 / 0.89 (left lung / right lung / heart)".
+
+    ``provenance["quality"]["anatomy_dice"]`` is ``{structure: Dice}`` (the batch quality check,
+    ``xreal_engine/batch/quality.py``, writes it); None when the result has no such figure (older engines,
+    or the check did not run): nothing is shown.
     """
     quality = provenance.get("quality")
     dice = quality.get("anatomy_dice") if isinstance(quality, dict) else None
@@ -239,24 +274,25 @@ def quality_summary(provenance: dict) -> Optional[str]:
         values.append((str(structure), float(value)))
     if not values:
         return None
-    mean = sum(value for _name, value in values) / len(values)
-    listed = ", ".join(f"{name} {value:.2f}" for name, value in values)
-    return f"Follows the drawn anatomy: Dice {mean:.2f} ({listed})"
+    figures = " / ".join(f"{value:.2f}" for _name, value in values)
+    return f"anatomy followed: Dice {figures} ({' / '.join(name for name, _value in values)})"
 
 
 def result_label(label: str, provenance: dict) -> str:
-    """The results list's line: the job's label, then its provenance."""
-    summary = provenance_summary(provenance)
+    """The results list's line: the job's label, then its provenance and, where checked, how well it followed
+    the drawn anatomy (so every result shows its figure, not only the selected one)."""
+    summary = " · ".join(filter(None, [provenance_summary(provenance), quality_summary(provenance)]))
     return f"{label or 'result'}: {summary}" if summary else (label or "result")
 
 
 def settings_from_provenance(provenance: dict) -> Dict[str, object]:
     """The Generate section's values that reproduce a result ("Generate again with these settings").
 
-    Parameter-node fields (seed, steps, anatomySteps, guidance) plus ``sampler``; Fast preview is off,
-    since the result's own steps and sampler are set explicitly, and one image is made (no variations, no
-    interpolation): the result's own. Settings the result does not record are left out (the panel keeps
-    its value).
+    Parameter-node fields (seed, steps, anatomySteps, guidance, sampler, and the ControlNet settings when
+    provenance records ``controls``: whether the loaded X-ray is the radiomics reference, which map, the
+    scales and stages); Fast preview is off, since the result's own steps and sampler are set explicitly, and
+    one image is made (no variations, no interpolation): the result's own. Settings the result does not
+    record are left out (the panel keeps its value).
     """
     fields = {"seed": ("seed", int), "steps": ("steps", int), "anatomy_steps": ("anatomySteps", int),
               "guidance": ("guidance", float)}
@@ -267,6 +303,17 @@ def settings_from_provenance(provenance: dict) -> Dict[str, object]:
             settings[field_name] = kind(value)
     if provenance.get("sampler"):
         settings["sampler"] = str(provenance["sampler"])
+    if isinstance(provenance.get("controls"), list):
+        used = controls_used(provenance)
+        reference = [(name, scale) for name, scale in used if name in REFERENCE_CONTROLS]
+        settings["useReference"] = bool(reference)
+        if reference:
+            settings["referenceControl"], settings["referenceScale"] = reference[0]
+        for name, scale in used:
+            if name == "attention":
+                settings["attentionScale"] = scale
+        if used and control_stages_of(provenance):
+            settings["controlStages"] = control_stages_of(provenance)
     settings.update(fastPreview=False, variations=1, interpolate=False)
     return settings
 

@@ -3,7 +3,9 @@
 The Slicer side reads the same file the engine writes its DICOM SEG codes from,
 so a segment created here and a segment coming back in a result always agree.
 Segments are recognised by their terminology codes first (robust to renaming),
-then by name (display name, name or alias, case-insensitive).
+then by name (display name, name or alias, case-insensitive). An "Attention" segment (painted where the
+image should draw attention: the engine blurs it into the ``attention`` ControlNet's map) is neither
+anatomy nor a finding.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from .enginepath import vocabulary_path
 
 ANATOMY = "anatomy"
 PATHOLOGY = "pathology"
+ATTENTION = "attention"
 UNASSIGNED_PATHOLOGY = "Pathology"  # a new pathology segment's name until its finding is chosen
+ATTENTION_NAME = "Attention"  # an attention segment's name: "Attention", "Attention 2", ...
+ATTENTION_COLOR = (1.0, 0.35, 0.2)  # when the vocabulary has no attention region entry of its own
 _number_suffix = re.compile(r"\s+\d+$")
 
 
@@ -28,7 +33,7 @@ _number_suffix = re.compile(r"\s+\d+$")
 class SegmentKind:
     """What a segment means for the engine: an anatomy label value, or a finding."""
 
-    kind: str  # ANATOMY or PATHOLOGY
+    kind: str  # ANATOMY, PATHOLOGY or ATTENTION
     label: Optional[int] = None  # anatomy label value
     finding: Optional[str] = None  # finding name as the engine knows it
 
@@ -137,6 +142,14 @@ class Vocabulary:
 
     # --------------------------------------------------------------- pathology segment names
 
+    def attention_template(self, existing: List[str]) -> SegmentTemplate:
+        """A new attention segment: "Attention" (numbered if taken), coded as the vocabulary's attention
+        region when it has one (the engine's SEG codes the attention region with the same entry)."""
+        entry = self.data.get("attention_region") or {}
+        color = _unit_color(entry["color"]) if entry.get("color") else ATTENTION_COLOR
+        return SegmentTemplate(_numbered(ATTENTION_NAME, existing), color, _terminology_of(self.data, entry),
+                               SegmentKind(ATTENTION))
+
     def new_pathology_name(self, existing: List[str]) -> str:
         """The name of a new pathology segment that has no finding yet: "Pathology", "Pathology 2", ..."""
         return _numbered(UNASSIGNED_PATHOLOGY, existing)
@@ -159,6 +172,9 @@ class Vocabulary:
     def classify(self, segment_name: str, terminology: str = "") -> Optional[SegmentKind]:
         """What a Slicer segment stands for: terminology codes first, then its name; None if unknown."""
         codes = parse_terminology(terminology)
+        attention = self.data.get("attention_region") or {}
+        if codes and codes["type"][1] and attention.get("type") and codes["type"] == _entry_code(attention, "type"):
+            return SegmentKind(ATTENTION)
         if codes and codes["type"][1]:
             for entry in self.anatomy:
                 if codes["type"] == _entry_code(entry, "type") and codes["type_modifier"] == _entry_code(entry, "type_modifier"):
@@ -167,6 +183,8 @@ class Vocabulary:
                 if codes["type"] == _entry_code(entry, "type"):
                     return SegmentKind(PATHOLOGY, finding=entry["name"])
         wanted = (segment_name or "").strip().lower()
+        if _number_suffix.sub("", wanted) == ATTENTION_NAME.lower():
+            return SegmentKind(ATTENTION)
         for entry in self.anatomy:
             if wanted in {entry["name"].lower(), entry["display_name"].lower()}:
                 return SegmentKind(ANATOMY, label=int(entry["label"]))
@@ -174,6 +192,21 @@ class Vocabulary:
         if entry is not None:
             return SegmentKind(PATHOLOGY, finding=entry["name"])
         return None
+
+
+def _terminology_of(data: dict, entry: dict) -> str:
+    """A Slicer terminology string for a vocabulary entry without one of its own ('' without codes)."""
+    if entry.get("slicer_terminology_entry"):
+        return str(entry["slicer_terminology_entry"])
+    if not (entry.get("category") and entry.get("type")):
+        return ""
+
+    def code(key):
+        value = entry.get(key)
+        return f"{value['scheme']}^{value['value']}^{value['meaning']}" if value else "^^"
+
+    return "~".join([data.get("slicer_terminology_context", ""), code("category"), code("type"), "^^",
+                     data.get("slicer_anatomic_context", ""), code("anatomic_region"), "^^"])
 
 
 def _unit_color(color) -> Tuple[float, float, float]:

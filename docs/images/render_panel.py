@@ -29,8 +29,9 @@ sys.path.insert(0, str(REPO / "XRealSlicer"))
 
 from PyQt5 import QtCore, QtGui, QtWidgets, uic  # noqa: E402
 
-from XRealSlicerLib import connection, parameters, planning, results  # noqa: E402
+from XRealSlicerLib import connection, controls, parameters, planning, results  # noqa: E402
 from XRealSlicerLib.enginepath import find_engine_root  # noqa: E402
+from XRealSlicerLib.testing import replay_info  # noqa: E402
 from XRealSlicerLib.vocabulary import Vocabulary  # noqa: E402
 
 UI_FILE = REPO / "XRealSlicer" / "Resources" / "UI" / "XRealSlicer.ui"
@@ -149,7 +150,17 @@ def main(out_dir: Path) -> None:
         find(name).setMaximum(1000)
         find(name).setValue(value)
     find("guidanceSpinBox").setValue(7.0)
-    states = planning.control_states(interpolate=False, edit_mode=False, fast=False)
+    # ControlNets: those of the replaying engine (the demo model's, else sobel and attention), reference ticked
+    controlnets = controls.model_controlnets(replay_info())
+    fill_combo(find("referenceControlComboBox"), [(label, name) for name, label in controls.reference_choices(
+        controlnets)])
+    fill_combo(find("controlStagesComboBox"), [(label, name) for name, label in parameters.control_stage_choices()])
+    defaults = controls.node_defaults(controlnets, None)
+    find("referenceCheckBox").setChecked(True)
+    find("referenceScaleSpinBox").setValue(defaults.get("referenceScale", controls.DEFAULT_SCALE))
+    find("attentionScaleSpinBox").setValue(defaults.get("attentionScale", controls.DEFAULT_SCALE))
+    states = planning.control_states(interpolate=False, edit_mode=False, fast=False, controlnets=controlnets,
+                                     use_reference=True)
     for key, names in control_widgets().items():
         for name in names:
             find(name).setEnabled(states[key])

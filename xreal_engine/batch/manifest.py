@@ -11,10 +11,13 @@ written, and every problem is reported as ``row N: <sentence>``, N being the lin
 ``pathologies``     JSONL: a list of ``{"mask": FILE, "finding": NAME}``
 ``image``           edit mode: the X-ray to edit
 ``seed``            required
-``steps`` ``anatomy_steps`` ``guidance`` ``eta`` ``soft_mask_value`` ``sampler`` ``fast``   optional sampling settings
+``steps`` ``anatomy_steps`` ``guidance`` ``eta`` ``soft_mask_value`` ``sampler`` ``fast`` ``control_stages``
+``keep_outside_region``   optional sampling settings (model/sampling.py's public names)
+``controls``        optional ControlNets: CSV ``;``-separated ``NAME[:FILE][:SCALE]`` (as ``generate --control``);
+                    JSONL a list of such strings or of ``{"name": NAME, "file": FILE, "scale": SCALE}``
 
 A value without a folder and without a file suffix is a template name: a file of the templates folder
-(``Resources/Templates`` beside the engine, as the Slicer module finds it, or ``--templates``).
+(``--templates``, else the package's ``templates/``, else ``Resources/Templates`` beside the engine).
 """
 
 from __future__ import annotations
@@ -26,15 +29,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..control_spec import ControlRequest, check_request, parse_control
 from ..errors import InputError, XRealError, shown
 from ..generate import GenerationRequest, prepare_request
-from ..model.sampling import SETTINGS
+from ..model.sampling import SETTINGS, SWITCHES, public_names
 
-SAMPLING_KEYS = ("steps", "anatomy_steps", "guidance", "eta", "soft_mask_value", "sampler", "fast")
-CSV_COLUMNS = ("name", "anatomy", "pathology_masks", "findings", "image", "seed") + SAMPLING_KEYS
-JSONL_KEYS = ("name", "anatomy", "pathologies", "image", "seed") + SAMPLING_KEYS
+SAMPLING_KEYS = tuple(name for name in public_names() if name != "seed")
+NUMBER_KEYS = tuple(setting.public_name for setting in SETTINGS.values())  # CSV cells read as numbers
+BOOLEAN_KEYS = ("fast",) + tuple(SWITCHES)  # CSV cells read as true/false
+CSV_COLUMNS = ("name", "anatomy", "pathology_masks", "findings", "image", "seed") + SAMPLING_KEYS + ("controls",)
+JSONL_KEYS = ("name", "anatomy", "pathologies", "image", "seed") + SAMPLING_KEYS + ("controls",)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Templates"  # checkout and Slicer install
+# The templates: package data of an installed wheel (in a checkout, xreal_engine/templates is a link to
+# Resources/Templates, the one copy of the PNGs); the Slicer extension has Resources/Templates beside the engine.
+TEMPLATES_DIRS = (Path(__file__).resolve().parents[1] / "templates",
+                  Path(__file__).resolve().parents[2] / "Resources" / "Templates")
 MAX_PROBLEMS_SHOWN = 20
 
 
@@ -49,6 +58,7 @@ class BatchRow:
     image: Optional[str] = None
     seed: object = None
     sampling: dict = field(default_factory=dict)  # public names, unset ones left out
+    controls: tuple = ()  # ((name, absolute file or None, scale or None), ...)
     design: dict = field(default_factory=dict)  # what a generator made the row from (template, finding, edits)
 
     def request(self) -> GenerationRequest:
@@ -58,16 +68,19 @@ class BatchRow:
             image_path=Path(self.image) if self.image else None,
             seed=self.seed,
             sampling=dict(self.sampling),
+            controls=[ControlRequest(name, Path(file) if file else None, scale) for name, file, scale in self.controls],
         )
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["pathologies"] = [list(pair) for pair in self.pathologies]
+        data["controls"] = [list(control) for control in self.controls]
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> "BatchRow":
-        return cls(**{**data, "pathologies": tuple(tuple(pair) for pair in data.get("pathologies", ()))})
+        return cls(**{**data, "pathologies": tuple(tuple(pair) for pair in data.get("pathologies", ())),
+                      "controls": tuple(tuple(control) for control in data.get("controls", ()))})
 
     def content(self) -> dict:
         """What the row asks for, without where it stood (a restart may move rows around)."""
@@ -80,12 +93,17 @@ class BatchRow:
 
 
 def find_templates(given: Optional[Path] = None) -> Path:
-    """The templates folder: ``given``, else ``Resources/Templates`` beside the engine."""
-    folder = Path(given) if given is not None else TEMPLATES_DIR
-    if not folder.is_dir():
-        raise InputError(f"The templates folder {folder} does not exist; pass --templates with the folder of "
-                         "anatomy_01.png ... (Resources/Templates in the XRealSlicer source).")
-    return folder
+    """The templates folder: ``given``, else the first of ``TEMPLATES_DIRS`` that holds templates."""
+    if given is not None:
+        if not Path(given).is_dir():
+            raise InputError(f"The templates folder {given} does not exist; pass --templates with the folder of "
+                             "anatomy_01.png ... (Resources/Templates in the XRealSlicer source).")
+        return Path(given)
+    for folder in TEMPLATES_DIRS:
+        if any(folder.glob("anatomy_*.png")):
+            return folder
+    raise InputError("This installation has no anatomy templates (xreal_engine/templates); pass --templates with "
+                     "the folder of anatomy_01.png ... (Resources/Templates in the XRealSlicer source).")
 
 
 def template_files(folder: Path) -> dict:
@@ -190,9 +208,11 @@ def _typed_csv_cells(cells: dict) -> dict:
         text = text.strip()
         if text == "" and key != "findings":
             continue
-        if key in ("seed", "steps", "anatomy_steps", "guidance", "eta", "soft_mask_value"):
+        if key in NUMBER_KEYS:
             record[key] = _number(text)
-        elif key == "fast":
+        elif key == "controls":
+            record[key] = [part.strip() for part in text.split(";") if part.strip()]
+        elif key in BOOLEAN_KEYS:
             record[key] = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
                 text.lower(), text)
         else:
@@ -262,7 +282,28 @@ def _row(row_number: int, record: dict, resolve: _Resolver, defaults: dict) -> B
     sampling = {**defaults, **{key: record[key] for key in SAMPLING_KEYS if record.get(key) is not None}}
     return BatchRow(row=row_number, name=name, anatomy=resolve(record.get("anatomy"), "anatomy"),
                     pathologies=tuple(pathologies), image=resolve(record.get("image"), "image"),
-                    seed=record["seed"], sampling=sampling)
+                    seed=record["seed"], sampling=sampling, controls=_controls(record.get("controls"), resolve))
+
+
+def _controls(value, resolve: _Resolver) -> tuple:
+    """A row's controls as ((name, absolute file or None, scale or None), ...), checked by control_spec."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InputError("'controls' must be a list of \"NAME[:FILE][:SCALE]\" or {\"name\", \"file\", \"scale\"}.")
+    controls = []
+    for item in value:
+        if isinstance(item, str):
+            request = parse_control(item)
+        elif isinstance(item, dict) and "name" in item and set(item) <= {"name", "file", "scale"}:
+            request = ControlRequest(item["name"], item.get("file"), item.get("scale"))
+        else:
+            raise InputError("each control must be \"NAME[:FILE][:SCALE]\" or {\"name\": NAME, \"file\": FILE, "
+                             "\"scale\": SCALE}.")
+        file = None if request.source is None else resolve(str(request.source), f"{request.name} control file")
+        request = check_request(ControlRequest(request.name, Path(file) if file else None, request.scale))
+        controls.append((request.name, file, request.scale))
+    return tuple(controls)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -283,7 +324,7 @@ def check_rows(rows: list, model_info, skip: frozenset = frozenset()) -> list:
         seen[key] = row.row
         if row.name in skip:
             continue
-        inputs = json.dumps([row.anatomy, row.pathologies, row.image, row.sampling], sort_keys=True)
+        inputs = json.dumps([row.anatomy, row.pathologies, row.image, row.sampling, row.controls], sort_keys=True)
         try:
             if inputs in checked:
                 SETTINGS["seed"].check(row.seed)

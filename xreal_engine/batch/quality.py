@@ -12,18 +12,28 @@ lowest Dice is below it is refused before anything is written (:class:`QualityRe
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..errors import XRealError
+from ..errors import InputError, XRealError
 from ..model.info import weights_hash
 from ..training.segmenter import SHIPPED_SEGMENTER_DIR, STRUCTURES, Segmenter, dice_per_structure, labels_to_channels
 
 
+def check_min_dice(value: Optional[float], name: str = "--min-dice") -> Optional[float]:
+    """The one range of a minimum Dice (0..1), for every place that takes one (CLI flags, the service)."""
+    if value is not None and not 0 <= value <= 1:
+        raise InputError(f"{name} must be from 0 to 1, not {value:g}.")
+    return value
+
+
 class QualityRejected(XRealError):
     """The image did not follow the anatomy well enough; it was not written."""
+
+    job_error_code = "quality_rejected"  # the service's error code of such a job (a dropped batch row)
 
     def __init__(self, quality: dict, minimum: float):
         self.quality = quality
@@ -56,6 +66,17 @@ class AnatomyCheck:
                 min(quality["anatomy_dice"].values()) < self.min_dice:
             raise QualityRejected(quality, self.min_dice)
         return quality
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(directory: str, device: str) -> AnatomyCheck:
+    return AnatomyCheck.load(Path(directory) if directory else None, device=device)
+
+
+def shared_check(device: str, min_dice: Optional[float] = None, directory: Optional[Path] = None) -> AnatomyCheck:
+    """A check whose segmenter is loaded once per process and device (the service's worker runs many jobs)."""
+    loaded = _loaded(str(directory) if directory else "", str(device))
+    return AnatomyCheck(loaded.segmenter, loaded.identifier, min_dice)
 
 
 def segmenter_id(segmenter: Segmenter, directory: Path) -> str:

@@ -2,8 +2,10 @@
 
 Every backend builds one :class:`RowWorker` per process / Ray actor / accelerate rank and hands it
 rows as plain dicts (``BatchRow.to_json()``: picklable and JSON-able). A row's outcome is a plain
-dict too: ``{"name", "row", "status": finished|failed|dropped, "reason", "quality", "seconds"}``.
-A row is finished only when ``generate_to_directory`` renamed its directory into place.
+dict too: ``{"name", "row", "status": finished|failed|dropped|stopped, "reason", "quality", "seconds"}``.
+A row is finished only when ``generate_to_directory`` renamed its directory into place. ``stopped``: the
+disk is full (or over quota): not the row's fault, and every further row would fail alike, so the run
+stops and the row stays pending for the next run.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import XRealError
+from ..errors import StorageError, XRealError, os_reason
 from .manifest import BatchRow
 
 IMAGES_DIR = "images"  # OUT/images/<name>/: one result directory per finished row
+STOPPED = "stopped"  # a row's outcome when the disk is full: the run stops, the row is not a failure
 
 
 @dataclass
@@ -37,6 +40,13 @@ class WorkerSettings:
 def is_finished(result_dir: Path) -> bool:
     """Renamed into place (staging directories are hidden siblings) and complete."""
     return (Path(result_dir) / "provenance.json").is_file()
+
+
+def disk_full(error: BaseException) -> bool:
+    """The disk (or the quota) is full: a StorageError saying so, or an OSError ENOSPC / EDQUOT."""
+    if isinstance(error, StorageError):
+        return error.disk_full
+    return isinstance(error, OSError) and StorageError("", os_reason(error)).disk_full
 
 
 class RowWorker:
@@ -75,6 +85,9 @@ class RowWorker:
             outcome.update(status="dropped", reason=str(rejected), quality=rejected.quality)
         except Exception as error:  # one row's failure is recorded; the run goes on
             if is_finished(out_dir):  # another process finished it meanwhile (a run killed just before)
+                return outcome
+            if disk_full(error):
+                outcome.update(status=STOPPED, reason=str(error))
                 return outcome
             reason = str(error) if isinstance(error, XRealError) else f"{type(error).__name__}: {error}"
             outcome.update(status="failed", reason=" ".join(reason.split()) or type(error).__name__)

@@ -7,13 +7,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..batch.quality import AnatomyCheck, QualityRejected, check_min_dice
 from ..errors import shown
 from ..files import check_new_directory
 from ..generate import GenerationRequest, generate_to_directory, prepare_request
 from ..model.info import ModelInfo, resolve_model
 from ..model.loading import configure_threads, load_pipeline, resolve_threads, select_device
 from ..model.sampling import MAX_SEED
-from .arguments import add_request_arguments, check_request_arguments, sampling_arguments
+from .arguments import add_request_arguments, check_request_arguments, control_requests, sampling_arguments
+from .arguments import add_quality_arguments, quality_arguments
 
 
 def configure_parser(parser) -> None:
@@ -27,12 +29,15 @@ def configure_parser(parser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet: faster steps, but the first image pays minutes of compilation "
                              "(see benchmarks/README.md)")
+    add_quality_arguments(parser.add_argument_group("quality check (the shipped anatomy segmenter, as generate-batch)"))
 
 
 def run(args) -> int:
     check_request_arguments(args)
     select_device(args.device, args.dtype)  # refuse a bad --device/--dtype/--threads before any work
     resolve_threads(args.threads)
+    quality_check, min_dice, segmenter = quality_arguments(args, checked_by_default=False)
+    check_min_dice(min_dice)
     seed = args.seed if args.seed is not None else random.randrange(MAX_SEED + 1)
     out_dir = args.out
     check_new_directory(out_dir)
@@ -59,6 +64,7 @@ def run(args) -> int:
             image_path=image_path,
             seed=seed,
             sampling=sampling_arguments(args),
+            controls=control_requests(args),
         )
         model_info = ModelInfo.load(resolve_model(args.model))
         prepared = prepare_request(request, model_info)
@@ -67,11 +73,24 @@ def run(args) -> int:
         print(f"Loading model {model_info.model_id} ...", file=sys.stderr)
         configure_threads(args.threads)
         pipe = load_pipeline(args.model, args.device, args.dtype, compile=args.compile)
+        check = None
+        if quality_check:  # the per-image check of generate-batch: Dice per requested structure in provenance.json
+            check = AnatomyCheck.load(segmenter, device=str(pipe.device), min_dice=min_dice)
         print(f"Generating on {pipe.device} (seed {seed}) ...", file=sys.stderr)
         with _ProgressBars() as progress:
-            provenance = generate_to_directory(pipe, prepared, out_dir, progress=progress)
+            try:
+                provenance = generate_to_directory(pipe, prepared, out_dir, progress=progress, quality=check)
+            except QualityRejected as rejected:  # --min-dice: nothing was written
+                print(f"xreal-engine generate: the image was not written: {rejected}", file=sys.stderr)
+                return 1
     print(f"Wrote {out_dir}/: sc.dcm, seg.dcm, preview.png, provenance.json, segments.json "
           f"({provenance['generation_seconds']:.1f} s)")
+    if provenance.get("quality"):
+        dice = provenance["quality"]["anatomy_dice"]
+        print("anatomy followed: Dice " + " / ".join(f"{value:.2f}" for value in dice.values())
+              + f" ({', '.join(dice)})")
+    elif check is not None:
+        print("warning: no anatomy was requested, so the quality check had nothing to score", file=sys.stderr)
     if args.push_to is None:
         return 0
     from ..pacs.transfer import format_report, push_result

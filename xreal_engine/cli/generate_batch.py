@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import DISK_FULL, InputError, StorageError
 from ..model.info import ModelInfo, resolve_model, weights_hash
 from ..model.loading import resolve_threads, select_device
 from ..batch import backends
@@ -33,8 +33,9 @@ from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, p
 from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
                       write_text_atomic)
 from ..batch.manifest import BatchRow, check_rows, read_manifest, report_problems
-from ..batch.worker import IMAGES_DIR, WorkerSettings, is_finished
-from .arguments import add_sampling_arguments, sampling_arguments
+from ..batch.quality import check_min_dice
+from ..batch.worker import IMAGES_DIR, STOPPED, WorkerSettings, is_finished
+from .arguments import add_quality_arguments, add_sampling_arguments, quality_arguments, sampling_arguments
 
 PLAN_FILE = "plan.jsonl"
 FAILURES_FILE = "failures.csv"
@@ -73,11 +74,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--ray-address", help="with --backend ray: an existing cluster (default: a local instance)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    quality = parser.add_argument_group("quality check (the shipped anatomy segmenter on every image)")
-    quality.add_argument("--min-dice", type=float, help="drop (and record) images whose Dice for a requested "
-                         "structure is below this, e.g. 0.8")
-    quality.add_argument("--no-quality-check", action="store_true", help="do not segment the images")
-    quality.add_argument("--segmenter", type=Path, help="segmenter directory (default: the shipped one)")
+    add_quality_arguments(parser.add_argument_group("quality check (the shipped anatomy segmenter on every image)"))
     add_sampling_arguments(parser.add_argument_group("sampling settings of rows that do not set their own"))
 
 
@@ -105,10 +102,8 @@ def _check_arguments(args) -> list:
         raise InputError("With --backend accelerate the processes are accelerate launch's: use --num_processes.")
     if args.ray_address and args.backend != "ray":
         raise InputError("--ray-address needs --backend ray.")
-    if args.min_dice is not None and not 0 <= args.min_dice <= 1:
-        raise InputError(f"--min-dice must be from 0 to 1, not {args.min_dice:g}.")
-    if args.min_dice is not None and args.no_quality_check:
-        raise InputError("--min-dice needs the quality check; leave out --no-quality-check.")
+    args.quality_check, _, _ = quality_arguments(args, checked_by_default=True)
+    check_min_dice(args.min_dice)
     return formats
 
 
@@ -175,7 +170,7 @@ def run(args) -> int:
         workers = args.workers or 1
         threads = args.threads or (max(1, resolve_threads() // workers) if workers > 1 else None)  # shared out
         settings = WorkerSettings(model=str(model_dir), out_dir=str(out), device=args.device, dtype=args.dtype,
-                                  threads=threads, quality_check=not args.no_quality_check,
+                                  threads=threads, quality_check=args.quality_check,
                                   segmenter=str(args.segmenter) if args.segmenter else None, min_dice=args.min_dice)
         if args.backend == "local":
             outcomes = backends.iter_local(pending, settings, workers)
@@ -189,6 +184,8 @@ def run(args) -> int:
         try:
             for outcome in outcomes:
                 own.append(outcome)
+                if outcome["status"] == STOPPED:
+                    break  # the disk is full: every further row would fail alike (worker.py)
                 if is_main:
                     failures.record(outcome)
                 progress.update(outcome)
@@ -206,12 +203,17 @@ def run(args) -> int:
             gathered = gather_object(own)  # in process order: the main process's own outcomes come first
             if is_main:
                 for outcome in gathered[len(own):]:
-                    failures.record(outcome)
-                    progress.count(outcome)
+                    if outcome["status"] != STOPPED:
+                        failures.record(outcome)
+                        progress.count(outcome)
+                own = gathered
             else:
                 state.wait_for_everyone()  # until the main process has written the exports and the summary
                 return 0  # the main process reports
 
+        stopped = next((outcome for outcome in own if outcome["status"] == STOPPED), None)
+        if stopped is not None:  # the exports need space too: the next run rebuilds them
+            _stop_on_full_disk(stopped, out, rows, state)
         records = write_exports(out, rows, formats, info)
         last_run = {"backend": args.backend, "workers": workers, "attempted": progress.attempted,
                     "finished": progress.finished, "failed": progress.failed, "dropped": progress.dropped,
@@ -232,6 +234,17 @@ def run(args) -> int:
               file=sys.stderr)
         return 130
     return 1 if failures.entries else 0
+
+
+def _stop_on_full_disk(stopped: dict, out: Path, rows: list, state) -> None:
+    """One sentence for a full disk (not a failure per row); the finished rows stay, a re-run resumes."""
+    finished = sum(is_finished(out / IMAGES_DIR / row.name) for row in rows)
+    if state is not None:
+        state.wait_for_everyone()  # the other processes wait for the main one's summary; there is none
+    reason = stopped["reason"].rstrip(".")
+    raise StorageError(f"generate-batch stopped at row {stopped['row']} ('{stopped['name']}'): {reason}. "
+                       f"{finished} of {len(rows)} rows are finished and kept; free some space and run the same "
+                       "command again to make the rest.", DISK_FULL)
 
 
 # ----------------------------------------------------------------------------- the output directory

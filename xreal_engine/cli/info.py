@@ -38,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
     print("findings    " + (", ".join(description["findings"]) or "(any text)"))
     print(f"tokenizer   {description['tokenizer_vocab_size']} word pieces")
     print("defaults    " + ", ".join(f"{k} = {v}" for k, v in description["defaults"].items()))
+    controlnets = description.get("controlnets") or {}
+    print("controlnets " + ("" if controlnets else "(none)"))
+    for name, controlnet in controlnets.items():
+        count = f"{controlnet['parameters']:>15,d} parameters" if controlnet.get("parameters") else ""
+        print(f"  {name:<20} {controlnet['folder'] + '/':<24} default scale {controlnet['scale']:g}  {count}".rstrip())
     if "weights_sha256" in description:
         print(f"weights     sha256 {description['weights_sha256']}")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..client import TOKEN_ENVIRONMENT, EngineClient, EngineError, resolve_token
 from ..errors import InputError, shown
 from ..files import check_new_directory
-from .arguments import add_request_arguments, check_request_arguments, sampling_arguments
+from .arguments import add_request_arguments, check_request_arguments, control_requests, sampling_arguments
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     check_request_arguments(args)
-    for path in [args.anatomy, args.image, *args.pathology_mask]:
+    controls = control_requests(args)
+    for path in [args.anatomy, args.image, *args.pathology_mask, *(c.source for c in controls)]:
         if path is not None and path.is_dir():
             raise InputError(f"{path} is a directory, not a file.")
         if path is not None and not path.is_file():
@@ -55,7 +56,8 @@ def run(args) -> int:
         raise InputError(str(error)) from None
     try:
         job = client.submit(args.anatomy, list(zip(args.pathology_mask, args.finding)), args.image,
-                            seed=args.seed, push_to=args.push_to, source=source, **sampling_arguments(args))
+                            seed=args.seed, push_to=args.push_to, source=source,
+                            controls=[(c.name, c.source, c.scale) for c in controls], **sampling_arguments(args))
         print(f"Job {job['id']} queued (seed {job['parameters']['seed']}).", file=sys.stderr)
         for warning in job.get("warnings", []):
             print(f"warning: {shown(warning, 500)}", file=sys.stderr)

@@ -50,7 +50,7 @@ from pydicom.sr.coding import Code
 
 from .. import __version__
 from ..errors import InputError
-from ..vocabulary import anatomy_entry, finding_entry, removal_region_entry
+from ..vocabulary import anatomy_entry, attention_region_entry, finding_entry, removal_region_entry
 
 MANUFACTURER = "XRealSlicer project"
 MODEL_NAME = "xreal-engine"
@@ -94,28 +94,36 @@ class XRayImage:
 
 @dataclass
 class SegmentSpec:
-    """One SEG segment: a binary mask on the SC grid and exactly one of an anatomy label, a finding or ``removal``.
+    """One SEG segment: a binary mask on the SC grid and exactly one of an anatomy label, a finding, ``removal``
+    or ``attention``.
 
     ``removal`` marks an edit-mode region that was inpainted to remove a finding: it is one of the
     masks that produced the image, so it is recorded too, coded as an imaging region of interest.
+    ``attention`` marks where the attention control's map is high (io/controls.py), coded as saliency.
     """
 
     mask: np.ndarray
     label: int | None = None
     finding: str | None = None
     removal: bool = False
+    attention: bool = False
 
     @property
     def kind(self) -> str:
-        """'anatomy', 'pathology' or 'removed' (the ``kind`` in segments.json)."""
+        """'anatomy', 'pathology', 'removed' or 'attention' (the ``kind`` in segments.json)."""
+        if self.attention:
+            return "attention"
         return "anatomy" if self.label is not None else "pathology" if self.finding is not None else "removed"
 
     def vocabulary_entry(self) -> dict:
         """Name, codes and colour of this segment from the vocabulary; InputError unless exactly one meaning is set."""
-        if (self.label is not None) + (self.finding is not None) + bool(self.removal) != 1:
-            raise InputError("A segment must have exactly one of an anatomy label, a finding or the removal flag.")
+        if (self.label is not None) + (self.finding is not None) + bool(self.removal) + bool(self.attention) != 1:
+            raise InputError("A segment must have exactly one of an anatomy label, a finding, the removal flag or "
+                             "the attention flag.")
         if self.label is not None:
             return anatomy_entry(self.label)
+        if self.attention:
+            return attention_region_entry()
         return finding_entry(self.finding) if self.finding is not None else removal_region_entry()
 
 
@@ -414,7 +422,7 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
             raise InputError(f"Segment mask {index} has shape {mask.shape} but the image is {shape[0]}x{shape[1]}.")
         if mask.any():
             kept.append(SegmentSpec(mask=mask.astype(bool), label=spec.label, finding=spec.finding,
-                                    removal=spec.removal))
+                                    removal=spec.removal, attention=spec.attention))
     if not kept:
         raise InputError("There is no non-empty segment to write into the DICOM SEG.")
     descriptions = [_segment_description(number, spec) for number, spec in enumerate(kept, start=1)]

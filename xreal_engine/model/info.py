@@ -14,6 +14,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..control_spec import CONTROL_NAMES, check_scale
 from ..errors import InputError, ModelError, shown
 from .sampling import XREAL_DEFAULTS, check_model_defaults
 
@@ -23,6 +24,20 @@ COMPONENTS = ("vae", "anatomy_controller", "unet", "text_encoder", "tokenizer", 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 
 DEFAULT_ANATOMY_LABELS = {"1": "left lung", "2": "right lung", "3": "heart", "4": "aorta"}
+# Optional ControlNets live beside the components as controlnet_<name>/ (diffusers ControlNetModel folders);
+# xreal_model.json lists them ("controlnets": {"sobel": {"scale": 1.0}}) with their default scale.
+CONTROLNET_PREFIX = "controlnet_"
+
+
+def missing_controlnet_sentence(name: str, have) -> str:
+    """The one sentence for a control whose ControlNet the model lacks."""
+    return (f"This model has no {shown(name)} ControlNet (its ControlNets: {', '.join(have) or 'none'}); "
+            "give another control or a model that has one.")
+
+
+def controlnet_folder(name: str) -> str:
+    """The folder of control ``name``'s ControlNet inside a model directory."""
+    return f"{CONTROLNET_PREFIX}{name}"
 
 
 @dataclass
@@ -40,6 +55,7 @@ class ModelInfo:
     defaults: dict = field(default_factory=lambda: dict(XREAL_DEFAULTS))
     field_of_view_mm: float = 400.0
     format_version: int = FORMAT_VERSION
+    controlnets: dict = field(default_factory=dict)  # control name -> default scale (optional ControlNets)
 
     def __post_init__(self):
         self.validate()
@@ -81,10 +97,29 @@ class ModelInfo:
             fail(f"defaults: {error}".rstrip("."))
         if not isinstance(self.field_of_view_mm, (int, float)) or not self.field_of_view_mm > 0:
             fail(f"field_of_view_mm must be a positive number, not {self.field_of_view_mm!r}")
+        if not isinstance(self.controlnets, dict):
+            fail("controlnets must be a mapping of control name to {\"scale\": default scale}")
+        scales = {}
+        for name, entry in self.controlnets.items():
+            if name not in CONTROL_NAMES:
+                fail(f"controlnets: {shown(name)!r} is not a control ({', '.join(CONTROL_NAMES)})")
+            scale = entry.get("scale", 1.0) if isinstance(entry, dict) else entry
+            try:
+                scales[name] = check_scale(scale, name)
+            except InputError as error:
+                fail(f"controlnets: {error}".rstrip("."))
+        self.controlnets = scales
 
     @property
     def pixel_spacing_mm(self) -> float:
         return float(self.field_of_view_mm) / self.image_size
+
+    def controlnet_scale(self, name: str, scale=None) -> float:
+        """The scale control ``name`` runs at: ``scale`` (checked) or the model's default; InputError when this
+        model has no ControlNet for it (the one sentence for that, before and after loading)."""
+        if name not in self.controlnets:
+            raise InputError(missing_controlnet_sentence(name, self.controlnets))
+        return self.controlnets[name] if scale is None else check_scale(scale, name)
 
     def label_values(self) -> list[int]:
         """Anatomy label values this model knows (background 0 excluded)."""
@@ -94,7 +129,10 @@ class ModelInfo:
         data = asdict(self)
         order = ["format_version", "model_id", "description", "image_size", "latent_size", "scale_factor",
                  "anatomy_labels", "label_warnings", "findings", "defaults", "field_of_view_mm"]
-        return {key: data[key] for key in order}
+        result = {key: data[key] for key in order}
+        if self.controlnets:  # only models with ControlNets carry the key (older files stay byte-identical)
+            result["controlnets"] = {name: {"scale": scale} for name, scale in self.controlnets.items()}
+        return result
 
     def save(self, model_dir: str | Path) -> Path:
         path = Path(model_dir) / MODEL_INFO_FILE
@@ -172,6 +210,11 @@ def check_model_dir(model_dir: str | Path) -> Path:
     missing = [name for name in COMPONENTS if not (model_dir / name).is_dir()]
     if missing:
         raise ModelError(f"{model_dir} is not a complete XReal model directory: missing {', '.join(missing)}.")
+    info = ModelInfo.load(model_dir)
+    for name in info.controlnets:
+        if not (model_dir / controlnet_folder(name) / "config.json").is_file():
+            raise ModelError(f"{model_dir} lists a {name} ControlNet in {MODEL_INFO_FILE} but "
+                             f"{controlnet_folder(name)}/config.json is missing.")
     return model_dir
 
 
@@ -206,12 +249,12 @@ def weights_hash(model_dir: str | Path) -> str:
 
 
 def parameter_counts(model_dir: str | Path) -> dict[str, int]:
-    """Parameters per component, read from the safetensors headers (no weights are loaded)."""
+    """Parameters per component (and per ControlNet folder), read from the safetensors headers (no weights loaded)."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
     counts = {}
-    for component in COMPONENTS:
+    for component in COMPONENTS + tuple(controlnet_folder(name) for name in ModelInfo.load(model_dir).controlnets):
         total = 0
         for path in sorted((model_dir / component).glob("*.safetensors")):
             with safe_open(str(path), framework="numpy") as weights:
@@ -241,7 +284,7 @@ def describe_model(model_dir: str | Path) -> dict:
             name: {"class": index.get(name, [None, None])[1], "parameters": counts.get(name)}
             for name in COMPONENTS
         },
-        "total_parameters": sum(counts.values()),
+        "total_parameters": sum(counts.get(name, 0) for name in COMPONENTS),  # the ControlNets are listed apart
         "tokenizer_vocab_size": sum(1 for _ in vocab.open(encoding="utf-8")) if vocab.is_file() else None,
         "image_size": info.image_size,
         "latent_size": info.latent_size,
@@ -251,4 +294,7 @@ def describe_model(model_dir: str | Path) -> dict:
         "label_warnings": info.label_warnings,
         "findings": info.findings,
         "defaults": info.defaults,
+        "controlnets": {name: {"folder": controlnet_folder(name), "scale": scale,
+                               "parameters": counts.get(controlnet_folder(name))}
+                        for name, scale in info.controlnets.items()},
     }

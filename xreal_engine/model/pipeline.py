@@ -32,8 +32,10 @@ from transformers import BertTokenizer, BertTokenizerFast
 
 from ..errors import InputError, ModelError
 from .architecture import check_xreal_schedule, make_solver, original_alphas_cumprod, set_ddim_timesteps
+from .controlnets import PreparedControl, StageControls, load_controlnets, prepare_controls
 from .info import ModelInfo, canonical_finding, check_model_dir
 from .inputs import anatomy_labels, pathology_mask, square_array
+from .overlay import keep_outside
 from .sampling import SamplingParameters
 
 RNG_MODES = ("generator", "original")
@@ -64,6 +66,7 @@ class Stage:
     prompt: torch.Tensor  # text embedding of the finding ("" for the anatomy stage)
     uncond: Optional[torch.Tensor]  # the empty prompt's embedding when guidance is used, else None
     guidance_scale: float
+    controls: Optional[StageControls] = None  # the ControlNets that steer this stage (None: the UNet alone)
     free_mask: torch.Tensor = field(init=False)  # 1 - known_mask, made once per stage, not once per step
 
     def __post_init__(self):
@@ -121,6 +124,9 @@ class XRealPipeline(DiffusionPipeline):
                 latent_size=latent_size,
             )
         self.model_info = model_info
+        # Optional ControlNets by control name (model/controlnets.py). Not registered modules: they live in
+        # controlnet_<name>/ folders that xreal_model.json lists, beside the diffusers components.
+        self.controlnets = {}
         self._use_original_schedule()
 
     # ------------------------------------------------------------------ loading and saving
@@ -140,6 +146,11 @@ class XRealPipeline(DiffusionPipeline):
         """diffusers layout (safetensors) plus ``xreal_model.json``."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
+        from .info import controlnet_folder
+
+        for name, controlnet in self.controlnets.items():
+            controlnet.save_pretrained(str(Path(save_directory) / controlnet_folder(name)), safe_serialization=True)
+        self.model_info.controlnets = {name: self.model_info.controlnets.get(name, 1.0) for name in self.controlnets}
         self.model_info.save(save_directory)
 
     @classmethod
@@ -154,6 +165,7 @@ class XRealPipeline(DiffusionPipeline):
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelError(f"The model directory {model_dir} cannot be loaded: {first_line}") from None
         pipe.model_info = model_info
+        pipe.controlnets = load_controlnets(model_dir, model_info, pipe.unet)
         return pipe
 
     # ------------------------------------------------------------------ precision
@@ -174,9 +186,18 @@ class XRealPipeline(DiffusionPipeline):
         """
         self.unet.to(dtype=dtype)
         self.text_encoder.to(dtype=dtype)
+        for controlnet in self.controlnets.values():  # residuals are added to the UNet's activations
+            controlnet.to(dtype=dtype)
         for autoencoder in (self.vae, self.anatomy_controller):
             autoencoder.to(dtype=torch.float32)
         return self
+
+    def to(self, *args, **kwargs):
+        """diffusers' ``to`` for the registered components, then the ControlNets onto the UNet's device and dtype."""
+        pipe = super().to(*args, **kwargs)
+        for controlnet in self.controlnets.values():
+            controlnet.to(device=self.unet.device, dtype=self.unet.dtype)
+        return pipe
 
     # ------------------------------------------------------------------ helpers
 
@@ -190,29 +211,37 @@ class XRealPipeline(DiffusionPipeline):
         embedding = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return embedding.to(self.unet.dtype)
 
-    def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale, prompt_pair=None):
+    def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale, prompt_pair=None, controls=None):
         """eps with classifier-free guidance; cond and uncond go through the UNet in ONE batch.
 
         ``prompt_pair``: ``cat([uncond, cond])`` made once per stage instead of once per step.
+        ``controls`` (``StageControls``, model/controlnets.py): the ControlNets' residuals are added to the
+        UNet's down and mid blocks for both halves of the guidance batch; None is the plain UNet call.
         """
         dtype = self.unet.dtype
         if uncond is None:
-            return self.unet(latents.to(dtype), timestep, encoder_hidden_states=cond).sample.float()
-        both = self.unet(
-            torch.cat([latents, latents]).to(dtype), timestep,
-            encoder_hidden_states=torch.cat([uncond, cond]) if prompt_pair is None else prompt_pair,
-        ).sample.float()
-        eps_uncond, eps_cond = both.chunk(2)
+            sample, hidden = latents.to(dtype), cond
+        else:
+            sample = torch.cat([latents, latents]).to(dtype)
+            hidden = torch.cat([uncond, cond]) if prompt_pair is None else prompt_pair
+        residuals = {}
+        if controls is not None:
+            down, mid = controls.residuals(sample, timestep, hidden)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        eps = self.unet(sample, timestep, encoder_hidden_states=hidden, **residuals).sample.float()
+        if uncond is None:
+            return eps
+        eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     def ddim_step(self, latents, t: int, t_device, cond, uncond, guidance_scale: float, eta: float, noise,
-                  prompt_pair=None):
+                  prompt_pair=None, controls=None):
         """One step of the original's ``p_sample_ddim``: returns (x_prev, pred_x0).
 
         ``t`` is the timestep as an int (scheduler arithmetic), ``t_device`` the same on the device (UNet).
         The scheduler must have had ``set_timesteps`` called. ``noise`` is used only when eta > 0.
         """
-        eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale, prompt_pair)
+        eps = self._predict_noise(latents, t_device, cond, uncond, guidance_scale, prompt_pair, controls)
         step = self.scheduler.step(eps, t, latents, eta=eta, variance_noise=noise)
         return step.prev_sample, step.pred_original_sample
 
@@ -273,7 +302,7 @@ class XRealPipeline(DiffusionPipeline):
                 latents = self._hold(stage, x0, latents, t, draw)
             # Drawn at every step, also at eta 0, to keep the original's random-number stream.
             latents, _ = self.ddim_step(latents, t, t_device, stage.prompt, stage.uncond, stage.guidance_scale,
-                                        params.eta, draw("ddim", latents.shape), prompt_pair)
+                                        params.eta, draw("ddim", latents.shape), prompt_pair, stage.controls)
             if callback is not None:
                 callback(stage.name, i + 1, steps)
         return latents
@@ -300,7 +329,8 @@ class XRealPipeline(DiffusionPipeline):
         if stage.masked_steps > 0:
             latents = self._hold(stage, x0, latents, host_timesteps[0], draw)
         for i, t in enumerate(timesteps):
-            eps = self._predict_noise(latents, t, stage.prompt, stage.uncond, stage.guidance_scale, prompt_pair)
+            eps = self._predict_noise(latents, t, stage.prompt, stage.uncond, stage.guidance_scale, prompt_pair,
+                                      stage.controls)
             latents = scheduler.step(eps, t, latents).prev_sample
             if i + 1 < min(stage.masked_steps, steps):
                 latents = self._hold(stage, x0, latents, host_timesteps[i + 1], draw)
@@ -362,6 +392,7 @@ class XRealPipeline(DiffusionPipeline):
         callback: Optional[Callable[[str, int, int], None]] = None,
         parameters: Optional[SamplingParameters] = None,
         sampler: Optional[str] = None,
+        controls: Optional[Sequence[PreparedControl]] = None,
     ) -> XRealPipelineOutput:
         """Generate one image (see docs/architecture.md). Unset settings take the model's defaults.
 
@@ -373,6 +404,9 @@ class XRealPipeline(DiffusionPipeline):
         ``sampler``: "ddim" (XReal's, the default), "dpmpp" or "unipc" (diffusers' multistep solvers).
         ``parameters`` (already resolved, e.g. by ``generate``) replaces the single settings;
         otherwise they are resolved by the one sampling policy (``model/sampling.py``).
+        ``controls``: [PreparedControl(name, map (1, 1, S, S) or (S, S) in [0, 1], scale or None)], each
+        needing this model's ControlNet of that name; they steer the stages ``parameters.control_stages``
+        names (model/controlnets.py). None or empty: the UNet alone, exactly as without ControlNets.
         """
         info = self.model_info
         # 1. Check inputs: sampling settings by the one policy, then masks, findings and the source image.
@@ -395,6 +429,7 @@ class XRealPipeline(DiffusionPipeline):
             raise InputError("An anatomy label map is required unless an image to edit is given.")
         else:
             labels = anatomy_labels(anatomy, info)
+        controls = prepare_controls(controls, self.controlnets, info)
         draw = self._noise_source(rng, generator)
 
         # 2. Encode prompts: each distinct prompt once per image, the empty prompt once per pipeline.
@@ -410,7 +445,7 @@ class XRealPipeline(DiffusionPipeline):
         out_of_memory = False
         try:
             current, x_hat, x_a_gen = self._stages(None if edit_mode else labels, source if edit_mode else None,
-                                                   regions, parameters, embed, draw, callback)
+                                                   regions, parameters, embed, draw, callback, controls)
         except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; so is a failed CPU allocation
             if not is_out_of_memory(error):
                 raise
@@ -431,10 +466,17 @@ class XRealPipeline(DiffusionPipeline):
             x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc,
         )
 
-    def _stages(self, labels, source, regions, parameters, embed, draw, callback):
+    def _stages(self, labels, source, regions, parameters, embed, draw, callback, controls=()):
         """Sections 3-5 of ``__call__``: returns (x_p_gen, x_hat, x_a_gen) as (1, 3, S, S) tensors."""
         device = self.device
         x_hat = x_a_gen = None
+        # The ControlNets, their maps and scales on the device once per image, for the stages they steer.
+        stage_controls = None
+        if controls:
+            stage_controls = StageControls([self.controlnets[c.name] for c in controls], controls, device,
+                                           self.unet.dtype)
+        anatomy_controls = stage_controls if parameters.controls_in("anatomy") else None
+        pathology_controls = stage_controls if parameters.controls_in("pathology") else None
         if source is not None:
             current = source.to(device)[None, None].repeat(1, 3, 1, 1)
         else:
@@ -443,7 +485,8 @@ class XRealPipeline(DiffusionPipeline):
             # 4. Anatomy stage: x_hat re-generated unconditionally, the anatomy held by a soft mask
             #    (1 on the organs, soft_mask_value elsewhere) for the first anatomy_steps steps.
             soft_mask = torch.where(anatomy_latent_mask > 0, 1.0, parameters.soft_mask_value)
-            anatomy_stage = Stage("anatomy", x_hat, soft_mask, parameters.anatomy_steps, embed(""), None, 1.0)
+            anatomy_stage = Stage("anatomy", x_hat, soft_mask, parameters.anatomy_steps, embed(""), None, 1.0,
+                                  anatomy_controls)
             x_a_gen = current = self._run_stage(anatomy_stage, parameters, draw, callback)
 
         # 5. Pathology stages: each region re-generated with its finding under classifier-free guidance,
@@ -455,8 +498,11 @@ class XRealPipeline(DiffusionPipeline):
                 image=current, known_mask=(1 - region.to(device))[None, None],
                 masked_steps=parameters.num_inference_steps, prompt=embed(finding),
                 uncond=embed("") if use_guidance else None, guidance_scale=parameters.guidance_scale,
+                controls=pathology_controls,
             )
-            current = self._run_stage(stage, parameters, draw, callback)
+            previous, current = current, self._run_stage(stage, parameters, draw, callback)
+            if parameters.keep_outside_region:  # post-decode overlay (model/overlay.py); off in XReal
+                current = keep_outside(previous, current, region)
 
         return current, x_hat, x_a_gen
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import vocabulary
+from ..control_spec import check_name
 from ..errors import ModelError
 from .architecture import component_configs
 from .info import ModelInfo
@@ -28,11 +29,19 @@ def _vocab_words(findings: list[str]) -> list[str]:
     return words
 
 
-def create_random_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, model_id: str | None = None) -> Path:
+CONTROLNET_INITS = ("zero", "random")
+# A "random" ControlNet's zero convolutions get weights of this standard deviation: enough to move the image.
+RANDOM_CONTROLNET_STD = 0.05
+
+
+def create_random_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, model_id: str | None = None,
+                        controlnets=(), controlnet_init: str = "random") -> Path:
     """Write a complete, randomly initialised model directory (it generates noise-like images).
 
     For tests and benchmarks of everything around the sampler: it loads and runs
-    exactly like a trained model, at the preset's geometry.
+    exactly like a trained model, at the preset's geometry. ``controlnets``: control names that get a
+    ControlNet (``controlnet_<name>/``, default scale 1); ``controlnet_init`` "zero" leaves them as
+    freshly made (zero output convolutions: no effect), "random" fills those convolutions with noise.
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -74,5 +83,28 @@ def create_random_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0
     )
     pipe = XRealPipeline(vae=vae, anatomy_controller=anatomy_controller, unet=unet, text_encoder=text_encoder,
                          tokenizer=tokenizer, scheduler=scheduler, model_info=info)
+    if controlnet_init not in CONTROLNET_INITS:
+        raise ModelError(f"controlnet_init must be one of {', '.join(CONTROLNET_INITS)}, not {controlnet_init!r}.")
+    factor = info.image_size // info.latent_size
+    for name in controlnets:
+        pipe.controlnets[check_name(name)] = _random_controlnet(unet, factor, controlnet_init)
+    info.controlnets = {name: 1.0 for name in pipe.controlnets}
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+def _random_controlnet(unet, factor: int, init: str):
+    """A ControlNet made from ``unet``; with ``init="random"`` its zero convolutions are filled with noise."""
+    import torch
+
+    from .controlnets import make_controlnet
+
+    controlnet = make_controlnet(unet, factor)
+    if init == "random":
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for conv in zero_convs:
+                conv.weight.normal_(0.0, RANDOM_CONTROLNET_STD)
+                conv.bias.normal_(0.0, RANDOM_CONTROLNET_STD)
+    return controlnet.eval()

@@ -6,7 +6,7 @@ settings (and, with the same seed, the same image) however it arrives, and a bad
 refused with the same sentence everywhere.
 
 The rule that once lived in four places: the anatomy stage holds the drawn anatomy for the
-*fraction* of the schedule that the model's defaults give (80 of 100 steps for the demo model,
+*fraction* of the schedule that the model's defaults give (85 of 100 steps for the demo model,
 50 of 100 in XReal). A request that changes only the step count keeps that fraction, like
 diffusers' ControlNet pipelines keep ``control_guidance_end`` as a fraction of the schedule.
 
@@ -30,6 +30,10 @@ SAMPLERS = ("ddim", "dpmpp", "unipc")
 # The documented fast preset (--fast): what it sets unless the request sets it too. Measured on the demo
 # model in benchmarks/README.md and the model card.
 FAST_PRESET = {"sampler": "dpmpp", "num_inference_steps": 15}
+# Which stages the ControlNets (controls, model/controlnets.py) steer: the anatomy stage, the pathology
+# stages, or both (the default: a radiomics map or an attention map describes the whole final image).
+CONTROL_STAGES = ("anatomy", "pathology", "both")
+DEFAULT_CONTROL_STAGES = "both"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,19 @@ MODEL_DEFAULT_NAMES = ("num_inference_steps", "anatomy_steps", "eta", "guidance_
 # The original XReal sampling settings (design.md section 3).
 XREAL_DEFAULTS = {"num_inference_steps": 100, "anatomy_steps": 50, "eta": 1.0, "guidance_scale": 7.0,
                   "soft_mask_value": 0.2}
+# On/off settings (public name = field name) a model's defaults may also set; absent = off, as XReal.
+# keep_outside_region: after each pathology stage, keep the previous image's pixels outside the feathered
+# region (post-decode overlay, like diffusers' VaeImageProcessor.apply_overlay for inpainting): the
+# pathology stage re-encodes the whole image, and one encode/decode alone changes every pixel a little
+# (model/overlay.py). XReal does not do this, so converted official models keep it off.
+SWITCHES = {"keep_outside_region": "keep-outside-region option"}
+
+
+def public_names() -> tuple:
+    """Every public name :meth:`SamplingParameters.from_public` takes (CLI flags, HTTP fields, manifest
+    columns), the seed included: the numeric settings, the choices and the switches."""
+    return tuple(setting.public_name for setting in SETTINGS.values()) + ("sampler", "fast", "control_stages") \
+        + tuple(SWITCHES)
 
 
 def _shown(value) -> str:
@@ -84,15 +101,25 @@ def _shown(value) -> str:
 
 def check_model_defaults(defaults: Mapping) -> dict:
     """A model's ``defaults`` completed with XReal's and checked by the same ranges; InputError otherwise."""
-    unknown = sorted(set(defaults) - set(MODEL_DEFAULT_NAMES))
+    known = MODEL_DEFAULT_NAMES + tuple(SWITCHES)
+    unknown = sorted(set(defaults) - set(known))
     if unknown:
-        raise InputError(f"The sampling defaults have unknown settings {unknown} (known: {', '.join(MODEL_DEFAULT_NAMES)}).")
+        raise InputError(f"The sampling defaults have unknown settings {unknown} (known: {', '.join(known)}).")
     merged = {**XREAL_DEFAULTS, **defaults}
     checked = {name: SETTINGS[name].check(merged[name]) for name in MODEL_DEFAULT_NAMES}
+    # Switches stay absent unless the model sets them, so existing xreal_model.json files read back unchanged.
+    checked.update({name: check_switch(name, defaults[name]) for name in SWITCHES if name in defaults})
     steps = checked["num_inference_steps"]
     checked["anatomy_steps"] = SETTINGS["anatomy_steps"].check(checked["anatomy_steps"], steps,
                                                                f"the number of steps ({steps})")
     return checked
+
+
+def check_switch(name: str, value) -> bool:
+    """An on/off setting's value, or InputError with the one sentence for it."""
+    if value is not True and value is not False:
+        raise InputError(f"The {SWITCHES[name]} ('{name}') must be true or false; got {_shown(value)}.")
+    return value
 
 
 def anatomy_steps_for(steps: int, defaults: Mapping) -> int:
@@ -112,10 +139,17 @@ class SamplingParameters:
     soft_mask_value: float
     seed: Optional[int] = None  # None only where a torch.Generator is passed instead (the pipeline)
     sampler: str = "ddim"
+    control_stages: str = DEFAULT_CONTROL_STAGES  # where controls apply; no effect without controls
+    keep_outside_region: bool = False  # post-decode overlay after pathology stages (SWITCHES)
+
+    def controls_in(self, stage: str) -> bool:
+        """Whether the controls steer ``stage`` ("anatomy" or "pathology")."""
+        return self.control_stages in (stage, "both")
 
     @classmethod
     def resolve(cls, defaults: Mapping, *, num_inference_steps=None, anatomy_steps=None, guidance_scale=None,
-                eta=None, soft_mask_value=None, seed=None, sampler=None, fast: bool = False) -> "SamplingParameters":
+                eta=None, soft_mask_value=None, seed=None, sampler=None, fast: bool = False,
+                control_stages=None, keep_outside_region=None) -> "SamplingParameters":
         """Fill what the request leaves unset from the model's ``defaults`` and check every rule.
 
         Unset anatomy steps follow the step count (the model's fraction of the schedule);
@@ -143,13 +177,19 @@ class SamplingParameters:
             values["anatomy_steps"] = SETTINGS["anatomy_steps"].check(anatomy_steps, steps,
                                                                       f"the number of steps ({steps})")
         values["seed"] = None if seed is None else SETTINGS["seed"].check(seed)
-        return cls(**values, sampler=sampler)
+        control_stages = DEFAULT_CONTROL_STAGES if control_stages is None else control_stages
+        if control_stages not in CONTROL_STAGES:
+            raise InputError(f"The control stages ('control_stages') must be one of {', '.join(CONTROL_STAGES)}; "
+                             f"got {_shown(control_stages)}.")
+        keep = defaults.get("keep_outside_region", False) if keep_outside_region is None else keep_outside_region
+        return cls(**values, sampler=sampler, control_stages=control_stages,
+                   keep_outside_region=check_switch("keep_outside_region", keep))
 
     @classmethod
     def from_public(cls, defaults: Mapping, values: Mapping) -> "SamplingParameters":
         """Resolve from public names (``steps``, ``guidance``, ...: CLI flags and HTTP fields); None = unset."""
         by_public = {setting.public_name: name for name, setting in SETTINGS.items()}
-        by_public.update(sampler="sampler", fast="fast")
+        by_public.update({name: name for name in public_names() if name not in by_public})
         unknown = sorted(set(values) - set(by_public))
         if unknown:
             raise InputError(f"Unknown sampling settings {unknown}; known: {', '.join(by_public)}.")
@@ -179,4 +219,5 @@ def limits() -> dict:
 
 def choices() -> dict:
     """The settings that are a choice, and the fast preset, for ``GET /info`` and user interfaces."""
-    return {"sampler": list(SAMPLERS), "fast_preset": dict(FAST_PRESET)}
+    return {"sampler": list(SAMPLERS), "fast_preset": dict(FAST_PRESET), "control_stages": list(CONTROL_STAGES),
+            **{name: [False, True] for name in SWITCHES}}

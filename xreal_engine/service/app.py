@@ -20,8 +20,9 @@ to load or storage unavailable, 507 disk full. Uploads are stored under names th
 chooses; a client's filename is never used as a path.
 
 Files, lower to higher (each imports only files named before it): settings, errors, spec,
-store, worker, uploads, pacs_access, middleware, views, dependencies, routes_engine,
-routes_jobs, app, serve.
+store, worker, uploads, pacs_access, middleware, views, dependencies, batches, routes_engine,
+routes_jobs, routes_batches, app, serve. Batches (``batches.py``) are many jobs from one manifest, checked by
+``batch/manifest.py`` like generate-batch's.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from . import routes_engine, routes_jobs
+from . import routes_batches, routes_engine, routes_jobs
+from .batches import BatchService
 from .dependencies import EngineContext
 from .errors import install_error_handlers
 from .middleware import GuardMiddleware
@@ -70,6 +72,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         )
         service.start()
         app.state.service = service
+        app.state.batches = BatchService(service, model_info, model_dir, data_dir)
         try:
             yield
         finally:
@@ -95,4 +98,5 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes_engine.router, prefix=API_PREFIX)
     app.include_router(routes_jobs.router, prefix=API_PREFIX)
+    app.include_router(routes_batches.router, prefix=API_PREFIX)
     return app

@@ -25,15 +25,17 @@ FIELD_DESCRIPTIONS = {
     "pathology": "a pathology mask file",
     "finding": "a finding name",
     "image": "the image to edit",
+    "manifest": "the batch manifest, a CSV or JSONL file",
 }
 
 
 class ApiError(Exception):
     """A refusal that becomes a JSON error response."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, details: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.details = details or {}  # more keys of the error object, e.g. a manifest's "rows" problems
 
 
 class BodyRefused(StarletteHTTPException):
@@ -54,8 +56,10 @@ def storage_refusal(error: StorageError | OSError, data_dir: Path | None = None)
                     {"Retry-After": "30"})
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def error_response(status: int, code: str, message: str, headers: dict | None = None,
+                   details: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {**(details or {}), "code": code, "message": message}}, status_code=status,
+                        headers=headers)
 
 
 def scrub(message: str, folder: Path) -> str:
@@ -67,7 +71,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
         log.info("refused %s %s: %d %s", request.method, request.url.path, error.status, error.code)  # no content
-        return error_response(error.status, error.code, error.message, error.headers)
+        return error_response(error.status, error.code, error.message, error.headers, error.details)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):

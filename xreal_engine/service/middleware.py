@@ -10,8 +10,8 @@ BaseHTTPMiddleware) so server-sent events stream freely. In order:
 4. Shape: a state-changing request (POST, PUT, PATCH, DELETE) must be one a browser would
    have to ask permission for first (a CORS preflight, never granted to other origins): it
    carries ``Authorization``, ``X-XReal-Client`` or a JSON body.
-5. Body: ``POST /jobs`` needs a Content-Length up to ``--max-upload-bytes`` and a complete
-   multipart body (its closing boundary); every other request at most ``MAX_SMALL_BODY_BYTES``,
+5. Body: ``POST /jobs`` and ``POST /batches`` (the uploads) need a Content-Length up to ``--max-upload-bytes``
+   and a complete multipart body (its closing boundary); every other request at most ``MAX_SMALL_BODY_BYTES``,
    counted as it arrives when there is no Content-Length.
 """
 
@@ -25,6 +25,7 @@ from .errors import BodyRefused, error_response
 from .settings import API_PREFIX, CLIENT_HEADER, MAX_SMALL_BODY_BYTES, ServiceSettings
 
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+UPLOAD_PATHS = (f"{API_PREFIX}/jobs", f"{API_PREFIX}/batches")  # POSTed as multipart with files
 
 
 def token_matches(expected: str | None, authorization: str | None) -> bool:
@@ -101,19 +102,20 @@ class GuardMiddleware:
                 "this keeps web pages from using the engine.")
         length = headers.get("content-length")
         limit, too_large = self._body_limit(scope)
-        if method == "POST" and path == f"{API_PREFIX}/jobs" and (length is None or not length.isdigit()):
+        if method == "POST" and path in UPLOAD_PATHS and (length is None or not length.isdigit()):
             return error_response(411, "length_required",
-                                  "Send the job as a multipart request with a Content-Length header.")
+                                  f"Send the {'batch' if path.endswith('/batches') else 'job'} as a multipart "
+                                  "request with a Content-Length header.")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return error_response(413, "too_large", too_large)
         return None
 
     def _body_limit(self, scope) -> tuple[int, str]:
         """(most bytes the request's body may have, the sentence refusing more)."""
-        if scope.get("method") == "POST" and scope.get("path") == f"{API_PREFIX}/jobs":
+        if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:
             return self.settings.max_upload_bytes, (
                 f"The upload is larger than this engine accepts: at most {self.settings.max_upload_bytes} bytes "
-                "per job. Use smaller or compressed files.")
+                "per job or batch. Use smaller or compressed files (or split the batch).")
         return MAX_SMALL_BODY_BYTES, (f"The request body is too large: {shown(scope.get('path', ''), 80)} takes at "
                                       f"most {MAX_SMALL_BODY_BYTES} bytes (only job submissions carry files).")
 
@@ -121,7 +123,7 @@ class GuardMiddleware:
         """``receive`` that refuses a too-long body (no Content-Length) or a multipart body without its end."""
         limit, too_large = self._body_limit(scope)
         boundary = None
-        if scope.get("method") == "POST" and scope.get("path") == f"{API_PREFIX}/jobs":
+        if scope.get("method") == "POST" and scope.get("path") in UPLOAD_PATHS:
             boundary = _multipart_boundary(headers.get("content-type", ""))
         close = b"--" + boundary + b"--" if boundary else None
         state = {"received": 0, "tail": b"", "closed": close is None}

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Body, Depends, File, Form, Query, Request, Respon
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
+from ..control_spec import ControlRequest, check_requests, needs_file, parse_name_and_scale
 from ..errors import InputError, XRealError, shown
 from ..model.sampling import MAX_SEED, SamplingParameters
 from .dependencies import EngineContext, context_of, job_or_404, protected, service_of
@@ -26,7 +27,7 @@ from .pacs_access import fetch_source, require_pacs
 from .settings import MAX_PATHOLOGIES
 from .spec import JobSpec, prepare_job
 from .store import FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, QueueFull, new_job_id
-from .uploads import store_upload
+from .uploads import store_control_upload, store_upload
 from .views import describe_job
 from .worker import JobService
 
@@ -36,7 +37,8 @@ SSE_REPEAT_SECONDS = 1.0
 # The fields of POST /jobs (submit_job's form parameters); any other field name is refused, so that
 # a misspelt setting ("step") is never silently replaced by the model's default.
 JOB_FIELDS = ("anatomy", "pathology", "finding", "image", "seed", "steps", "anatomy_steps", "guidance", "eta",
-              "sampler", "fast", "request_id", "push_to", "source", "study", "series", "instance")
+              "sampler", "fast", "request_id", "push_to", "source", "study", "series", "instance", "control",
+              "control_file", "control_stages", "keep_outside_region")
 
 router = APIRouter()
 
@@ -75,6 +77,10 @@ def submit_job(
     study: Optional[str] = Form(None, description="With 'source': Study Instance UID."),
     series: Optional[str] = Form(None, description="With 'source': Series Instance UID."),
     instance: Optional[str] = Form(None, description="With 'source': SOP Instance UID (optional)."),
+    control: list[str] = Form([], description="A ControlNet to steer with, NAME or NAME:SCALE (repeat the field): sobel, canny, texture, lungs, attention; scale 0..2 (default: the model's)."),
+    control_file: list[UploadFile] = File([], description="The file of each 'control' that takes one, in the same order (lungs takes none): a reference X-ray for sobel/canny/texture, a map image or a fixation CSV (x,y,duration) for attention."),
+    control_stages: Optional[str] = Form(None, description="The stages the controls steer: anatomy, pathology or both (the default)."),
+    keep_outside_region: Optional[bool] = Form(None, description="Keep the previous image outside each feathered pathology region (default: the model's; off in XReal)."),
 ):
     context, service = context_of(request), service_of(request)
     if request_id is not None and not REQUEST_ID_PATTERN.match(request_id):
@@ -104,9 +110,11 @@ def submit_job(
     try:  # the one sampling policy: same defaults, rules and sentences as the CLI
         parameters = SamplingParameters.from_public(context.model_info.defaults, {
             "seed": secrets.randbelow(MAX_SEED + 1) if seed is None else seed, "steps": steps,
-            "anatomy_steps": anatomy_steps, "guidance": guidance, "eta": eta, "sampler": sampler, "fast": fast})
+            "anatomy_steps": anatomy_steps, "guidance": guidance, "eta": eta, "sampler": sampler, "fast": fast,
+            "control_stages": control_stages, "keep_outside_region": keep_outside_region})
     except InputError as error:
         raise ApiError(422, "parameter_out_of_range", str(error)) from None
+    controls = _control_uploads(context, control, control_file)
     if push_to:
         require_pacs(context.pacs, context.pacs_config, push_to, "destination", "push_to")
 
@@ -115,7 +123,7 @@ def submit_job(
     try:
         folder.mkdir()
         spec = _stored_spec(context, folder, parameters, anatomy, list(zip(pathology, finding)), image, push_to,
-                            source, study, series, instance)
+                            source, study, series, instance, controls)
         try:
             spec, prepared = prepare_job(spec, folder, context.model_info)
         except XRealError as error:  # the shared validation (masks, labels, shapes, findings), without the model
@@ -246,8 +254,32 @@ async def job_events(request: Request, job_id: str):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _control_uploads(context: EngineContext, fields: list, files: list) -> list:
+    """(name, upload or None, scale) per ``control`` field, paired in order with the ``control_file`` uploads of
+    the controls that take a file; names, scales and the model's ControlNets checked before anything is stored."""
+    try:
+        parsed = [parse_name_and_scale(text) for text in fields]
+        for name, scale in parsed:
+            context.model_info.controlnet_scale(name, scale)
+    except InputError as error:
+        raise ApiError(422, "invalid_control", str(error)) from None
+    with_file = [name for name, _ in parsed if needs_file(name)]
+    if len(with_file) != len(files):
+        raise ApiError(400, "control_files_mismatch",
+                       f"Send one 'control_file' per control that takes a file, in the same order ({len(with_file)} "
+                       f"such controls, {len(files)} files); lungs takes none.")
+    uploads = iter(files)
+    controls = [(name, next(uploads) if needs_file(name) else None, scale) for name, scale in parsed]
+    try:  # the same control twice, and the same checks as the CLI's (a placeholder stands for each upload)
+        check_requests([ControlRequest(name, Path("upload") if upload else None, scale)
+                        for name, upload, scale in controls])
+    except InputError as error:
+        raise ApiError(422, "invalid_control", str(error)) from None
+    return controls
+
+
 def _stored_spec(context: EngineContext, folder: Path, parameters: SamplingParameters, anatomy, regions, image,
-                 push_to, source, study, series, instance) -> JobSpec:
+                 push_to, source, study, series, instance, controls=()) -> JobSpec:
     """Store the uploads (or fetch the PACS source) in ``folder``: the spec before validation."""
     anatomy_name = store_upload(anatomy, "anatomy upload", "anatomy", folder) if anatomy else None
     pathologies = [(store_upload(upload, f"pathology mask {k}", f"pathology-{k}", folder), name)
@@ -257,8 +289,10 @@ def _stored_spec(context: EngineContext, folder: Path, parameters: SamplingParam
     if source is not None:
         image_name, source_record = fetch_source(context.pacs, context.pacs_config, source, study, series, instance,
                                                  folder)
+    stored_controls = [(name, store_control_upload(upload, name, f"control-{k}", folder) if upload else None, scale)
+                       for k, (name, upload, scale) in enumerate(controls, start=1)]
     return JobSpec.build(anatomy=anatomy_name, pathologies=pathologies, image=image_name, parameters=parameters,
-                         push_to=push_to, source=source_record)
+                         push_to=push_to, source=source_record, controls=stored_controls)
 
 
 def _sse(event: str, data: dict) -> str:

@@ -25,6 +25,17 @@ class PacsSource:
 
 
 @dataclass(frozen=True)
+class BatchMember:
+    """A job that is one row of a batch (``routes_batches.py``): which batch and row, and its quality check."""
+
+    batch_id: str
+    row: int  # where the row starts in its manifest
+    name: str  # the row's result name (images/<name>/ in the batch's dataset)
+    quality_check: bool = True  # the shipped segmenter's Dice into provenance["quality"] (batch/quality.py)
+    min_dice: Optional[float] = None  # refuse (drop) an image below it
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One job: its stored input files, resolved sampling parameters and what to do with the result."""
 
@@ -36,17 +47,21 @@ class JobSpec:
     expected_steps: int  # diffusion steps over all stages, for progress and ETA
     push_to: Optional[str] = None  # a configured PACS destination for the result
     source: Optional[PacsSource] = None
+    batch: Optional[BatchMember] = None  # set with dataclasses.replace after build
+    # (control name, stored file name or None for lungs, scale or None = the model's): ControlNets to steer with
+    controls: tuple[tuple[str, Optional[str], Optional[float]], ...] = ()
 
     @classmethod
     def build(cls, *, anatomy: Optional[str], pathologies, image: Optional[str], parameters: SamplingParameters,
-              push_to: Optional[str] = None, source: Optional[PacsSource] = None) -> "JobSpec":
+              push_to: Optional[str] = None, source: Optional[PacsSource] = None, controls=()) -> "JobSpec":
         """A spec whose mode and step count follow from its inputs: one stage per region, plus anatomy."""
         pathologies = tuple((name, finding) for name, finding in pathologies)
         edit = image is not None
         stages = len(pathologies) + (0 if edit else 1)
         return cls(anatomy=anatomy, pathologies=pathologies, image=image, parameters=parameters,
                    mode="edit" if edit else "generate", expected_steps=stages * parameters.num_inference_steps,
-                   push_to=push_to or None, source=source)
+                   push_to=push_to or None, source=source,
+                   controls=tuple((name, file, scale) for name, file, scale in controls))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -55,15 +70,19 @@ class JobSpec:
     def from_json(cls, text: str) -> "JobSpec":
         data = json.loads(text)
         source = data.get("source")
-        return cls(anatomy=data.get("anatomy"),
+        batch = data.get("batch")
+        return cls(batch=BatchMember(**batch) if batch else None,
+                   anatomy=data.get("anatomy"),
                    pathologies=tuple((name, finding) for name, finding in data.get("pathologies", ())),
                    image=data.get("image"), parameters=SamplingParameters(**data["parameters"]),
                    mode=data["mode"], expected_steps=int(data.get("expected_steps") or 0),
-                   push_to=data.get("push_to"), source=PacsSource(**source) if source else None)
+                   push_to=data.get("push_to"), source=PacsSource(**source) if source else None,
+                   controls=tuple((name, file, scale) for name, file, scale in data.get("controls", ())))
 
 
 def generation_request(spec: JobSpec, inputs_dir: Path):
     """The ``generate.GenerationRequest`` of a spec whose files are in ``inputs_dir``."""
+    from ..control_spec import ControlRequest
     from ..generate import GenerationRequest
 
     return GenerationRequest(
@@ -72,6 +91,7 @@ def generation_request(spec: JobSpec, inputs_dir: Path):
         image_path=inputs_dir / spec.image if spec.image else None,
         seed=spec.parameters.seed,
         sampling=spec.parameters.to_public(),
+        controls=[ControlRequest(name, inputs_dir / file if file else None, scale) for name, file, scale in spec.controls],
     )
 
 
@@ -86,6 +106,8 @@ def prepare_job(spec: JobSpec, inputs_dir: Path, model_info):
     checked = JobSpec.build(
         anatomy=spec.anatomy, image=spec.image, parameters=prepared.parameters, push_to=spec.push_to,
         source=spec.source,
+        controls=[(name, file, control.scale)  # the scales the job runs at (the model's default filled in)
+                  for (name, file, _), control in zip(spec.controls, prepared.controls)],
         pathologies=[(name, region.finding)  # canonical finding names, as in provenance
                      for (name, _), region in zip(spec.pathologies, prepared.pathologies)])
     return checked, prepared

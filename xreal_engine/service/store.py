@@ -22,6 +22,12 @@ being re-queued, because a job that killed the engine (out of memory, a driver c
 would otherwise kill it again on every restart. The user simply submits it again.
 
 A job is a dict of its row; its ``spec`` is a :class:`~.spec.JobSpec` (stored as JSON).
+
+Batches (``routes_batches.py``): a ``batches`` row per manifest; its jobs are ordinary jobs whose spec
+names the batch (``spec.batch.batch_id``, indexed), queued all in one transaction or not at all.
+
+Why this file is long: it is the one owner of the database, so every SQL statement of the service
+(jobs and batches, the schema, the storage checks) is read in one place.
 """
 
 from __future__ import annotations
@@ -65,7 +71,17 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, written_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    request_id    TEXT UNIQUE,
+    created_at    REAL NOT NULL,
+    rows_total    INTEGER NOT NULL,
+    settings      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (json_extract(spec, '$.batch.batch_id'));
 """
+BATCH_OF_JOB = "json_extract(spec, '$.batch.batch_id')"  # the indexed expression above
 
 
 class QueueFull(Exception):
@@ -244,6 +260,84 @@ class JobStore:
             )
             return self.get(job_id), True
 
+    def add_batch(self, batch_id: str, request_id: str | None, settings: dict, jobs: list,
+                  max_queued: int, retry_after: int) -> tuple[dict, bool]:
+        """Queue a batch and all its jobs ``[(job_id, spec, warnings), ...]`` in one transaction, or nothing.
+
+        -> (batch, True); or the existing batch of ``request_id`` -> (batch, False). QueueFull when the
+        jobs do not all fit below ``max_queued`` now: a batch is never queued in part.
+        """
+        with self._access():
+            if request_id is not None:
+                existing = self.get_batch_by_request_id(request_id)
+                if existing:
+                    return existing, False
+            if self.queued_count() + len(jobs) > max_queued:
+                raise QueueFull(retry_after)
+            now = time.time()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO batches (id, request_id, created_at, rows_total, settings) "
+                                 "VALUES (?, ?, ?, ?, ?)", (batch_id, request_id, now, len(jobs), json.dumps(settings)))
+                self._db.executemany(
+                    "INSERT INTO jobs (id, request_id, state, created_at, spec, warnings) VALUES (?, NULL, ?, ?, ?, ?)",
+                    [(job_id, QUEUED, now, spec.to_json(), json.dumps(warnings)) for job_id, spec, warnings in jobs])
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            return self.get_batch(batch_id), True
+
+    def get_batch(self, batch_id: str) -> dict | None:
+        with self._access():
+            row = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return _batch_to_dict(row) if row else None
+
+    def get_batch_by_request_id(self, request_id: str) -> dict | None:
+        with self._access():
+            row = self._db.execute("SELECT * FROM batches WHERE request_id = ?", (request_id,)).fetchone()
+        return _batch_to_dict(row) if row else None
+
+    def list_batches(self, limit: int = 100) -> list[dict]:
+        with self._access():
+            rows = self._db.execute("SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [_batch_to_dict(row) for row in rows]
+
+    def batch_jobs(self, batch_id: str) -> list[dict]:
+        """The batch's jobs that still exist (retention purges them one by one), in queue order."""
+        with self._access():
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {BATCH_OF_JOB} = ? ORDER BY seq", (batch_id,)).fetchall()
+        return [_row_to_dict(row) for row in rows]
+
+    def queued_up_to(self, seq: int) -> int:
+        """Queued jobs that run no later than the job ``seq`` (it included): the work before it is done."""
+        with self._access():
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ? AND seq <= ?", (QUEUED, seq)).fetchone()[0]
+
+    def cancel_queued_in_batch(self, batch_id: str) -> list[str]:
+        """Cancel every queued job of the batch in one statement; returns their ids."""
+        with self._access():
+            ids = [row[0] for row in self._db.execute(
+                f"SELECT id FROM jobs WHERE state = ? AND {BATCH_OF_JOB} = ?", (QUEUED, batch_id)).fetchall()]
+            self._db.execute(
+                f"UPDATE jobs SET state = ?, finished_at = ?, error_code = 'cancelled', "
+                f"error_message = 'The job was cancelled before it started.' WHERE state = ? AND {BATCH_OF_JOB} = ?",
+                (CANCELLED, time.time(), QUEUED, batch_id))
+        return ids
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Remove the batch row (its jobs are deleted one by one by the caller, like any job)."""
+        with self._access():
+            self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+
+    def batches_without_jobs(self) -> list[str]:
+        """Batches whose every job is gone (deleted or purged by retention): nothing is left to show."""
+        with self._access():
+            rows = self._db.execute(f"SELECT id FROM batches WHERE NOT EXISTS "
+                                    f"(SELECT 1 FROM jobs WHERE {BATCH_OF_JOB} = batches.id)").fetchall()
+        return [row[0] for row in rows]
+
     def claim_next(self) -> dict | None:
         """Atomically move the oldest queued job to running."""
         with self._access():
@@ -325,6 +419,12 @@ def _row_to_dict(row: sqlite3.Row) -> dict:
     job["dicom"] = json.loads(job["dicom"]) if job["dicom"] else None
     job["push_report"] = json.loads(job["push_report"]) if job["push_report"] else None
     return job
+
+
+def _batch_to_dict(row: sqlite3.Row) -> dict:
+    batch = dict(row)
+    batch["settings"] = json.loads(batch["settings"])
+    return batch
 
 
 def clear_job_dir(job_dir: Path, keep: tuple = ()) -> None:

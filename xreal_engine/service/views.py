@@ -6,6 +6,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from .. import __version__
+from ..control_spec import CONTROL_SCALE_RANGE
 from ..errors import XRealError
 from ..io.formats import MAX_IMAGE_SIDE
 from .settings import MAX_PATHOLOGIES, ServiceSettings
@@ -48,6 +49,7 @@ def describe_job(service: JobService, job: dict) -> dict:
         "source": asdict(spec.source) if spec.source else None,
         "push_to": spec.push_to,
         "push": job["push_report"],
+        "batch": asdict(spec.batch) if spec.batch else None,  # the batch row this job is (routes_batches.py)
     }
     if state == QUEUED:
         position = service.store.queue_position(job["seq"])
@@ -99,6 +101,7 @@ def model_description(settings: ServiceSettings, model_info, service: JobService
         "anatomy_labels": labels,
         "findings": findings,
         "defaults": dict(model_info.defaults),
+        "controlnets": dict(model_info.controlnets),  # control name -> default scale (the 'control' field)
         "limits": {
             "max_upload_bytes": settings.max_upload_bytes,
             "max_queued_jobs": settings.max_queued_jobs,
@@ -106,6 +109,7 @@ def model_description(settings: ServiceSettings, model_info, service: JobService
             "max_image_side": MAX_IMAGE_SIDE,
             "retention_hours": settings.retention_hours,
             "parameters": limits(),
+            "control_scale": list(CONTROL_SCALE_RANGE),
         },
         "choices": choices(),  # samplers and the fast preset
         "pacs": pacs_nodes,

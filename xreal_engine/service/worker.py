@@ -124,6 +124,10 @@ class JobService:
             self._work_available.set()
         return job, created
 
+    def wake(self) -> None:
+        """Jobs were queued without ``submit`` (a batch, all at once): look for work now."""
+        self._work_available.set()
+
     def live(self, job_id: str) -> LiveProgress | None:
         return self._live.get(job_id)
 
@@ -285,7 +289,8 @@ class JobService:
         except XRealError as error:
             self._discard_result(job_id)
             log.warning("job %s failed: %s", job_id, type(error).__name__)
-            return FAILED, {"error_code": "generation_failed",
+            # a batch row's image that failed its quality check is "quality_rejected" (batch/quality.py)
+            return FAILED, {"error_code": getattr(error, "job_error_code", "generation_failed"),
                             "error_message": scrub(str(error), self.store.data_dir)}
         except Exception as error:  # noqa: BLE001 - the service must keep serving
             self._discard_result(job_id)
@@ -363,4 +368,9 @@ def run_generation(pipe, spec: JobSpec, inputs_dir: Path, result_dir: Path, prog
     from ..generate import generate_to_directory
 
     _, prepared = prepare_job(spec, inputs_dir, pipe.model_info)
-    return generate_to_directory(pipe, prepared, result_dir, progress=progress)
+    quality = None
+    if spec.batch is not None and spec.batch.quality_check:  # a batch row: the segmenter's Dice, as generate-batch
+        from ..batch.quality import shared_check
+
+        quality = shared_check(str(pipe.device), spec.batch.min_dice)
+    return generate_to_directory(pipe, prepared, result_dir, progress=progress, quality=quality)

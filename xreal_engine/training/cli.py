@@ -1,7 +1,7 @@
 """``xreal-engine train``: autoencoder, anatomy-controller, ldm (and the evaluation ``segmenter``).
 
-Why this file is long: the train commands share the Trainer, config and publishing helpers at its top;
-split it into one file per command when a fourth trainer (ControlNet) joins.
+Why this file is long: the autoencoder and LDM trainers and the command line live here; the shared loop
+(Trainer, run directory, checkpoints) is in ``loop.py``, and the ControlNet trainer in ``controlnet.py``.
 
 Every sub-command reads the DATA layout (``xreal_engine/training/__init__.py``), a small
 YAML config (``xreal_engine/configs/<name>.yaml`` unless ``--config``), and writes::
@@ -20,28 +20,28 @@ scales to several GPUs / nodes unchanged; mixed precision (fp16) is used on CUDA
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from ..model.architecture import scheduler_config
+from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainers here)
+    CONFIG_DIR, TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, publish, seed_everything,
+    write_resolved_config,
+)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-TRAINER_STATE = "trainer_state.json"
 SUBCOMMANDS = {
     "autoencoder": "the LDM's image autoencoder (AutoencoderKL, image -> image)",
     "anatomy-controller": "the anatomy controller (AutoencoderKL, anatomy label map -> image)",
     "ldm": "the latent diffusion UNet + LDM-BERT text encoder; writes a complete model directory",
     "segmenter": "the anatomy segmenter used by `xreal-engine evaluate`",
+    "controlnet": "a ControlNet (sobel, canny, texture, lungs, attention) on a trained model; training/controlnet.py",
 }
-CONFIG_NAMES = {"autoencoder": "autoencoder", "anatomy-controller": "anatomy_controller", "ldm": "ldm"}
+CONFIG_NAMES = {"autoencoder": "autoencoder", "anatomy-controller": "anatomy_controller", "ldm": "ldm",
+                "controlnet": "controlnet"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -64,125 +64,11 @@ def load_config(kind: str, path: Path | None, overrides: dict) -> dict:
     return config
 
 
-def prepare_out_dir(out: Path, resume: bool) -> Path | None:
-    """Refuse to mix runs: a new run needs an empty OUT; --resume needs a checkpoint. Returns it."""
-    checkpoints = sorted(
-        (p for p in (out / "checkpoints").glob("step-*") if (p / TRAINER_STATE).is_file()),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
-    if resume:
-        if not checkpoints:
-            raise InputError(f"--resume was given but {out}/checkpoints holds no complete checkpoint.")
-        return checkpoints[-1]
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"The output directory {out} is not empty; choose a new one or pass --resume.")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
-
-
-def make_accelerator(mixed_precision: str):
-    """accelerate on whatever device exists; fp16 autocast only where it helps (CUDA)."""
-    import torch
-    from accelerate import Accelerator
-
-    if mixed_precision == "auto":
-        mixed_precision = "fp16" if torch.cuda.is_available() else "no"
-    if mixed_precision != "no" and not torch.cuda.is_available():
-        raise InputError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; use 'no' on a CPU.")
-    return Accelerator(mixed_precision=mixed_precision)
-
-
-def infinite(loader):
-    """Batches forever, epoch after epoch (the loops count steps, not epochs)."""
-    while True:
-        yield from loader
-
-
-class Trainer:
-    """The shared loop: steps, logging, checkpoints every N steps, resume, progress bar with the loss."""
-
-    def __init__(self, args, config: dict, accelerator):
-        self.args = args
-        self.config = config
-        self.training = config["training"]
-        self.accelerator = accelerator
-        self.out = Path(args.out)
-        self.step = 0
-
-    def save_checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        target = self.out / "checkpoints" / f"step-{self.step}"
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.save_state(str(partial))
-        (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step}), encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        keep = max(int(self.training.get("keep_checkpoints", 2)), 1)
-        complete = sorted((p for p in target.parent.glob("step-*") if p.name.split("-")[1].isdigit()),
-                          key=lambda p: int(p.name.split("-")[1]))
-        for stale in complete[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-
-    def load_checkpoint(self, checkpoint: Path) -> None:
-        self.accelerator.load_state(str(checkpoint))
-        self.step = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["step"]
-
-    def run(self, batches, train_step) -> list[float]:
-        """Call ``train_step(batch) -> loss`` until max_steps; returns the losses of this session."""
-        from tqdm.auto import tqdm
-
-        max_steps = int(self.training["max_steps"])
-        every = int(self.training.get("checkpoint_every", 500))
-        log_every = int(self.training.get("log_every", 10))
-        losses: list[float] = []
-        started = time.time()
-        bar = tqdm(total=max_steps, initial=self.step, desc=self.args.kind, disable=not self.accelerator.is_main_process)
-        with (self.out / "log.jsonl").open("a", encoding="utf-8") as log:
-            while self.step < max_steps:
-                loss = float(train_step(next(batches)))
-                if not math.isfinite(loss):
-                    raise ModelError(f"Training diverged at step {self.step + 1} (loss {loss}); lower the learning rate.")
-                self.step += 1
-                losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % log_every == 0 or self.step == max_steps:
-                    recent = losses[-log_every:]
-                    log.write(json.dumps({"step": self.step, "loss": sum(recent) / len(recent),
-                                          "seconds": round(time.time() - started, 1)}) + "\n")
-                    log.flush()
-                if self.step % every == 0 or self.step == max_steps:
-                    self.save_checkpoint()
-        bar.close()
-        return losses
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def set_threads(args) -> None:
     import torch
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-
-
-def write_resolved_config(out: Path, config: dict) -> None:
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-
-
-def publish(staging: Path, final: Path) -> None:
-    """Replace ``final`` by the completely written ``staging`` directory."""
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
 
 
 # ---------------------------------------------------------------- autoencoders
@@ -222,23 +108,39 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
 
     training = config["training"]
     seed_everything(int(training.get("seed", 0)))
+    init_from = training.get("init_from")
+    from .adversarial import TRAIN_PARTS
+
+    if str(training.get("train", "all")) not in TRAIN_PARTS:
+        raise InputError(f"training.train must be one of {', '.join(TRAIN_PARTS)}, not {training.get('train')!r}.")
+    if init_from and not (Path(init_from) / "config.json").is_file():
+        raise InputError(f"--init-from {init_from} is not an AutoencoderKL directory (config.json is missing).")
     checkpoint = prepare_out_dir(Path(args.out), args.resume)
     write_resolved_config(Path(args.out), config)
     from .data import make_dataset, read_records
 
     records = read_records(args.data, "train", require_labels=mask_input)
 
-    dataset = make_dataset(records, int(config["image_size"]), with_label=mask_input, augment=bool(config.get("augment", True)))
+    dataset = make_dataset(records, int(config["image_size"]), with_label=mask_input, augment=bool(config.get("augment", True)),
+                           counterfactual=config.get("counterfactual") if mask_input else None)
     loader = torch.utils.data.DataLoader(dataset, batch_size=int(training["batch_size"]), shuffle=True, drop_last=len(dataset) > int(training["batch_size"]))
     accelerator = make_accelerator(args.mixed_precision)
-    model = AutoencoderKL(**autoencoder_config(config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(training["learning_rate"]), weight_decay=0.0)
+    from .adversarial import AdversarialObjective, freeze_for
+
+    # --init-from keeps that model's architecture (the config's model section is not used).
+    model = AutoencoderKL.from_pretrained(init_from) if init_from else AutoencoderKL(**autoencoder_config(config))
+    trained_part = str(training.get("train", "all"))
+    parameters = freeze_for(model, trained_part)
+    optimizer = torch.optim.AdamW(parameters, lr=float(training["learning_rate"]), weight_decay=0.0)
+    objective = AdversarialObjective(training)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    objective.prepare(accelerator)
     trainer = Trainer(args, config, accelerator)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
     kl_weight = float(training.get("kl_weight", 1e-6))
     crop = int(training.get("crop_size", 0))
+    last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
 
     def step(batch):
         image = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
@@ -246,12 +148,16 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
         source, image = random_crop([source, image], crop)
         source, target = source.repeat(1, 3, 1, 1), image.repeat(1, 3, 1, 1)
         with accelerator.autocast():
-            posterior = model.encode(source).latent_dist
-            reconstruction = model.decode(posterior.sample()).sample
-            loss = (reconstruction.float() - target).abs().mean() + kl_weight * posterior.kl().mean()
+            with torch.set_grad_enabled(trained_part == "all"):
+                posterior = model.encode(source).latent_dist
+                latent = posterior.sample()
+            reconstruction = model.decode(latent).sample.float()
+            loss = objective.generator_loss(reconstruction, target, last_layer, trainer.step) \
+                + kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
+        objective.discriminator_step(accelerator, reconstruction, target)
         return loss.detach().item()
 
     model.train()
@@ -528,10 +434,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             segmenter.configure_parser(command)
             continue
         _common(command)
+        if name in ("autoencoder", "anatomy-controller"):
+            command.add_argument("--init-from", help="start from this AutoencoderKL directory (e.g. a model's vae/)")
+            command.add_argument("--train", choices=["all", "decoder"],
+                                 help="what to train (default all); decoder keeps the encoder and so the latent space")
+            command.add_argument("--edge-loss-weight", type=float, help="override training.edge_loss_weight (L1 on image gradients)")
+            command.add_argument("--adversarial-weight", type=float,
+                                 help="override training.adversarial_weight (patch discriminator; 0 = none)")
         if name == "ldm":
             command.add_argument("--vae", required=True, type=Path, help="trained autoencoder (OUT/model of `train autoencoder`)")
             command.add_argument("--anatomy-controller", required=True, type=Path,
                                  help="trained anatomy controller (OUT/model of `train anatomy-controller`)")
+        if name == "controlnet":
+            from . import controlnet
+
+            controlnet.add_arguments(command)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -542,9 +459,15 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args)
     overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                  "checkpoint_every": args.checkpoint_every, "seed": args.seed}
+    for name in ("init_from", "train", "edge_loss_weight", "adversarial_weight"):
+        overrides[name] = getattr(args, name, None)
     config = load_config(args.kind, args.config, overrides)
     if args.kind == "ldm":
         final = train_ldm(args, config)
+    elif args.kind == "controlnet":
+        from .controlnet import train_controlnet
+
+        final = train_controlnet(args, config)
     else:
         final = train_autoencoder(args, config, mask_input=args.kind == "anatomy-controller")
     print(f"Trained {args.kind}; the model is in {final}")

@@ -128,8 +128,12 @@ def clamp_unit(array):
     return array.clamp(0.0, 1.0) if hasattr(array, "clamp") else np.clip(array, 0.0, 1.0)
 
 
-def build_transforms(image_size: int, with_label: bool, augment: bool):
-    """Load, resize to image_size² and (optionally) jitter; labels use nearest neighbour throughout."""
+def build_transforms(image_size: int, with_label: bool, augment: bool, counterfactual: dict | None = None):
+    """Load, resize to image_size² and (optionally) jitter; labels use nearest neighbour throughout.
+
+    ``counterfactual``: arguments of ``counterfactual.RandCounterfactualAnatomyd`` (enlarged hearts, narrowed
+    lungs warped in image and label map alike), for the anatomy controller; None = off.
+    """
     from monai.transforms import (
         Compose,
         EnsureTyped,
@@ -147,6 +151,10 @@ def build_transforms(image_size: int, with_label: bool, augment: bool):
         Resized(keys=keys, spatial_size=(image_size, image_size), mode=modes),
         EnsureTyped(keys=keys, track_meta=False),
     ]
+    if counterfactual and with_label:
+        from .counterfactual import RandCounterfactualAnatomyd
+
+        transforms.append(RandCounterfactualAnatomyd(**counterfactual))
     if augment:
         transforms += [
             RandAffined(
@@ -165,13 +173,14 @@ def build_transforms(image_size: int, with_label: bool, augment: bool):
     return Compose(transforms)
 
 
-def make_dataset(records: list[Record], image_size: int, with_label: bool, augment: bool):
+def make_dataset(records: list[Record], image_size: int, with_label: bool, augment: bool,
+                 counterfactual: dict | None = None):
     """A MONAI CacheDataset: files are read and resized once, the random jitter runs every epoch."""
     from monai.data import CacheDataset
 
     return CacheDataset(
         data=records,
-        transform=build_transforms(image_size, with_label, augment),
+        transform=build_transforms(image_size, with_label, augment, counterfactual),
         cache_rate=1.0,
         num_workers=0,
         progress=False,

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +34,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
+from ..files import staged_directory
 from ..model.sampling import FAST_PRESET, SAMPLERS, SamplingParameters
+from .realism import realism_report, summary_line
 from .segmenter import (
     STRUCTURES,
     AnatomySample,
@@ -181,11 +181,19 @@ def overlay(image: np.ndarray, labels: np.ndarray, region: np.ndarray | None, ti
     return Image.fromarray(rgb).resize((tile, tile), Image.NEAREST)
 
 
-def write_contact_sheet(rows: list[list[tuple]], headers: list[str], path: Path, tile: int) -> None:
-    """rows: per anatomy, one (image, labels, region or None) per column; a header line on top."""
+def write_contact_sheet(rows: list[list[tuple]], headers: list[str], path: Path, tile: int,
+                        footer: str | None = None) -> None:
+    """rows: per anatomy, one (image, labels, region or None) per column; a header line on top, the
+    ``footer`` text (the realism summary) wrapped below."""
+    import textwrap
+
     header_height = 16
-    sheet = Image.new("RGB", (tile * len(headers), header_height + tile * len(rows)), (0, 0, 0))
+    footer_lines = textwrap.wrap(footer, width=max(20, tile * len(headers) // 6 - 2)) if footer else []
+    sheet = Image.new("RGB", (tile * len(headers), header_height + tile * len(rows) + 12 * len(footer_lines) + 4),
+                      (0, 0, 0))
     draw = ImageDraw.Draw(sheet)
+    for line_index, line in enumerate(footer_lines):
+        draw.text((3, header_height + tile * len(rows) + 2 + 12 * line_index), line, fill=(255, 255, 255))
     for column, header in enumerate(headers):
         draw.text((column * tile + 3, 2), header, fill=(255, 255, 255))
     for row_index, row in enumerate(rows):
@@ -211,8 +219,12 @@ def evaluate(
     settings_note: dict | None = None,
     sampler: str | None = None,
     fast: bool = False,
+    floor_samples: list[AnatomySample] | None = None,
 ) -> dict:
-    """Generate from every sample's anatomy and write report.json + contact_sheet.png into ``out_dir``."""
+    """Generate from every sample's anatomy and write report.json + contact_sheet.png into ``out_dir``.
+
+    ``floor_samples``: real images of another held-out split, for the realism metrics' real-vs-real floor.
+    """
     from tqdm import tqdm
 
     info = pipe.model_info
@@ -240,7 +252,7 @@ def evaluate(
     real_images = np.stack([load_image(s.image_path, size) for s in samples])
     requested = [resize_labels(load_labels(s.label_path, size), size) for s in samples]
     real_segmentations = segmenter.segment(real_images)
-    records, sheet_rows = [], []
+    records, sheet_rows, anatomy_images = [], [], []
     started = time.monotonic()
     for index, (sample, labels) in enumerate(zip(samples, requested)):
         other = requested[(index + 1) % len(samples)]
@@ -251,6 +263,7 @@ def evaluate(
         }
         # Anatomy only (pathology regions off), one image per seed.
         images = [generate(labels, seed).image for seed in range(seeds)]
+        anatomy_images.extend(images)
         segmentations = segmenter.segment(np.stack(images))
         record["generated_dice"] = [dice_per_structure(s, labels_to_channels(labels)) for s in segmentations]
         record["ms_ssim_between_seeds"] = [ms_ssim(images[a], images[b]) for a, b in itertools.combinations(range(seeds), 2)]
@@ -298,6 +311,9 @@ def evaluate(
             sheet_rows.append(row)
     bar.close()
     seconds = time.monotonic() - started
+    floor_images = None if not floor_samples else np.stack([load_image(s.image_path, size) for s in floor_samples])
+    # The anatomy-only generations (the model's defaults, every seed) against the split's real images.
+    realism = realism_report(np.stack(anatomy_images), real_images, segmenter, floor_images)
 
     generated_dice = [d for r in records for d in r["generated_dice"]]
     report = {
@@ -314,6 +330,7 @@ def evaluate(
         "meets_dice_targets": {},
         "ms_ssim_between_seeds": summarize([v for r in records for v in r["ms_ssim_between_seeds"]]),
         "ms_ssim_settings": ms_ssim_settings(size),
+        "realism": realism,
         "pathology": {},
         "counterfactuals": {},
         "seconds": round(seconds, 1),
@@ -345,7 +362,7 @@ def evaluate(
     headers = ["real + its mask", "seed 0"] + (["seed 1"] if seeds > 1 else []) + ["pathology region"]
     headers += ["heart x1.25", "lungs narrowed"] if counterfactuals else []
     tile = max(128, size)
-    write_contact_sheet(sheet_rows, headers, out_dir / CONTACT_SHEET_FILE, tile)
+    write_contact_sheet(sheet_rows, headers, out_dir / CONTACT_SHEET_FILE, tile, footer=summary_line(realism))
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -371,6 +388,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: $OMP_NUM_THREADS, else half the CPUs, at least 1)")
+    parser.add_argument("--controllability", action="store_true",
+                        help="measure the model's ControlNets instead (RadGazeGen Table 2; training/controllability.py)")
+    parser.add_argument("--control", action="append", metavar="NAME[:SCALE]",
+                        help="with --controllability: only this ControlNet (repeatable; default all, default scales)")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -389,11 +410,17 @@ def run(args: argparse.Namespace) -> int:
     from ..model.loading import configure_threads
     from ..model.pipeline import XRealPipeline
 
+    if args.controllability or args.control:
+        from . import controllability
+
+        return controllability.run(args, _check_arguments, REPORT_FILE)
     _check_arguments(args)
     configure_threads(args.threads)
     samples = read_layout(args.data, args.split)[: args.limit]
     if not samples:
         raise InputError(f"{args.data} has no {args.split!r} images with left lung, right lung and heart masks.")
+    # The realism floor compares the split's real images with another held-out split's.
+    floor_samples = read_layout(args.data, "val" if args.split != "val" else "test")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     segmenter = Segmenter.load(args.segmenter, device=device)
     model_dir = resolve_model(args.model)
@@ -402,21 +429,13 @@ def run(args: argparse.Namespace) -> int:
                                fast=args.fast)  # refuse bad settings before loading anything
     pipe = XRealPipeline.from_pretrained(model_dir).to(device)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
-    try:
+    with staged_directory(args.out) as staging:  # the report appears whole or not at all
         report = evaluate(
             pipe, segmenter, samples, staging, seeds=args.seeds, num_inference_steps=args.steps,
             anatomy_steps=args.anatomy_steps, counterfactuals=not args.no_counterfactuals,
             settings_note={"split": args.split, "limit": args.limit, "device": device, "threads": torch.get_num_threads()},
-            sampler=args.sampler, fast=args.fast,
+            sampler=args.sampler, fast=args.fast, floor_samples=floor_samples,
         )
-        if args.out.exists():
-            args.out.rmdir()
-        staging.rename(args.out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     print(format_summary(report))
     print(f"report: {args.out / REPORT_FILE}\ncontact sheet: {args.out / CONTACT_SHEET_FILE}")
     return 0
@@ -433,6 +452,8 @@ def format_summary(report: dict) -> str:
         dice_line("Dice real vs own mask (ceiling):", report["baseline_dice_real_own_mask"]),
         dice_line("Dice real vs other mask (floor):", report["baseline_dice_real_other_mask"]),
     ]
+    if "realism" in report:
+        lines.append("Realism: " + summary_line(report["realism"]))
     diversity = report["ms_ssim_between_seeds"]
     lines.append(f"MS-SSIM between seeds: {diversity['mean']:.3f}" if diversity else "MS-SSIM between seeds: n/a (1 seed)")
     for finding, values in report["pathology"].items():

@@ -1,0 +1,313 @@
+"""``xreal-engine train controlnet``: one ControlNet (RadGazeGen's Rad-CN / HVA-CN) on a trained XReal model.
+
+The model's UNet, VAE and text encoder stay frozen; only the ControlNet learns. It starts as a copy of
+the UNet's encoder with zero convolutions (``model/controlnets.make_controlnet``), so before training
+it changes nothing. Loss: epsilon MSE on noised VAE latents of the training split, as the LDM was
+trained, with the ControlNet's residuals added to the frozen UNet. The prompt is the image's finding,
+replaced by "" at ``prompt_dropout`` (ControlNet's 50 %: the map alone must steer, and XReal's anatomy
+stage samples with the empty prompt).
+
+Each training image is jittered (MONAI, as for the LDM) ``copies`` times; every jittered copy is
+encoded once and its control map computed from the same jittered pixels, so map and latent align:
+
+- ``sobel`` / ``canny`` / ``texture``: ``io.controls.control_map`` of the image itself;
+- ``lungs``: the lung mask of its label map (images without one are skipped);
+- ``attention``: **synthetic**, because no gaze data (REFLACX, EGD-CXR) exists here. See
+  ``synthetic_fixations``: fixations are drawn inside the finding region (the heart for cardiomegaly;
+  otherwise the lungs, weighted towards their brighter, i.e. more opaque, pixels) plus a few stray ones
+  outside, with random durations, and blurred by ``io.controls.attention_from_fixations`` exactly as a
+  user's fixation CSV is. Images without a label map get their lungs from the shipped segmenter. This
+  is a stand-in for radiologists' gaze; a model trained on it learns "look here = the finding is here",
+  not real reading behaviour.
+
+Writes the run directory of every ``train`` command (checkpoints, log.jsonl, config.yaml) and
+``OUT/model/``: a copy of the base model directory plus ``controlnet_<name>/`` (float16 safetensors)
+and its default scale under ``"controlnets"`` in ``xreal_model.json``, so ``OUT/model`` loads as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+MIN_LUNG_FRACTION = 0.02  # a segmented "lung" smaller than this share of the image is no lung
+BRIGHTNESS_PERCENTILES = (5, 99)  # lung brightness stretched to an "opacity" in [0, 1] between these
+LOOK_ANYWHERE_WEIGHT = 0.01  # every lung pixel may be looked at, the darkest 1/100 as often as the most opaque
+
+
+# ----------------------------------------------------------------------------- synthetic attention
+
+
+def synthetic_fixations(image: np.ndarray, labels: np.ndarray, finding: str, rng: np.random.Generator,
+                        settings: dict) -> np.ndarray | None:
+    """Made-up gaze fixations (n, 3: x, y, duration s) for one training image; None if it has no region.
+
+    The stand-in for REFLACX gaze (none exists here): ``fixations_inside`` fixations in the region a
+    reader would look at — the heart (label 3) for cardiomegaly, else the lungs (labels 1, 2), where a
+    pixel is chosen with probability ~ opacity ** ``brightness_power`` + ``LOOK_ANYWHERE_WEIGHT``, opacity
+    being its brightness stretched so the lungs' 5th percentile is 0 and their 99th is 1 (clipped) —
+    plus ``fixations_outside`` stray ones anywhere else; each lands at a random
+    point of its pixel and lasts ``duration_s`` (uniform).
+    """
+    labels = np.asarray(labels)
+    heart, lungs = labels == 3, np.isin(labels, (1, 2))
+    if "cardiomegaly" in finding and heart.any():
+        region, weights = heart, np.ones(int(heart.sum()))
+    elif lungs.mean() >= MIN_LUNG_FRACTION:
+        region = lungs
+        brightness = np.asarray(image, dtype=np.float64)[lungs]
+        low, high = np.percentile(brightness, BRIGHTNESS_PERCENTILES)
+        opacity = np.clip((brightness - low) / max(high - low, 1e-6), 0.0, 1.0)
+        weights = opacity ** float(settings.get("brightness_power", 2.0)) + LOOK_ANYWHERE_WEIGHT
+    else:
+        return None
+    low, high = settings.get("fixations_inside", (30, 60))
+    out_low, out_high = settings.get("fixations_outside", (2, 6))
+    inside_count, outside_count = int(rng.integers(low, high + 1)), int(rng.integers(out_low, out_high + 1))
+    ys, xs = np.nonzero(region)
+    picked = rng.choice(len(xs), size=inside_count, p=weights / weights.sum())
+    points = [np.column_stack([xs[picked], ys[picked]])]
+    out_ys, out_xs = np.nonzero(~region)
+    if outside_count and len(out_xs):
+        stray = rng.choice(len(out_xs), size=outside_count)
+        points.append(np.column_stack([out_xs[stray], out_ys[stray]]))
+    points = np.concatenate(points).astype(np.float64)
+    points += rng.uniform(-0.5, 0.5, points.shape)
+    d_low, d_high = settings.get("duration_s", (0.15, 0.6))
+    durations = rng.uniform(float(d_low), float(d_high), len(points))
+    return np.column_stack([points, durations])
+
+
+def attention_settings() -> dict:
+    """The synthetic-attention settings of the packaged config: training and ``evaluate`` draw maps alike."""
+    import yaml
+
+    from .loop import CONFIG_DIR
+
+    return dict(yaml.safe_load((CONFIG_DIR / "controlnet.yaml").read_text(encoding="utf-8"))["attention"])
+
+
+def synthetic_attention(image: np.ndarray, labels: np.ndarray, finding: str, rng: np.random.Generator,
+                        settings: dict) -> np.ndarray | None:
+    """``synthetic_fixations`` blurred into a map in [0, 1] the way a fixation CSV is (None: no region)."""
+    from ..io.controls import attention_from_fixations
+
+    fixations = synthetic_fixations(image, labels, finding, rng, settings)
+    return None if fixations is None else attention_from_fixations(fixations, np.asarray(image).shape)
+
+
+def training_map(name: str, image: np.ndarray, labels: np.ndarray | None, finding: str,
+                 rng: np.random.Generator, settings: dict) -> np.ndarray | None:
+    """The control map for one (jittered) training image, at its size; None = skip it for this control."""
+    from ..io.controls import REFERENCE_CONTROLS, control_map
+
+    size = int(image.shape[-1])
+    if name in REFERENCE_CONTROLS:
+        return control_map(name, reference=image, size=size)
+    if labels is None:
+        return None
+    if name == "lungs":
+        return control_map(name, labels=labels, size=size) if np.isin(labels, (1, 2)).any() else None
+    return synthetic_attention(image, labels, finding, rng, settings)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ControlSet:
+    """Cached (latent mean, latent std, control map, finding) items for the DataLoader."""
+
+    def __init__(self, means, stds, maps, findings):
+        self.means, self.stds, self.maps, self.findings = means, stds, maps, findings
+
+    def __len__(self):
+        return len(self.findings)
+
+    def __getitem__(self, index):
+        return {"mean": self.means[index], "std": self.stds[index], "control": self.maps[index],
+                "finding": self.findings[index]}
+
+
+def _tensor(value):
+    return value.as_tensor() if hasattr(value, "as_tensor") else value
+
+
+def cache_items(name: str, records, vae, config: dict, device, rng: np.random.Generator) -> ControlSet:
+    """Jitter every record ``copies`` times; encode each copy with the frozen VAE and compute its map."""
+    import torch
+
+    from .data import make_dataset
+
+    training, settings = config["training"], dict(config.get("attention") or {})
+    size, copies = int(config["image_size"]), max(int(training.get("copies", 4)), 1)
+    augment = bool(config.get("augment", True))
+    labelled = [r for r in records if r.label is not None]
+    unlabelled = [r for r in records if r.label is None]
+    groups = [(labelled, True)]
+    if name in ("sobel", "canny", "texture") or (name == "attention" and settings.get("lungs_from_segmenter", True)):
+        groups.append((unlabelled, False))
+    segmenter = None
+    means, stds, maps, findings = [], [], [], []
+    with torch.no_grad():
+        for group, with_label in groups:
+            if not group:
+                continue
+            dataset = make_dataset(group, size, with_label=with_label, augment=augment)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=int(training["batch_size"]), shuffle=False)
+            for _ in range(copies):
+                for batch in loader:
+                    images = _tensor(batch["image"]).float()
+                    pictures = images[:, 0].numpy()
+                    if with_label:
+                        label_maps = np.rint(_tensor(batch["label"])[:, 0].numpy()).astype(np.int64)
+                    elif name == "attention":
+                        if segmenter is None:
+                            from .segmenter import Segmenter
+
+                            segmenter = Segmenter.load(device="cpu")
+                        masks = segmenter.segment(pictures)  # (N, 3, H, W): left lung, right lung, heart
+                        label_maps = np.where(masks[:, 2], 3, np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0)))
+                    else:
+                        label_maps = [None] * len(pictures)
+                    keep = []
+                    for index, (picture, label_map, finding) in enumerate(zip(pictures, label_maps, batch["finding"])):
+                        control = training_map(name, picture, label_map, finding, rng, settings)
+                        if control is not None:
+                            keep.append(index)
+                            maps.append(torch.as_tensor(control, dtype=torch.float32)[None])
+                            findings.append(finding)
+                    if not keep:
+                        continue
+                    posterior = vae.encode(images[keep].to(device).repeat(1, 3, 1, 1)).latent_dist
+                    means.append(posterior.mean.float().cpu())
+                    stds.append(posterior.std.float().cpu())
+    if not findings:
+        raise InputError(f"No training image has what the {name} control needs (a label map with lungs, or a region).")
+    return ControlSet(torch.cat(means), torch.cat(stds), torch.stack(maps), findings)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def write_model(base_dir: Path, controlnet, name: str, scale: float, final: Path) -> Path:
+    """OUT/model = the base model directory + ``controlnet_<name>/`` (float16) + its default scale."""
+    import torch
+
+    from ..model.controlnets import save_controlnet
+    from ..model.info import controlnet_folder
+    from .loop import publish
+
+    staging = final.with_name(final.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(base_dir, staging, ignore=shutil.ignore_patterns(controlnet_folder(name), "__pycache__"))
+    save_controlnet(controlnet.to("cpu"), staging, name, scale, dtype=torch.float16)
+    publish(staging, final)
+    return final
+
+
+def train_controlnet(args, config: dict) -> Path:
+    """Train the ControlNet for ``args.control`` on ``args.model`` (frozen) with the train split of ``args.data``."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..control_spec import check_name, check_scale
+    from ..model.controlnets import make_controlnet
+    from ..model.info import resolve_model
+    from ..model.pipeline import XRealPipeline
+    from .loop import (TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, seed_everything,
+                       write_resolved_config)
+    from .data import read_records
+
+    name = check_name(args.control)
+    training = config["training"]
+    scale = check_scale(config.get("default_scale", 1.0), f"{name} default")
+    model_dir = resolve_model(args.model)
+    records = read_records(args.data, "train", require_labels=name == "lungs")
+    pipe = XRealPipeline.from_pretrained(model_dir)
+    info = pipe.model_info
+    if config.get("image_size") in (None, "model"):
+        config["image_size"] = int(info.image_size)
+    elif int(config["image_size"]) != int(info.image_size):
+        raise InputError(f"The config's image_size {config['image_size']} differs from the model's {info.image_size}.")
+    seed = int(training.get("seed", 0))
+    seed_everything(seed)
+    out = Path(args.out)
+    checkpoint = prepare_out_dir(out, args.resume)
+    config["control"], config["base_model"] = name, str(model_dir)
+    write_resolved_config(out, config)
+    accelerator = make_accelerator(args.mixed_precision)
+    device = accelerator.device
+
+    factor = int(info.image_size) // int(info.latent_size)
+    if checkpoint is not None and json.loads((checkpoint / TRAINER_STATE).read_text())["step"] >= int(training["max_steps"]):
+        # Nothing left to train (how an interrupted run is finished): publish the checkpoint's weights as they are,
+        # without re-encoding the training set.
+        from safetensors.torch import load_file
+
+        controlnet = make_controlnet(pipe.unet, factor=factor)
+        controlnet.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        return write_model(model_dir, controlnet.eval(), name, scale, out / "model")
+    vae = pipe.vae.to(device).eval().requires_grad_(False)
+    unet = pipe.unet.to(device).eval().requires_grad_(False)
+    text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
+    tokenizer, scheduler = pipe.tokenizer, pipe.scheduler
+    # The cache depends only on the seed, so a resumed run rebuilds the same items.
+    items = cache_items(name, records, vae, config, device, np.random.default_rng(seed))
+    with torch.no_grad():
+        prompts = sorted(set(items.findings) | {""})
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids.to(device)
+        contexts = dict(zip(prompts, text_encoder(tokens)[0]))  # frozen: one context per prompt, computed once
+
+    controlnet = make_controlnet(unet, factor=factor).to(device).train()
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=float(training["learning_rate"]), weight_decay=0.0)
+    batch_size = int(training["batch_size"])
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=len(items) > batch_size)
+    controlnet, optimizer, loader = accelerator.prepare(controlnet, optimizer, loader)
+    trainer = Trainer(args, config, accelerator)
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    dropout = float(training.get("prompt_dropout", 0.5))
+    scale_factor = float(info.scale_factor)
+    alphas = scheduler.alphas_cumprod.to(device)
+
+    def step(batch):
+        latents = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])) * scale_factor
+        context = torch.stack([contexts["" if random.random() < dropout else f] for f in batch["finding"]])
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with accelerator.autocast():
+            down, mid = controlnet(noisy, timesteps, encoder_hidden_states=context, controlnet_cond=batch["control"],
+                                   return_dict=False)
+            prediction = unet(noisy, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid).sample
+            loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        return loss.detach().item()
+
+    trainer.run(infinite(loader), step)
+    accelerator.wait_for_everyone()
+    final = out / "model"
+    if accelerator.is_main_process:
+        write_model(model_dir, accelerator.unwrap_model(controlnet).eval(), name, scale, final)
+    return final
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ControlNet's own options (the shared ones come from training/cli.py)."""
+    from ..control_spec import CONTROL_NAMES
+
+    parser.add_argument("--control", required=True, metavar="NAME", help=f"which control: {', '.join(CONTROL_NAMES)}")
+    parser.add_argument("--model", default="demo", help="'demo' (default) or the model directory to control (frozen)")
