@@ -18,6 +18,8 @@ import numpy as np
 from xreal_engine.control_spec import CONTROL_NAMES, CONTROL_SCALE_RANGE, REFERENCE_CONTROLS, check_scale
 from xreal_engine.errors import InputError
 
+from .request import normalized_image
+
 ATTENTION = "attention"
 DEFAULT_SCALE = 1.0  # a model that lists a ControlNet without a scale (ModelInfo's own default)
 # How the panel's list names the radiomics maps (xreal_engine/io/controls.py computes them).
@@ -128,16 +130,10 @@ def reference_pixels(pixels: Optional[np.ndarray]) -> np.ndarray:
     """The loaded X-ray as the radiomics reference: one 2D image, float32 in [0, 1] (min-max)."""
     if pixels is None:
         raise InputError("Select the X-ray to use as radiomics reference as the canvas first (Canvas section).")
-    array = np.asarray(pixels, dtype=np.float64)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise InputError(f"The radiomics reference must be a single 2D X-ray; the canvas has the shape {array.shape}.")
-    low, high = float(array.min()), float(array.max())
-    if not np.isfinite([low, high]).all() or high <= low:
-        raise InputError("The canvas is blank, so it cannot be the radiomics reference; load an X-ray as the canvas "
-                         "or untick 'Use the loaded X-ray as radiomics reference'.")
-    return ((array - low) / (high - low)).astype(np.float32)
+    return normalized_image(
+        pixels, not_2d="The radiomics reference must be a single 2D X-ray; the canvas has the shape {}.",
+        blank="The canvas is blank, so it cannot be the radiomics reference; load an X-ray as the canvas "
+              "or untick 'Use the loaded X-ray as radiomics reference'.")
 
 
 def scale_range() -> Tuple[float, float]:

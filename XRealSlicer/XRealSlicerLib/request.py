@@ -244,16 +244,20 @@ def grey_pixels(pixels: np.ndarray) -> np.ndarray:
     raise InputError(f"The image has {components} components per pixel; only grey, RGB and RGBA can be converted.")
 
 
-def normalized_image(pixels: np.ndarray) -> np.ndarray:
-    """A 2D X-ray as float32 in [0, 1] (min-max), the form the engine edits."""
+def normalized_image(pixels: np.ndarray, not_2d: str = "The image to edit must be a single 2D image; its shape is {}.",
+                     blank: str = "The image to edit is blank (all pixels have the same value).") -> np.ndarray:
+    """A 2D X-ray as float32 in [0, 1] (min-max), the form the engine edits and takes as a radiomics reference.
+
+    ``not_2d`` (formatted with the shape) and ``blank`` are the sentences for the two refusals.
+    """
     array = np.asarray(pixels, dtype=np.float64)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
-        raise InputError(f"The image to edit must be a single 2D image; its shape is {array.shape}.")
+        raise InputError(not_2d.format(array.shape))
     low, high = float(array.min()), float(array.max())
-    if high <= low:
-        raise InputError("The image to edit is blank (all pixels have the same value).")
+    if not np.isfinite([low, high]).all() or high <= low:
+        raise InputError(blank)
     return ((array - low) / (high - low)).astype(np.float32)
 
 
