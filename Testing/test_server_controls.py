@@ -165,3 +165,23 @@ def test_a_batch_row_carries_its_controls_through_the_service(engine, files, tmp
         client.submit_batch(rows=bad)
     assert refused.value.status == 422 and [p.split(":")[0] for p in refused.value.details["rows"]] == ["row 1", "row 2"]
     assert "canny" in refused.value.details["rows"][0] and "2.5" in refused.value.details["rows"][1]
+
+
+def test_a_csv_manifest_uploads_the_files_its_controls_name(engine, files, tmp_path):
+    """submit_batch(manifest=...) sends the control files a CSV names beside it (EngineClient._manifest_files)."""
+    import shutil
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    for key in ("anatomy", "ref", "fix"):
+        shutil.copy(files[key], folder / files[key].name)
+    manifest = folder / "rows.csv"
+    manifest.write_text("name,anatomy,seed,steps,controls\n"
+                        f"steered,anatomy.png,4,3,sobel:ref.png:0.25;attention:fix.csv\n")
+    client = engine["client"]
+    done = client.wait_batch(client.submit_batch(manifest)["id"], poll_interval=0.3, timeout=600)
+    assert done["state"] == "finished" and done["counts"]["succeeded"] == 1, done
+    provenance = json.loads(client.download(done["rows"][0]["job"], "provenance.json", tmp_path).read_text())
+    assert [(c["name"], c["scale"], c["source_sha256"]) for c in provenance["controls"]] == [
+        ("sobel", 0.25, hashlib.sha256(files["ref"].read_bytes()).hexdigest()),
+        ("attention", 1.0, hashlib.sha256(FIXATIONS).hexdigest())]

@@ -41,6 +41,9 @@ import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .control_spec import parse_control
+from .errors import XRealError
+
 API_PREFIX = "/api/v1"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRY_STATUSES = (502, 503, 504)
@@ -371,15 +374,15 @@ def _manifest_files(manifest: Path) -> list:
 
 
 def _control_file(control):
-    """The file a manifest's control names: ``NAME:FILE[:SCALE]`` or ``{"file": FILE}`` (None for ``lungs``)."""
+    """The file a manifest's control names: ``NAME:FILE[:SCALE]`` or ``{"file": FILE}`` (None for ``lungs``
+    or a control the engine will refuse by its row)."""
     if isinstance(control, dict):
         return control.get("file")
-    if not isinstance(control, str):
+    try:
+        source = parse_control(control).source
+    except XRealError:
         return None
-    parts = control.strip().split(":")[1:]
-    if parts and parts[-1].strip().replace(".", "", 1).isdigit():
-        parts = parts[:-1]  # the scale
-    return ":".join(parts) or None
+    return None if source is None else str(source)
 
 
 def _rows_manifest(rows, path: Path) -> tuple:
