@@ -18,12 +18,15 @@ import yaml
 
 from xreal_engine.cli import main
 from xreal_engine.model.random_model import create_random_model
-from xreal_engine.training.controlnet import synthetic_attention, synthetic_fixations, training_map
+from xreal_engine.training.controlnet import training_example
+from xreal_engine.training.synthetic_gaze import (attention_example, gaze_settings, painted_opacity,
+                                                  synthetic_attention, synthetic_fixations)
 
 TINY_CONTROLNET = {
     "image_size": "model", "augment": True, "default_scale": 0.8,
     "attention": {"fixations_inside": [10, 12], "fixations_outside": [1, 2], "duration_s": [0.2, 0.4],
-                  "brightness_power": 2.0, "lungs_from_segmenter": True},
+                  "gaze_clusters": [1, 1], "cluster_spread": [0.03, 0.03], "opacity_probability": 1.0,
+                  "opacity_amplitude": [0.4, 0.4], "opacity_finding": "pneumonia", "lungs_from_segmenter": True},
     "training": {"batch_size": 2, "learning_rate": 1.0e-3, "prompt_dropout": 0.5, "copies": 1, "max_steps": 4,
                  "checkpoint_every": 2, "log_every": 1, "seed": 0},
 }
@@ -71,34 +74,66 @@ def toy_anatomy(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_synthetic_fixations_follow_the_documented_rule():
-    labels, image = toy_anatomy()
+    labels, _ = toy_anatomy()
     rng = np.random.default_rng(0)
-    fixations = synthetic_fixations(image, labels, "cardiomegaly", rng, SETTINGS)
+    fixations = synthetic_fixations(labels, "cardiomegaly", rng, SETTINGS)
     x, y = np.round(fixations[:, 0]).astype(int), np.round(fixations[:, 1]).astype(int)
     in_heart = labels[np.clip(y, 0, 63), np.clip(x, 0, 63)] == 3
     assert 11 <= len(fixations) <= 14 and 10 <= in_heart.sum() <= 12  # inside + a few strays
     assert ((fixations[:, 2] >= 0.2) & (fixations[:, 2] <= 0.4)).all()
-    # no cardiomegaly: the lungs, weighted towards bright (opaque) pixels -> most in the bright top of the right lung
-    many = np.concatenate([synthetic_fixations(image, labels, "pneumonia", rng, SETTINGS) for _ in range(20)])
-    x, y = np.round(many[:, 0]).astype(int), np.round(many[:, 1]).astype(int)
-    inside = (labels[np.clip(y, 0, 63), np.clip(x, 0, 63)] == 2) & (y < 20)
-    assert inside.mean() > 0.5  # the bright patch is 200 of the 1600 lung pixels
-    heat = synthetic_attention(image, labels, "pneumonia", np.random.default_rng(1), SETTINGS)
+    # no cardiomegaly: one focused cluster in the lungs (spread 3 % of the side = 1.9 px)
+    for seed in range(10):
+        fixations = synthetic_fixations(labels, "pneumonia", np.random.default_rng(seed), SETTINGS)
+        inside = fixations[:10]  # the first ones are the cluster, the last 1-2 the strays
+        x, y = np.round(inside[:, 0]).astype(int), np.round(inside[:, 1]).astype(int)
+        assert np.isin(labels[y, x], (1, 2)).all()
+        assert np.hypot(inside[:, 0] - inside[:, 0].mean(), inside[:, 1] - inside[:, 1].mean()).max() < 10
+    heat = synthetic_attention(labels, "pneumonia", np.random.default_rng(1), SETTINGS)
     assert heat.shape == (64, 64) and heat.dtype == np.float32 and heat.max() == pytest.approx(1.0)
     # deterministic for a seed; no lungs and no heart -> no map (the image is skipped)
-    again = synthetic_attention(image, labels, "pneumonia", np.random.default_rng(1), SETTINGS)
+    again = synthetic_attention(labels, "pneumonia", np.random.default_rng(1), SETTINGS)
     np.testing.assert_array_equal(heat, again)
-    assert synthetic_attention(image, np.zeros_like(labels), "pneumonia", rng, SETTINGS) is None
+    assert synthetic_attention(np.zeros_like(labels), "pneumonia", rng, SETTINGS) is None
+    # both ends of the cluster-spread range stay inside the lungs
+    for spread in (0.04, 0.10):
+        wide = gaze_settings({**SETTINGS, "cluster_spread": [spread, spread], "fixations_outside": [0, 0]})
+        points = synthetic_fixations(labels, "", np.random.default_rng(2), wide)
+        assert np.isin(labels[np.round(points[:, 1]).astype(int), np.round(points[:, 0]).astype(int)], (1, 2)).all()
+
+
+def test_painted_opacity_brightens_the_lungs_where_the_gaze_is():
+    labels, image = toy_anatomy()
+    heat = synthetic_attention(labels, "pneumonia", np.random.default_rng(3), SETTINGS)
+    painted, control, finding = attention_example(image, labels, "", np.random.default_rng(3), SETTINGS)
+    np.testing.assert_array_equal(control, heat)  # the map is the gaze, painted or not
+    assert finding == "pneumonia"  # the painted image is prompted as the opacity finding
+    brighter = painted - image
+    assert brighter.min() >= 0 and painted.max() <= 1
+    peak = np.unravel_index(np.argmax(heat * np.isin(labels, (1, 2))), heat.shape)
+    assert brighter[peak] > 0.2 * (1 - image[peak])  # amplitude 0.4 at the gaze's peak (lung edge softened)
+    assert brighter[np.isin(labels, (0,)) & (heat < 0.05)].max() < 0.01  # outside lungs and gaze: unchanged
+    # cardiomegaly: the heart is the finding; the image is not painted and the prompt stays
+    kept, _, finding = attention_example(image, labels, "cardiomegaly", np.random.default_rng(3), SETTINGS)
+    np.testing.assert_array_equal(kept, image)
+    assert finding == "cardiomegaly"
+    # probability 0: never painted
+    never = gaze_settings({**SETTINGS, "opacity_probability": 0.0})
+    kept, _, finding = attention_example(image, labels, "", np.random.default_rng(3), never)
+    np.testing.assert_array_equal(kept, image)
+    assert finding == ""
+    np.testing.assert_array_equal(painted_opacity(image, np.zeros_like(heat), labels, 0.5), image)
 
 
 def test_training_maps_come_from_the_image_or_the_labels():
     labels, image = toy_anatomy()
     rng = np.random.default_rng(0)
-    sobel = training_map("sobel", image, None, "", rng, SETTINGS)
+    picture, sobel, finding = training_example("sobel", image, None, "x", rng, SETTINGS)
+    assert picture is image and finding == "x"
     assert sobel.shape == (64, 64) and sobel[15, 15] == 0 and sobel[20, 15] > 0.5  # an edge at row 20 only
-    lungs = training_map("lungs", image, labels, "", rng, SETTINGS)
+    _, lungs, _ = training_example("lungs", image, labels, "", rng, SETTINGS)
     np.testing.assert_array_equal(lungs, np.isin(labels, (1, 2)).astype(np.float32))
-    assert training_map("lungs", image, None, "", rng, SETTINGS) is None  # no label map: skipped
+    assert training_example("lungs", image, None, "", rng, SETTINGS) is None  # no label map: skipped
+    assert training_example("attention", image, None, "", rng, SETTINGS) is None
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ every mode, ...; ``--repeats`` rounds after one warm-up round):
   image at 100 steps), 3 encodes + 3 decodes, 3 uncached prompt encodings;
 * ``exact-float32``: this engine's default (DDIM, the model's steps), float32;
 * ``exact-low``: the same in bfloat16 (CPU) / float16 (CUDA): UNet and text encoder cast, autoencoders float32;
-* ``fast-float32`` / ``fast-low``: the fast preset (``model/sampling.py`` FAST_PRESET).
+* ``fast-float32`` / ``fast-low``: the fast preset (``model/sampling.py`` FAST_PRESET);
+* ``exact-frozen`` / ``fast-frozen`` (on request): exact-float32 / fast-float32 with the UNet as a frozen
+  TorchScript graph (``--freeze``, ``model/frozen_unet.py``), its tracing paid in the warm-up round.
 
 For each: seconds per denoising step of each stage (anatomy: one batch-1 UNet call; pathology: one
 batch-2 call, or two batch-1 calls for the original), seconds per image (min and median over the
@@ -42,9 +44,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FINDING = "cardiomegaly"
-MODES = ("original", "exact-float32", "exact-low", "fast-float32", "fast-low")
+MODES = ("original", "exact-float32", "exact-low", "fast-float32", "fast-low", "exact-frozen", "fast-frozen")
+DEFAULT_MODES = MODES[:5]  # the frozen ones (--freeze) on request: --modes ...,exact-frozen,fast-frozen
 # Issue 11's goals on the 2-core CPU (ratio to the original, seconds per image); printed, not asserted.
-GOALS = {"exact-float32": 1.2, "exact-low": 2.5, "fast-float32": 10.0, "fast-low": 10.0}
+GOALS = {"exact-float32": 1.2, "exact-low": 2.5, "fast-float32": 10.0, "fast-low": 10.0, "exact-frozen": 1.2,
+         "fast-frozen": 10.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch CPU threads, or a list such as 1,2 (every mode at each); default: the engine's "
                              "(model/loading.py resolve_threads)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--low-dtype", default="auto", help="auto (bfloat16 on CPU, float16 on CUDA), bfloat16, float16")
     parser.add_argument("--fast-presets", default=None, metavar="SAMPLER:STEPS,...",
                         help="what the fast modes run (default: FAST_PRESET); several, e.g. dpmpp:15,dpmpp:10,unipc:15, "
@@ -129,7 +133,7 @@ def original_stand_in(pipe):
     from xreal_engine.model.pipeline import XRealPipeline
 
     class OriginalStandIn(XRealPipeline):
-        def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale, prompt_pair=None):
+        def _predict_noise(self, latents, timestep, cond, uncond, guidance_scale, prompt_pair=None, controls=None):
             eps_cond = self.unet(latents, timestep, encoder_hidden_states=cond).sample
             if uncond is None:
                 return eps_cond
@@ -193,6 +197,13 @@ def make_modes(args, pipe, low_dtype, thread_counts) -> list:
         for name in ("exact-float32", "exact-low"):
             if name in pipes:
                 compile_unet(pipes[name])
+    if {"exact-frozen", "fast-frozen"} & set(args.modes):  # --freeze: a second pipeline on the same modules
+        from xreal_engine.model.frozen_unet import freeze_unet
+        from xreal_engine.model.pipeline import XRealPipeline
+
+        frozen = XRealPipeline(**ours32.components, model_info=ours32.model_info)
+        freeze_unet(frozen)
+        pipes["exact-frozen"] = pipes["fast-frozen"] = frozen
     modes = []
     for threads in thread_counts:
         for name in args.modes:

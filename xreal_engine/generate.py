@@ -240,6 +240,7 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         "controls": [_control_provenance(c, params, prepared.edit_mode) for c in prepared.controls],
         "device": str(device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
+        "unet_runtime": getattr(pipe, "unet_runtime", "eager"),  # eager, frozen (--freeze) or compiled (--compile)
         "input_grid": {"rows": prepared.shape[0], "columns": prepared.shape[1], "pixel_spacing_mm": list(prepared.pixel_spacing_mm)},
         "model_grid": {"rows": size, "columns": size},
         "warnings": list(prepared.warnings),

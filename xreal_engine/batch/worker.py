@@ -28,6 +28,7 @@ class WorkerSettings:
     out_dir: str
     device: str = "auto"
     dtype: str = "auto"
+    unet_runtime: str = "eager"  # model/loading.py UNET_RUNTIMES: eager, frozen (--freeze), compiled (--compile)
     threads: Optional[int] = None  # torch CPU threads of this worker; None: model/loading.py's rule
     quality_check: bool = True
     segmenter: Optional[str] = None  # segmenter directory; None: the shipped one
@@ -59,7 +60,7 @@ class RowWorker:
         diffusers_logging.disable_progress_bar()  # one bar per run (the command's), not one per worker's load
         self.settings = settings
         self.images_dir = Path(settings.out_dir) / IMAGES_DIR
-        self.pipe = load_pipeline(settings.model, settings.device, settings.dtype)
+        self.pipe = load_pipeline(settings.model, settings.device, settings.dtype, runtime=settings.unet_runtime)
         self.check = None
         if settings.quality_check:
             from .quality import AnatomyCheck

@@ -12,7 +12,8 @@ from ..errors import shown
 from ..files import check_new_directory
 from ..generate import GenerationRequest, generate_to_directory, prepare_request
 from ..model.info import ModelInfo, resolve_model
-from ..model.loading import configure_threads, load_pipeline, resolve_threads, select_device
+from ..model.loading import add_unet_runtime_arguments, configure_threads, load_pipeline, resolve_threads
+from ..model.loading import select_device, unet_runtime
 from ..model.sampling import MAX_SEED
 from .arguments import add_request_arguments, check_request_arguments, control_requests, sampling_arguments
 from .arguments import add_quality_arguments, quality_arguments
@@ -26,9 +27,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: $OMP_NUM_THREADS, else half the CPUs, at least 1)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the UNet: faster steps, but the first image pays minutes of compilation "
-                             "(see benchmarks/README.md)")
+    add_unet_runtime_arguments(parser)
     add_quality_arguments(parser.add_argument_group("quality check (the shipped anatomy segmenter, as generate-batch)"))
 
 
@@ -36,6 +35,7 @@ def run(args) -> int:
     check_request_arguments(args)
     select_device(args.device, args.dtype)  # refuse a bad --device/--dtype/--threads before any work
     resolve_threads(args.threads)
+    unet_runtime(args.freeze, args.compile)
     quality_check, min_dice, segmenter = quality_arguments(args, checked_by_default=False)
     check_min_dice(min_dice)
     seed = args.seed if args.seed is not None else random.randrange(MAX_SEED + 1)
@@ -72,7 +72,7 @@ def run(args) -> int:
             print(f"warning: {shown(warning, 500)}", file=sys.stderr)
         print(f"Loading model {model_info.model_id} ...", file=sys.stderr)
         configure_threads(args.threads)
-        pipe = load_pipeline(args.model, args.device, args.dtype, compile=args.compile)
+        pipe = load_pipeline(args.model, args.device, args.dtype, compile=args.compile, freeze=args.freeze)
         check = None
         if quality_check:  # the per-image check of generate-batch: Dice per requested structure in provenance.json
             check = AnatomyCheck.load(segmenter, device=str(pipe.device), min_dice=min_dice)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import DISK_FULL, InputError, StorageError
 from ..model.info import ModelInfo, resolve_model, weights_hash
-from ..model.loading import resolve_threads, select_device
+from ..model.loading import add_unet_runtime_arguments, resolve_threads, select_device, unet_runtime
 from ..batch import backends
 from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, parse_scales, parse_seeds, plan_design
 from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
@@ -74,6 +74,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--ray-address", help="with --backend ray: an existing cluster (default: a local instance)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    add_unet_runtime_arguments(parser)
     add_quality_arguments(parser.add_argument_group("quality check (the shipped anatomy segmenter on every image)"))
     add_sampling_arguments(parser.add_argument_group("sampling settings of rows that do not set their own"))
 
@@ -123,6 +124,7 @@ def run(args) -> int:
     if args.backend == "ray":
         backends.import_ray()  # the install hint before any work
     select_device(args.device, args.dtype)
+    runtime = unet_runtime(args.freeze, args.compile)
     model_dir = resolve_model(args.model)
     info = ModelInfo.load(model_dir)
     out = Path(args.out)
@@ -170,7 +172,7 @@ def run(args) -> int:
         workers = args.workers or 1
         threads = args.threads or (max(1, resolve_threads() // workers) if workers > 1 else None)  # shared out
         settings = WorkerSettings(model=str(model_dir), out_dir=str(out), device=args.device, dtype=args.dtype,
-                                  threads=threads, quality_check=args.quality_check,
+                                  unet_runtime=runtime, threads=threads, quality_check=args.quality_check,
                                   segmenter=str(args.segmenter) if args.segmenter else None, min_dice=args.min_dice)
         if args.backend == "local":
             outcomes = backends.iter_local(pending, settings, workers)

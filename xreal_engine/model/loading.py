@@ -125,11 +125,39 @@ def compile_unet(pipe) -> None:
     pipe.unet.compile(dynamic=False)
 
 
-def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto", compile: bool = False):
+UNET_RUNTIMES = ("eager", "frozen", "compiled")  # how the UNet runs: diffusers' module, --freeze, --compile
+
+
+def unet_runtime(freeze: bool = False, compile: bool = False) -> str:
+    """The ``UNET_RUNTIMES`` word for the ``--freeze`` / ``--compile`` flags (one sentence if both are given)."""
+    if freeze and compile:
+        raise InputError("--freeze and --compile cannot be combined; choose one.")
+    return "frozen" if freeze else "compiled" if compile else "eager"
+
+
+def add_unet_runtime_arguments(parser) -> None:
+    """``--freeze`` and ``--compile``: how the UNet runs (generate, generate-batch, serve)."""
+    parser.add_argument("--freeze", action="store_true",
+                        help="run the UNet as a frozen TorchScript graph: the same image, cheaper steps on a CPU, "
+                             "about a second of tracing per input shape first (benchmarks/README.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet: faster steps, but the first image pays minutes of compilation "
+                             "(benchmarks/README.md)")
+
+
+def check_unet_runtime(runtime: str) -> str:
+    if runtime not in UNET_RUNTIMES:
+        raise InputError(f"Unknown UNet runtime {runtime!r}; use {', '.join(UNET_RUNTIMES)}.")
+    return runtime
+
+
+def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto", compile: bool = False,
+                  freeze: bool = False, runtime: str | None = None):
     """Load a model directory (or the shipped demo model) onto the chosen device and precision.
 
     The UNet and text encoder take ``dtype``; the autoencoders stay float32 (``XRealPipeline.set_precision``).
-    Threads are the caller's (``configure_threads`` first).
+    ``freeze`` / ``compile``, or ``runtime`` (a ``UNET_RUNTIMES`` word): how the UNet runs. Threads are the caller's
+    (``configure_threads`` first).
     """
     from .pipeline import XRealPipeline
 
@@ -144,8 +172,14 @@ def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto"
         raise
     except Exception as error:  # a broken directory: say which, not a traceback
         raise ModelError(f"The model at {model_dir} could not be loaded: {error}") from error
+    runtime = unet_runtime(freeze, compile) if runtime is None else check_unet_runtime(runtime)
     pipe = pipe.to(torch_device).set_precision(torch_dtype)
-    if compile:
+    if runtime == "compiled":
         compile_unet(pipe)
+    elif runtime == "frozen":
+        from .frozen_unet import freeze_unet
+
+        freeze_unet(pipe)
+    pipe.unet_runtime = runtime
     pipe.weights_hash = weights_hash(model_dir)
     return pipe

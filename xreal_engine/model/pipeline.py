@@ -127,6 +127,8 @@ class XRealPipeline(DiffusionPipeline):
         # Optional ControlNets by control name (model/controlnets.py). Not registered modules: they live in
         # controlnet_<name>/ folders that xreal_model.json lists, beside the diffusers components.
         self.controlnets = {}
+        # What runs the UNet: None = the UNet module itself; model/frozen_unet.py sets a frozen graph (--freeze).
+        self.denoiser = None
         self._use_original_schedule()
 
     # ------------------------------------------------------------------ loading and saving
@@ -228,7 +230,7 @@ class XRealPipeline(DiffusionPipeline):
         if controls is not None:
             down, mid = controls.residuals(sample, timestep, hidden)
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        eps = self.unet(sample, timestep, encoder_hidden_states=hidden, **residuals).sample.float()
+        eps = (self.denoiser or self.unet)(sample, timestep, encoder_hidden_states=hidden, **residuals).sample.float()
         if uncond is None:
             return eps
         eps_uncond, eps_cond = eps.chunk(2)

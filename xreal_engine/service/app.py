@@ -64,7 +64,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         service = JobService(
             store,
-            load_pipeline=lambda: load_pipeline(str(model_dir), settings.device, settings.dtype),
+            load_pipeline=lambda: load_pipeline(str(model_dir), settings.device, settings.dtype,
+                                                runtime=settings.unet_runtime),
             run_job=run_generation,
             max_queued_jobs=settings.max_queued_jobs,
             retention_hours=settings.retention_hours,

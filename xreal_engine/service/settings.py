@@ -32,6 +32,7 @@ class ServiceSettings:
     model: str = "demo"
     device: str = "auto"
     dtype: str = "auto"
+    unet_runtime: str = "eager"  # model/loading.py UNET_RUNTIMES: eager, frozen (--freeze), compiled (--compile)
     data_dir: Path = DEFAULT_DATA_DIR
     token: Optional[str] = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES

@@ -11,8 +11,9 @@ per ControlNet with that control's map, and the control's own measure is taken W
 - ``attention``: the share of the image change that falls where the attention map is high
   (``io.controls.ATTENTION_REGION_LEVEL``). With = change |with control - without| (same seed); without
   = the change another seed makes without control (|seed s - seed s + SEED_OFFSET|); the region's share
-  of the image is what evenly spread change would give. No gaze data exists here, so the attention maps
-  are synthesised from the test image exactly as for training (``training.controlnet.synthetic_attention``).
+  of the image is what evenly spread change would give. No gaze data exists here: the maps are a
+  focused synthetic gaze on part of the test image's lungs (``training.synthetic_gaze``, as in
+  training, but the test image is never painted: the model must put the change there).
 
 The generations are anatomy-only (no pathology region), at the model's sampling defaults unless told.
 """
@@ -65,15 +66,17 @@ def change_share(change: np.ndarray, region: np.ndarray) -> float | None:
     return None if total <= 0 else float(change[region].sum() / total)
 
 
-def control_for(name: str, reference: np.ndarray, labels: np.ndarray, finding: str, rng, size: int) -> np.ndarray:
-    """The map a user would give for this test image: its radiomics map, its lungs, or a synthetic gaze map."""
+def control_for(name: str, reference: np.ndarray, labels: np.ndarray, rng, size: int) -> np.ndarray:
+    """The map a user would give for this test image: its radiomics map, its lungs, or a focused gaze on its lungs."""
     from ..io.controls import control_map
-    from .controlnet import attention_settings, synthetic_attention
+    from .controlnet import attention_settings
+    from .synthetic_gaze import synthetic_attention
 
     if name == "attention":
-        heat = synthetic_attention(reference, labels, finding, rng, attention_settings())
+        settings = attention_settings()
+        heat = synthetic_attention(labels, settings["opacity_finding"], rng, settings)
         if heat is None:
-            raise InputError("A test image has neither lungs nor a heart for its attention map.")
+            raise InputError("A test image has no lungs for its attention map.")
         return control_map(name, attention=heat, size=size)
     return control_map(name, reference=reference, labels=labels, size=size)
 
@@ -110,7 +113,7 @@ def measure_controllability(pipe, segmenter, samples, controls, parameters, seed
         reference = load_image(sample.image_path, size)
         labels = load_labels(sample.label_path, size)
         lungs = np.isin(labels, (1, 2))
-        maps = {name: control_for(name, reference, labels, sample.finding, np.random.default_rng([17, index]), size)
+        maps = {name: control_for(name, reference, labels, np.random.default_rng([17, index]), size)
                 for name, _ in controls}
         for seed in range(seeds):
             plain = generate(labels, seed)
@@ -140,7 +143,7 @@ def measure_controllability(pipe, segmenter, samples, controls, parameters, seed
     bar.close()
 
     result = {"protocol": "RadGazeGen Table 2: each control's own measure with vs without its ControlNet "
-                          "(same seed and anatomy); attention maps synthetic (training/controlnet.py)",
+                          "(same seed and anatomy); attention maps synthetic (training/synthetic_gaze.py)",
               "images": len(samples), "seeds": seeds, "seconds": round(time.monotonic() - started, 1), "controls": {}}
     for name, scale in controls:
         records = per_image[name]

@@ -12,13 +12,10 @@ encoded once and its control map computed from the same jittered pixels, so map 
 
 - ``sobel`` / ``canny`` / ``texture``: ``io.controls.control_map`` of the image itself;
 - ``lungs``: the lung mask of its label map (images without one are skipped);
-- ``attention``: **synthetic**, because no gaze data (REFLACX, EGD-CXR) exists here. See
-  ``synthetic_fixations``: fixations are drawn inside the finding region (the heart for cardiomegaly;
-  otherwise the lungs, weighted towards their brighter, i.e. more opaque, pixels) plus a few stray ones
-  outside, with random durations, and blurred by ``io.controls.attention_from_fixations`` exactly as a
-  user's fixation CSV is. Images without a label map get their lungs from the shipped segmenter. This
-  is a stand-in for radiologists' gaze; a model trained on it learns "look here = the finding is here",
-  not real reading behaviour.
+- ``attention``: **synthetic gaze** (no REFLACX / EGD-CXR data here): focused fixations on the lungs,
+  often with a counterfactual opacity painted where they are, or fixations on the heart for
+  cardiomegaly (``synthetic_gaze``); images without a label map get their lungs from the shipped
+  segmenter.
 
 Writes the run directory of every ``train`` command (checkpoints, log.jsonl, config.yaml) and
 ``OUT/model/``: a copy of the base model directory plus ``controlnet_<name>/`` (float16 safetensors)
@@ -37,85 +34,38 @@ import numpy as np
 
 from ..errors import InputError
 
-MIN_LUNG_FRACTION = 0.02  # a segmented "lung" smaller than this share of the image is no lung
-BRIGHTNESS_PERCENTILES = (5, 99)  # lung brightness stretched to an "opacity" in [0, 1] between these
-LOOK_ANYWHERE_WEIGHT = 0.01  # every lung pixel may be looked at, the darkest 1/100 as often as the most opaque
-
-
-# ----------------------------------------------------------------------------- synthetic attention
-
-
-def synthetic_fixations(image: np.ndarray, labels: np.ndarray, finding: str, rng: np.random.Generator,
-                        settings: dict) -> np.ndarray | None:
-    """Made-up gaze fixations (n, 3: x, y, duration s) for one training image; None if it has no region.
-
-    The stand-in for REFLACX gaze (none exists here): ``fixations_inside`` fixations in the region a
-    reader would look at — the heart (label 3) for cardiomegaly, else the lungs (labels 1, 2), where a
-    pixel is chosen with probability ~ opacity ** ``brightness_power`` + ``LOOK_ANYWHERE_WEIGHT``, opacity
-    being its brightness stretched so the lungs' 5th percentile is 0 and their 99th is 1 (clipped) —
-    plus ``fixations_outside`` stray ones anywhere else; each lands at a random
-    point of its pixel and lasts ``duration_s`` (uniform).
-    """
-    labels = np.asarray(labels)
-    heart, lungs = labels == 3, np.isin(labels, (1, 2))
-    if "cardiomegaly" in finding and heart.any():
-        region, weights = heart, np.ones(int(heart.sum()))
-    elif lungs.mean() >= MIN_LUNG_FRACTION:
-        region = lungs
-        brightness = np.asarray(image, dtype=np.float64)[lungs]
-        low, high = np.percentile(brightness, BRIGHTNESS_PERCENTILES)
-        opacity = np.clip((brightness - low) / max(high - low, 1e-6), 0.0, 1.0)
-        weights = opacity ** float(settings.get("brightness_power", 2.0)) + LOOK_ANYWHERE_WEIGHT
-    else:
-        return None
-    low, high = settings.get("fixations_inside", (30, 60))
-    out_low, out_high = settings.get("fixations_outside", (2, 6))
-    inside_count, outside_count = int(rng.integers(low, high + 1)), int(rng.integers(out_low, out_high + 1))
-    ys, xs = np.nonzero(region)
-    picked = rng.choice(len(xs), size=inside_count, p=weights / weights.sum())
-    points = [np.column_stack([xs[picked], ys[picked]])]
-    out_ys, out_xs = np.nonzero(~region)
-    if outside_count and len(out_xs):
-        stray = rng.choice(len(out_xs), size=outside_count)
-        points.append(np.column_stack([out_xs[stray], out_ys[stray]]))
-    points = np.concatenate(points).astype(np.float64)
-    points += rng.uniform(-0.5, 0.5, points.shape)
-    d_low, d_high = settings.get("duration_s", (0.15, 0.6))
-    durations = rng.uniform(float(d_low), float(d_high), len(points))
-    return np.column_stack([points, durations])
+# ----------------------------------------------------------------------------- maps
 
 
 def attention_settings() -> dict:
-    """The synthetic-attention settings of the packaged config: training and ``evaluate`` draw maps alike."""
+    """The synthetic-gaze settings of the packaged config: training and ``evaluate`` draw maps alike."""
     import yaml
 
     from .loop import CONFIG_DIR
+    from .synthetic_gaze import gaze_settings
 
-    return dict(yaml.safe_load((CONFIG_DIR / "controlnet.yaml").read_text(encoding="utf-8"))["attention"])
-
-
-def synthetic_attention(image: np.ndarray, labels: np.ndarray, finding: str, rng: np.random.Generator,
-                        settings: dict) -> np.ndarray | None:
-    """``synthetic_fixations`` blurred into a map in [0, 1] the way a fixation CSV is (None: no region)."""
-    from ..io.controls import attention_from_fixations
-
-    fixations = synthetic_fixations(image, labels, finding, rng, settings)
-    return None if fixations is None else attention_from_fixations(fixations, np.asarray(image).shape)
+    return gaze_settings(yaml.safe_load((CONFIG_DIR / "controlnet.yaml").read_text(encoding="utf-8"))["attention"])
 
 
-def training_map(name: str, image: np.ndarray, labels: np.ndarray | None, finding: str,
-                 rng: np.random.Generator, settings: dict) -> np.ndarray | None:
-    """The control map for one (jittered) training image, at its size; None = skip it for this control."""
+def training_example(name: str, image: np.ndarray, labels: np.ndarray | None, finding: str,
+                     rng: np.random.Generator, settings: dict):
+    """(image to encode, control map, prompt) for one (jittered) training image; None = skip it for this control.
+
+    Only ``attention`` may change the image (a painted opacity, ``synthetic_gaze``) and the prompt.
+    """
     from ..io.controls import REFERENCE_CONTROLS, control_map
+    from .synthetic_gaze import attention_example
 
     size = int(image.shape[-1])
     if name in REFERENCE_CONTROLS:
-        return control_map(name, reference=image, size=size)
+        return image, control_map(name, reference=image, size=size), finding
     if labels is None:
         return None
     if name == "lungs":
-        return control_map(name, labels=labels, size=size) if np.isin(labels, (1, 2)).any() else None
-    return synthetic_attention(image, labels, finding, rng, settings)
+        if not np.isin(labels, (1, 2)).any():
+            return None
+        return image, control_map(name, labels=labels, size=size), finding
+    return attention_example(image, labels, finding, rng, settings)
 
 
 # ----------------------------------------------------------------------------- data
@@ -145,7 +95,9 @@ def cache_items(name: str, records, vae, config: dict, device, rng: np.random.Ge
 
     from .data import make_dataset
 
-    training, settings = config["training"], dict(config.get("attention") or {})
+    from .synthetic_gaze import gaze_settings
+
+    training, settings = config["training"], gaze_settings(config.get("attention"))
     size, copies = int(config["image_size"]), max(int(training.get("copies", 4)), 1)
     augment = bool(config.get("augment", True))
     labelled = [r for r in records if r.label is not None]
@@ -176,16 +128,17 @@ def cache_items(name: str, records, vae, config: dict, device, rng: np.random.Ge
                         label_maps = np.where(masks[:, 2], 3, np.where(masks[:, 0], 1, np.where(masks[:, 1], 2, 0)))
                     else:
                         label_maps = [None] * len(pictures)
-                    keep = []
-                    for index, (picture, label_map, finding) in enumerate(zip(pictures, label_maps, batch["finding"])):
-                        control = training_map(name, picture, label_map, finding, rng, settings)
-                        if control is not None:
-                            keep.append(index)
+                    kept = []
+                    for picture, label_map, finding in zip(pictures, label_maps, batch["finding"]):
+                        example = training_example(name, picture, label_map, finding, rng, settings)
+                        if example is not None:
+                            picture, control, finding = example
+                            kept.append(torch.as_tensor(np.asarray(picture), dtype=torch.float32)[None])
                             maps.append(torch.as_tensor(control, dtype=torch.float32)[None])
                             findings.append(finding)
-                    if not keep:
+                    if not kept:
                         continue
-                    posterior = vae.encode(images[keep].to(device).repeat(1, 3, 1, 1)).latent_dist
+                    posterior = vae.encode(torch.stack(kept).to(device).repeat(1, 3, 1, 1)).latent_dist
                     means.append(posterior.mean.float().cpu())
                     stds.append(posterior.std.float().cpu())
     if not findings:
