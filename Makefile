@@ -12,7 +12,7 @@ DEBIAN_TEST_PACKAGES := dicom3tools dcmtk orthanc orthanc-dicomweb openssl
 # pytest -n is not used: 2 cores; tests with torch use tiny configs.
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup system-deps clean
+.PHONY: demo test setup system-deps clean covid-nc-model
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,23 @@ demo: setup
 	  --pathology-mask Resources/Templates/pathology_cardiomegaly.png --finding cardiomegaly \
 	  --seed 0 --out $(DEMO_OUT)
 	@echo "Demo results are in $(DEMO_OUT)/ (sc.dcm, seg.dcm, preview.png, provenance.json)"
+
+# NON-COMMERCIAL, optional: the demo model fine-tuned to know ground-glass opacity and consolidation too,
+# from covid_seg_nc (CC BY-NC-SA images). Built here from ../shared, never shipped: docs/covid_nc_model.md.
+# About 15 minutes on 2 CPU cores.
+SHARED_CXR ?= ../shared/data/cxr
+COVID_NC_WORK ?= work-data/covid-nc
+COVID_NC_MODEL ?= models/xreal-demo-v3-covid-nc
+covid-nc-model: setup
+	rm -rf $(COVID_NC_WORK)
+	$(ENGINE) prepare-data --cxr $(SHARED_CXR) --out $(COVID_NC_WORK)/data \
+	  --subsets wingspan,hannover_unlabeled,covid_seg_nc
+	$(ENGINE) train ldm --config xreal_engine/configs/ldm_covid_nc.yaml --init-from demo \
+	  --vae xreal_engine/demo_model/vae --anatomy-controller xreal_engine/demo_model/anatomy_controller \
+	  --data $(COVID_NC_WORK)/data --out $(COVID_NC_WORK)/run
+	cp docs/covid_nc_model.md $(COVID_NC_WORK)/run/model/MODEL_CARD.md
+	rm -rf $(COVID_NC_MODEL) && mkdir -p $(dir $(COVID_NC_MODEL)) && mv $(COVID_NC_WORK)/run/model $(COVID_NC_MODEL)
+	@echo "Non-commercial model in $(COVID_NC_MODEL)/ (read its MODEL_CARD.md); use it with --model $(COVID_NC_MODEL)"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -100,6 +100,10 @@ def test_prepare_data_converts_the_shared_set(shared_dir, tmp_path):
         if source["subset"] == "wingspan":
             expected = "" if not source["ctr"] else ("cardiomegaly" if float(source["ctr"]) > 0.5 else "no finding")
             assert row["finding"] == expected
+    # covid_seg_nc: the finding its regions show (consolidation wherever drawn, else ground-glass opacity)
+    covid = [row for row in rows if row["id"].startswith("cs_") and row["split"] == "train"]
+    assert sorted({row["finding"] for row in covid}) == ["consolidation", "ground-glass opacity"]
+    assert sum(row["finding"] == "consolidation" for row in covid) == 13
     # covid_seg_nc's cardiomediastinum (5) is not an XReal label: it becomes background, lungs stay.
     covid_id = next(i for i in by_id if i.startswith("cs_"))
     labels = np.asarray(Image.open(tmp_path / "data" / "labels" / f"{covid_id}.png"))
@@ -263,3 +267,37 @@ def test_ldm_trains_and_the_model_directory_loads(tiny_data, trained_autoencoder
     with_aorta = anatomy.copy()
     with_aorta[4:8, 14:18] = 4  # an aorta is accepted and ignored (the model has a warning for it)
     assert pipe(with_aorta, num_inference_steps=1, anatomy_steps=1).image.shape == (32, 32)
+
+
+def test_ldm_fine_tunes_a_model_from_init_from(tiny_data, trained_autoencoders, tmp_path, capsys):
+    """``train ldm --init-from MODEL``: its UNet and LDM-BERT go on learning; scale factor and defaults stay."""
+    from safetensors.torch import load_file
+
+    from xreal_engine.model.info import ModelInfo
+
+    vae = str(trained_autoencoders["autoencoder"] / "model")
+    controller = str(trained_autoencoders["anatomy-controller"] / "model")
+    base = tmp_path / "base"
+    short = {**TINY_LDM, "training": {**TINY_LDM["training"], "max_steps": 4, "checkpoint_every": 4}}
+    config = write_yaml(tmp_path / "ldm.yaml", short)
+    common = ["--data", str(tiny_data), "--config", str(config), "--anatomy-controller", controller]
+    assert main(["train", "ldm", "--out", str(base), "--vae", vae, *common]) == 0
+    info = json.loads((base / "model" / "xreal_model.json").read_text())
+    info["defaults"]["anatomy_steps"] = 70  # a model's own sampling defaults survive fine-tuning
+    (base / "model" / "xreal_model.json").write_text(json.dumps(info))
+
+    tuned = tmp_path / "tuned"
+    assert main(["train", "ldm", "--out", str(tuned), "--vae", vae, "--init-from", str(base / "model"), *common]) == 0
+    before, after = ModelInfo.load(base / "model"), ModelInfo.load(tuned / "model")
+    assert after.scale_factor == before.scale_factor and after.defaults["anatomy_steps"] == 70
+    old = load_file(str(base / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    new = load_file(str(tuned / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert old.keys() == new.keys() and any(not torch.equal(old[k], new[k]) for k in old)
+
+    # another vae would move the latent space: one sentence, nothing written
+    refused = tmp_path / "refused"
+    assert main(["train", "ldm", "--out", str(refused), "--vae", controller, "--init-from", str(base / "model"),
+                 *common]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("xreal-engine") and "is not the vae of --init-from" in error
+    assert not refused.exists()

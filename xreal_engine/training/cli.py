@@ -174,13 +174,18 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
 
 # ---------------------------------------------------------------- latent diffusion
 
-def write_vocab(path: Path, findings: list[str]) -> list[str]:
-    """vocab.txt: BERT's special tokens, then every word of every finding (BERT splits '-' off)."""
+def vocab_words(findings: list[str]) -> list[str]:
+    """BERT's special tokens, then every word of every finding (BERT splits '-' off), each once."""
     words = list(SPECIAL_TOKENS)
     for finding in findings:
         for word in finding.lower().replace("-", " - ").replace(",", " , ").split():
             if word not in words:
                 words.append(word)
+    return words
+
+
+def write_vocab(path: Path, words: list[str]) -> list[str]:
+    """vocab.txt of ``vocab_words``."""
     path.write_text("\n".join(words) + "\n", encoding="utf-8")
     return words
 
@@ -280,6 +285,32 @@ def save_model_directory(out_dir: Path, components: dict, info) -> Path:
     return out_dir
 
 
+def _ldm_init(init_from, vae_dir, vocab_size: int) -> dict | None:
+    """``--init-from MODEL``: that model's UNet, LDM-BERT and scale factor, to fine-tune (None: start fresh).
+
+    The latent space must stay the model's, so ``--vae`` must be its vae (same weights), and the
+    vocabulary must be the one its LDM-BERT was trained with (same size).
+    """
+    if not init_from:
+        return None
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+
+    from ..model.info import ModelInfo, resolve_model, weights_hash
+
+    model_dir = resolve_model(init_from)
+    if weights_hash(Path(vae_dir)) != weights_hash(model_dir / "vae"):
+        raise InputError(f"--vae {vae_dir} is not the vae of --init-from {init_from}; fine-tuning keeps the model's "
+                         f"latent space, so pass {model_dir / 'vae'}.")
+    text_encoder = LDMBertModel.from_pretrained(str(model_dir / "text_encoder"))
+    if int(text_encoder.config.vocab_size) != vocab_size:
+        raise InputError(f"--init-from {init_from}'s text encoder knows {text_encoder.config.vocab_size} words, the "
+                         f"vocabulary now has {vocab_size}; train a new model instead of fine-tuning this one.")
+    info = ModelInfo.load(model_dir)
+    return {"unet": UNet2DConditionModel.from_pretrained(str(model_dir / "unet")), "text_encoder": text_encoder,
+            "scale_factor": info.scale_factor, "defaults": dict(info.defaults)}
+
+
 def train_ldm(args, config: dict) -> Path:
     """Latent diffusion on the frozen VAE's latents: eps-prediction MSE, text via LDM-BERT trained jointly.
 
@@ -301,6 +332,10 @@ def train_ldm(args, config: dict) -> Path:
         if not (Path(path) / "config.json").is_file():
             raise InputError(f"{flag} {path} is not an AutoencoderKL directory (config.json is missing); "
                              "train one first or pass OUT/model of a finished run.")
+    records = read_records(args.data, "train")
+    findings = ordered_findings(records)
+    words = vocab_words(vocabulary_findings() + findings)
+    init = _ldm_init(training.get("init_from"), args.vae, len(words))  # refused before anything is written
     out = Path(args.out)
     checkpoint = prepare_out_dir(out, args.resume)
     if checkpoint is not None and (out / "config.yaml").is_file():
@@ -312,10 +347,8 @@ def train_ldm(args, config: dict) -> Path:
     accelerator = make_accelerator(args.mixed_precision)
     device = accelerator.device
 
-    records = read_records(args.data, "train")
-    findings = ordered_findings(records)
     vocab_file = out / "vocab.txt"
-    words = write_vocab(vocab_file, vocabulary_findings() + findings)
+    write_vocab(vocab_file, words)
     max_length = int(config["text_encoder"]["max_length"])
     tokenizer = BertTokenizer(str(vocab_file), do_lower_case=True, model_max_length=max_length)
 
@@ -326,7 +359,7 @@ def train_ldm(args, config: dict) -> Path:
     dataset = make_dataset(records, image_size, with_label=False, augment=bool(config.get("augment", True)))
     means, stds, item_findings = encode_latents(vae, dataset, int(training.get("latent_copies", 4)),
                                                 int(training["batch_size"]), device)
-    scale_factor = config.get("scale_factor", "auto")
+    scale_factor = config.get("scale_factor", "auto") if init is None else init["scale_factor"]
     if scale_factor == "auto":
         sample = means + stds * torch.randn_like(stds)
         scale_factor = float(1.0 / sample.flatten().std())
@@ -334,7 +367,10 @@ def train_ldm(args, config: dict) -> Path:
     config["scale_factor_measured"] = scale_factor
     write_resolved_config(out, config)
 
-    unet, text_encoder = ldm_components(config, len(words), latent_size, vae.config.latent_channels)
+    if init is None:
+        unet, text_encoder = ldm_components(config, len(words), latent_size, vae.config.latent_channels)
+    else:
+        unet, text_encoder = init["unet"], init["text_encoder"]
     scheduler = DDIMScheduler(**scheduler_config())
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=float(training["learning_rate"]), weight_decay=0.0)
@@ -398,6 +434,8 @@ def train_ldm(args, config: dict) -> Path:
             anatomy_labels={k: v for k, v in DEFAULT_ANATOMY_LABELS.items() if int(k) in present} or dict(DEFAULT_ANATOMY_LABELS),
             label_warnings=label_warnings(present),
             findings=findings, field_of_view_mm=float(config.get("field_of_view_mm", 400.0)),
+            # sampling defaults: the config's, else a fine-tuned model's own, else XReal's
+            **({"defaults": dict(config.get("defaults") or init["defaults"])} if config.get("defaults") or init else {}),
         )
         components = {
             "vae": vae.to("cpu"), "anatomy_controller": anatomy_controller, "unet": unet.to("cpu").eval(),
@@ -442,6 +480,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             command.add_argument("--adversarial-weight", type=float,
                                  help="override training.adversarial_weight (patch discriminator; 0 = none)")
         if name == "ldm":
+            command.add_argument("--init-from", help="fine-tune this model directory's UNet and LDM-BERT ('demo' or a "
+                                 "path; pass its vae/ as --vae: the latent space stays the model's)")
             command.add_argument("--vae", required=True, type=Path, help="trained autoencoder (OUT/model of `train autoencoder`)")
             command.add_argument("--anatomy-controller", required=True, type=Path,
                                  help="trained anatomy controller (OUT/model of `train anatomy-controller`)")

@@ -189,8 +189,26 @@ def make_dataset(records: list[Record], image_size: int, with_label: bool, augme
 
 # ---------------------------------------------------------------- prepare-data
 
-def _finding(row: dict) -> str:
-    """Image-level finding from the shared manifest (issue 4): CTR > 0.5 = cardiomegaly, Hannover = pneumonia."""
+# covid_seg_nc's pathology_bits (README of ../shared/data/cxr) -> the vocabulary's finding, first match wins:
+# consolidation, the denser opacity, names an image wherever it is drawn (13 train images, 12 of them with
+# ground-glass opacity too), else ground-glass opacity (23). Effusion (4) and pneumothorax (8) have one region
+# each in the whole set: too few to learn, so they name no image.
+PATHOLOGY_BITS = ((2, "consolidation"), (1, "ground-glass opacity"))
+
+
+def _region_finding(bits_path: Path) -> str:
+    """The image's finding from its drawn regions (``PATHOLOGY_BITS``), "" when none is drawn."""
+    if not bits_path.is_file():
+        return ""
+    bits = np.asarray(Image.open(bits_path)).astype(np.int64)
+    return next((name for bit, name in PATHOLOGY_BITS if ((bits & bit) > 0).any()), "")
+
+
+def _finding(row: dict, cxr_dir: Path | None = None) -> str:
+    """Image-level finding from the shared manifest (issue 4): CTR > 0.5 = cardiomegaly, Hannover = pneumonia,
+    covid_seg_nc = its drawn finding (consolidation, else ground-glass opacity)."""
+    if row["subset"] == "covid_seg_nc" and cxr_dir is not None:
+        return _region_finding(cxr_dir / row["subset"] / "pathology_bits" / f"{row['image']}.png")
     if row["subset"] == "wingspan":
         if not row.get("ctr"):
             return ""
@@ -270,7 +288,7 @@ def prepare_data(
                     labels[labels > MAX_LABEL] = 0
                     if labels.any():
                         Image.fromarray(labels.astype(np.uint8)).save(staging / "labels" / f"{row['image']}.png")
-                writer.writerow([row["image"], row["split"], _finding(row)])
+                writer.writerow([row["image"], row["split"], _finding(row, cxr_dir)])
                 counts[row["split"]] = counts.get(row["split"], 0) + 1
         if out_dir.exists():
             out_dir.rmdir()
