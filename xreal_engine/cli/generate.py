@@ -35,7 +35,7 @@ def run(args) -> int:
     check_request_arguments(args)
     select_device(args.device, args.dtype)  # refuse a bad --device/--dtype/--threads before any work
     resolve_threads(args.threads)
-    unet_runtime(args.freeze, args.compile)
+    runtime = unet_runtime(args.freeze, args.compile)
     quality_check, min_dice, segmenter = quality_arguments(args, checked_by_default=False)
     check_min_dice(min_dice)
     seed = args.seed if args.seed is not None else random.randrange(MAX_SEED + 1)
@@ -72,7 +72,7 @@ def run(args) -> int:
             print(f"warning: {shown(warning, 500)}", file=sys.stderr)
         print(f"Loading model {model_info.model_id} ...", file=sys.stderr)
         configure_threads(args.threads)
-        pipe = load_pipeline(args.model, args.device, args.dtype, compile=args.compile, freeze=args.freeze)
+        pipe = load_pipeline(args.model, args.device, args.dtype, runtime=runtime)
         check = None
         if quality_check:  # the per-image check of generate-batch: Dice per requested structure in provenance.json
             check = AnatomyCheck.load(segmenter, device=str(pipe.device), min_dice=min_dice)

@@ -151,12 +151,11 @@ def check_unet_runtime(runtime: str) -> str:
     return runtime
 
 
-def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto", compile: bool = False,
-                  freeze: bool = False, runtime: str | None = None):
+def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto", runtime: str = "eager"):
     """Load a model directory (or the shipped demo model) onto the chosen device and precision.
 
     The UNet and text encoder take ``dtype``; the autoencoders stay float32 (``XRealPipeline.set_precision``).
-    ``freeze`` / ``compile``, or ``runtime`` (a ``UNET_RUNTIMES`` word): how the UNet runs. Threads are the caller's
+    ``runtime`` (a ``UNET_RUNTIMES`` word, see ``unet_runtime``): how the UNet runs. Threads are the caller's
     (``configure_threads`` first).
     """
     from .pipeline import XRealPipeline
@@ -172,7 +171,7 @@ def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto"
         raise
     except Exception as error:  # a broken directory: say which, not a traceback
         raise ModelError(f"The model at {model_dir} could not be loaded: {error}") from error
-    runtime = unet_runtime(freeze, compile) if runtime is None else check_unet_runtime(runtime)
+    runtime = check_unet_runtime(runtime)
     pipe = pipe.to(torch_device).set_precision(torch_dtype)
     if runtime == "compiled":
         compile_unet(pipe)

@@ -11,6 +11,9 @@ truth. Files live next to it::
 
 Uploads are deleted when a job finishes (only ``result/`` stays until the retention purge).
 
+Why this file is long: the jobs table, its state transitions and the job folders change together in
+one transaction each, so keeping them in one class keeps every state change and its files in one place.
+
 Storage failures: every SQLite error becomes a :class:`~..errors.StorageError` (one sentence,
 no path); :meth:`JobStore.problem` says why jobs cannot be stored right now (the data
 directory or database gone, replaced, read-only, the disk full, or the last write failed
