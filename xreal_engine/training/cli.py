@@ -36,6 +36,7 @@ from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainer
 SUBCOMMANDS = {
     "autoencoder": "the LDM's image autoencoder (AutoencoderKL, image -> image)",
     "anatomy-controller": "the anatomy controller (AutoencoderKL, anatomy label map -> image)",
+    "calibrate-controller": "refit an anatomy controller's output brightness to the training images; training/calibration.py",
     "ldm": "the latent diffusion UNet + LDM-BERT text encoder; writes a complete model directory",
     "segmenter": "the anatomy segmenter used by `xreal-engine evaluate`",
     "controlnet": "a ControlNet (sobel, canny, texture, lungs, attention) on a trained model; training/controlnet.py",
@@ -466,10 +467,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kind", metavar="WHAT", required=True)
     for name, help_text in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "segmenter":
-            from . import segmenter
-
-            segmenter.configure_parser(command)
+        if name in ("segmenter", "calibrate-controller"):
+            _own_module(name).configure_parser(command)
             continue
         _common(command)
         if name in ("autoencoder", "anatomy-controller"):
@@ -491,11 +490,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             controlnet.add_arguments(command)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.kind == "segmenter":
-        from . import segmenter
+def _own_module(kind: str):
+    """The sub-commands with their own arguments and no training loop here."""
+    if kind == "segmenter":
+        from . import segmenter as module
+    else:
+        from . import calibration as module
+    return module
 
-        return segmenter.run(args)
+
+def run(args: argparse.Namespace) -> int:
+    if args.kind in ("segmenter", "calibrate-controller"):
+        return _own_module(args.kind).run(args)
     set_threads(args)
     overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                  "checkpoint_every": args.checkpoint_every, "seed": args.seed}
