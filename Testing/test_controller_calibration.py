@@ -8,6 +8,7 @@ images then have the training images' mean brightness; refusals are one sentence
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from test_autoencoder_finetune import config_file, data  # noqa: F401  (the modu
 from xreal_engine.cli import main
 from xreal_engine.training.calibration import CALIBRATION_FILE, decoder_outputs, fit_offset
 from xreal_engine.training.data import make_dataset, read_records
+
+DEMO_CONTROLLER = Path(__file__).resolve().parents[1] / "xreal_engine" / "demo_model" / "anatomy_controller"
 
 
 def test_offset_matches_the_mean_of_the_clamped_output():
@@ -58,11 +61,35 @@ def test_refusals_write_nothing(data, tmp_path, capsys):  # noqa: F811
     error = capsys.readouterr().err
     assert "is not an AutoencoderKL directory" in error and "Traceback" not in error
     assert not out.exists()
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(
+        (DEMO_CONTROLLER / "config.json").read_text())  # no weights beside it
+    for controller, message in (("unet", "is not an AutoencoderKL directory"), ("broken", "could not be loaded")):
+        assert main(["train", "calibrate-controller", "--anatomy-controller", str(tmp_path / controller),
+                     "--data", str(data), "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error
+        assert not out.exists()
+    for size in ("0", "2", "130", "4097"):  # the demo controller downsamples by 4: 8..4096 in steps of 4
+        assert main(["train", "calibrate-controller", "--anatomy-controller", str(DEMO_CONTROLLER), "--data", str(data),
+                     "--out", str(out), "--image-size", size]) == 2
+        assert "multiple of 4 from 8 to 4096" in capsys.readouterr().err
     out.mkdir()
     (out / "kept.txt").write_text("x")
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "config.json").write_text("{}")
-    assert main(["train", "calibrate-controller", "--anatomy-controller", str(tmp_path / "c"), "--data", str(data),
+    assert main(["train", "calibrate-controller", "--anatomy-controller", str(DEMO_CONTROLLER), "--data", str(data),
                  "--out", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]
+
+
+def test_smallest_image_size_and_the_default(data, tmp_path):  # noqa: F811
+    """The lower end of --image-size (8 for the demo controller) works; without it, the config's sample_size."""
+    from xreal_engine.training.calibration import check_controller
+
+    assert check_controller(DEMO_CONTROLLER, None) == 128 and check_controller(DEMO_CONTROLLER, 4096) == 4096
+    out = tmp_path / "small"
+    assert main(["train", "calibrate-controller", "--anatomy-controller", str(DEMO_CONTROLLER), "--data", str(data),
+                 "--out", str(out), "--image-size", "8"]) == 0
+    assert json.loads((out / "model" / CALIBRATION_FILE).read_text())["images"] == 4

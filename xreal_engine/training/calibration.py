@@ -72,22 +72,44 @@ def _summary(outputs: np.ndarray, targets: np.ndarray) -> dict:
             "l1": float(np.abs(clamped - targets).mean())}
 
 
-def calibrate_controller(controller_dir: Path, data: Path, out: Path, image_size: int) -> dict:
+def check_controller(controller_dir: Path, image_size: int | None) -> int:
+    """Refuse a directory that is not a 3-channel AutoencoderKL; returns the image size to calibrate at
+    (its config's ``sample_size`` unless given), which must be a positive multiple of its downsampling."""
+    config_path = controller_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
+        raise InputError(f"--anatomy-controller {controller_dir} is not an AutoencoderKL directory "
+                         f"({config_path.name} is missing or names another class).")
+    if config.get("in_channels", 3) != 3 or config.get("out_channels", 3) != 3:
+        raise InputError(f"--anatomy-controller {controller_dir} is not an anatomy controller (it needs 3 input and 3 output channels).")
+    size = int(image_size if image_size is not None else config.get("sample_size") or 0)
+    factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    if size < factor * 2 or size > 4096 or size % factor:
+        raise InputError(f"The image size must be a multiple of {factor} from {factor * 2} to 4096, not {size}.")
+    return size
+
+
+def calibrate_controller(controller_dir: Path, data: Path, out: Path, image_size: int | None = None) -> dict:
     """Write OUT/model (the calibrated AutoencoderKL) and OUT/calibration.json; returns the latter's content."""
     from diffusers import AutoencoderKL
 
     from .data import make_dataset, read_records
     from .loop import prepare_out_dir, publish
 
-    if not (Path(controller_dir) / "config.json").is_file():
-        raise InputError(f"--anatomy-controller {controller_dir} is not an AutoencoderKL directory (config.json is missing).")
+    image_size = check_controller(Path(controller_dir), image_size)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         prepare_out_dir(out, resume=False)  # refuses, as every train command, before any work
     records = read_records(data, "train", require_labels=True)
     if not records:
         raise InputError(f"{data} has no training images with anatomy labels to calibrate on.")
-    controller = AutoencoderKL.from_pretrained(controller_dir).eval()
+    try:
+        controller = AutoencoderKL.from_pretrained(controller_dir).eval()
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        raise InputError(f"--anatomy-controller {controller_dir} could not be loaded ({str(error).splitlines()[0]}).") from None
     dataset = make_dataset(records, image_size, with_label=True, augment=False)
     outputs, targets = decoder_outputs(controller, dataset)
     offset = fit_offset(outputs, targets)
@@ -109,7 +131,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the anatomy controller to calibrate (an AutoencoderKL directory, e.g. a model's anatomy_controller/)")
     parser.add_argument("--data", required=True, type=Path, help="training data directory (see `prepare-data`); train split only")
     parser.add_argument("--out", required=True, type=Path, help="run directory; the result is OUT/model")
-    parser.add_argument("--image-size", type=int, default=128, help="the model's image size (default 128)")
+    parser.add_argument("--image-size", type=int,
+                        help="the model's image size (default: the controller's sample_size, 128 for the demo model)")
     parser.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 
 
