@@ -67,7 +67,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_generate_writes_complete_reproducible_result(tiny_model, inputs, tmp_path):
     anatomy, region = inputs
     common = ["generate", "--model", str(tiny_model), "--anatomy", str(anatomy), "--pathology-mask", str(region),
-              "--finding", "cardiomegaly", "--seed", "7", "--steps", "3", "--anatomy-steps", "2", "--device", "cpu"]
+              "--finding", "cardiomegaly", "--seed", "7", "--steps", "3", "--anatomy-steps", "2", "--device", "cpu", "--threads", "1"]
     first = run_cli(*common, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     assert "Traceback" not in first.stderr
@@ -78,6 +78,7 @@ def test_generate_writes_complete_reproducible_result(tiny_model, inputs, tmp_pa
     assert provenance["findings"] == ["cardiomegaly"]
     assert provenance["model_id"] == ModelInfo.load(tiny_model).model_id
     assert len(provenance["weights_hash"]) == 64
+    assert provenance["cpu_threads"] == 1  # float32 CPU results depend on it (by up to one grey level)
 
     sc = pydicom.dcmread(tmp_path / "a" / "sc.dcm")
     seg = pydicom.dcmread(tmp_path / "a" / "seg.dcm")
