@@ -93,7 +93,7 @@ def check_controller(controller_dir: Path, image_size: int | None) -> int:
 
 
 def calibrate_controller(controller_dir: Path, data: Path, out: Path, image_size: int | None = None) -> dict:
-    """Write OUT/model (the calibrated AutoencoderKL) and OUT/calibration.json; returns the latter's content."""
+    """Write OUT/model, the calibrated AutoencoderKL with its calibration.json; returns that file's content."""
     from diffusers import AutoencoderKL
 
     from .data import make_dataset, read_records
