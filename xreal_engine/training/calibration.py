@@ -137,10 +137,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from .loop import set_threads
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_threads(args)
     report = calibrate_controller(args.anatomy_controller, args.data, args.out, args.image_size)
     before, after = report["before"], report["after"]
     print(f"Calibrated on {report['images']} training images: offset {report['offset']:+.4f}; "

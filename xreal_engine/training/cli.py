@@ -1,4 +1,5 @@
-"""``xreal-engine train``: autoencoder, anatomy-controller, ldm (and the evaluation ``segmenter``).
+"""``xreal-engine train``: autoencoder, anatomy-controller, ldm (and, in their own modules, the evaluation
+``segmenter`` and ``calibrate-controller``).
 
 Why this file is long: the autoencoder and LDM trainers and the command line live here; the shared loop
 (Trainer, run directory, checkpoints) is in ``loop.py``, and the ControlNet trainer in ``controlnet.py``.
@@ -30,7 +31,7 @@ from ..errors import InputError
 from ..model.architecture import scheduler_config
 from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainers here)
     CONFIG_DIR, TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, publish, seed_everything,
-    write_resolved_config,
+    set_threads, write_resolved_config,
 )
 
 SUBCOMMANDS = {
@@ -41,6 +42,8 @@ SUBCOMMANDS = {
     "segmenter": "the anatomy segmenter used by `xreal-engine evaluate`",
     "controlnet": "a ControlNet (sobel, canny, texture, lungs, attention) on a trained model; training/controlnet.py",
 }
+# Sub-commands with their own arguments and no trainer here: the module that parses and runs them.
+OWN_MODULES = {"segmenter": "segmenter", "calibrate-controller": "calibration"}
 CONFIG_NAMES = {"autoencoder": "autoencoder", "anatomy-controller": "anatomy_controller", "ldm": "ldm",
                 "controlnet": "controlnet"}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -63,13 +66,6 @@ def load_config(kind: str, path: Path | None, overrides: dict) -> dict:
         if value is not None:
             config["training"][key] = value
     return config
-
-
-def set_threads(args) -> None:
-    import torch
-
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
 
 
 # ---------------------------------------------------------------- autoencoders
@@ -467,7 +463,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kind", metavar="WHAT", required=True)
     for name, help_text in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        if name in ("segmenter", "calibrate-controller"):
+        if name in OWN_MODULES:
             _own_module(name).configure_parser(command)
             continue
         _common(command)
@@ -491,16 +487,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _own_module(kind: str):
-    """The sub-commands with their own arguments and no training loop here."""
-    if kind == "segmenter":
-        from . import segmenter as module
-    else:
-        from . import calibration as module
-    return module
+    import importlib
+
+    return importlib.import_module(f".{OWN_MODULES[kind]}", __package__)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.kind in ("segmenter", "calibrate-controller"):
+    if args.kind in OWN_MODULES:
         return _own_module(args.kind).run(args)
     set_threads(args)
     overrides = {"max_steps": args.max_steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate,

@@ -117,6 +117,14 @@ class Trainer:
         return losses
 
 
+def set_threads(args) -> None:
+    """``--num-threads`` of a train command (0 leaves torch's default)."""
+    import torch
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 
