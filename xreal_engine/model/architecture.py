@@ -12,6 +12,8 @@ from ..errors import ModelError
 from .sampling import SAMPLERS
 
 NUM_TRAIN_TIMESTEPS = 1000
+# The anatomy controller's input: labels 0..4 divided by 4 into [0, 1], as it was trained (sampler and trainers alike).
+ANATOMY_LABEL_DIVISOR = 4.0
 
 
 def scheduler_config(beta_start: float = 0.0015, beta_end: float = 0.0295,

@@ -31,7 +31,9 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import BertTokenizer, BertTokenizerFast
 
 from ..errors import InputError, ModelError
-from .architecture import check_xreal_schedule, make_solver, original_alphas_cumprod, set_ddim_timesteps
+from .architecture import (
+    ANATOMY_LABEL_DIVISOR, check_xreal_schedule, make_solver, original_alphas_cumprod, set_ddim_timesteps,
+)
 from .controlnets import PreparedControl, StageControls, load_controlnets, prepare_controls
 from .info import ModelInfo, canonical_finding, check_model_dir
 from .inputs import anatomy_labels, pathology_mask, square_array
@@ -39,8 +41,6 @@ from .overlay import keep_outside
 from .sampling import SamplingParameters
 
 RNG_MODES = ("generator", "original")
-# Anatomy labels 0..4 are scaled by 1/4 into [0, 1], as the anatomy controller was trained.
-ANATOMY_LABEL_DIVISOR = 4.0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..model.architecture import ANATOMY_LABEL_DIVISOR
 
 CALIBRATION_FILE = "calibration.json"
 BATCH_SIZE = 16
@@ -33,7 +34,7 @@ def decoder_outputs(controller, dataset) -> tuple[np.ndarray, np.ndarray]:
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=False)
     with torch.inference_mode():
         for batch in loader:
-            source = (torch.as_tensor(batch["label"]).float() / 4.0).repeat(1, 3, 1, 1)
+            source = (torch.as_tensor(batch["label"]).float() / ANATOMY_LABEL_DIVISOR).repeat(1, 3, 1, 1)
             latent = controller.encode(source).latent_dist.mode()
             outputs.append(controller.decode(latent).sample.mean(dim=1).numpy())
             targets.append(torch.as_tensor(batch["image"]).float()[:, 0].numpy())

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InputError
-from ..model.architecture import scheduler_config
+from ..model.architecture import ANATOMY_LABEL_DIVISOR, scheduler_config
 from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainers here)
     CONFIG_DIR, TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, publish, seed_everything,
     set_threads, write_resolved_config,
@@ -141,7 +141,7 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
 
     def step(batch):
         image = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
-        source = batch["label"] / 4.0 if mask_input else image
+        source = batch["label"] / ANATOMY_LABEL_DIVISOR if mask_input else image
         source, image = random_crop([source, image], crop)
         source, target = source.repeat(1, 3, 1, 1), image.repeat(1, 3, 1, 1)
         with accelerator.autocast():
