@@ -140,7 +140,7 @@ def engine(tiny_model, tmp_path_factory):
     client = EngineClient(url, token=TOKEN, timeout=60)
     try:
         wait_until_ready(client)
-        yield {"url": url, "client": client, "process": process, "data_dir": data_dir}
+        yield {"url": url, "client": client, "process": process, "data_dir": data_dir, "model_dir": tiny_model}
     finally:
         stop_engine(process)
 
@@ -539,6 +539,36 @@ def test_submit_command_runs_a_job_and_writes_the_result(engine, inputs, tmp_pat
         capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode == 2 and "unicorn" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_regenerating_at_the_same_seed_reuses_the_anatomy_stage_bit_for_bit(engine, inputs, tmp_path):
+    """The Slicer user's loop: the same anatomy and seed, another finding. The second job's anatomy
+    stage is the first's (model/anatomy_cache.py), and its image is what a fresh ``generate`` gives."""
+    import pydicom
+
+    client = engine["client"]
+    seed = 4242  # no other test in this file uses it
+    first = final(client, client.submit(inputs["anatomy"], [(inputs["region"], "cardiomegaly")], seed=seed,
+                                        steps=6)["id"])
+    second = final(client, client.submit(inputs["anatomy"], [(inputs["region"], "pneumonia")], seed=seed,
+                                         steps=6)["id"])
+    assert first["state"] == second["state"] == "succeeded", (first, second)
+    reused = []
+    for job in (first, second):
+        provenance = json.loads(client.download(job["id"], "provenance.json", tmp_path / job["id"]).read_text())
+        reused.append(provenance["anatomy_stage_reused"])
+    assert reused == [False, True]
+
+    fresh = tmp_path / "fresh"
+    result = subprocess.run(
+        [sys.executable, "-m", "xreal_engine.cli", "generate", "--model", str(engine["model_dir"]),
+         "--anatomy", str(inputs["anatomy"]), "--pathology-mask", str(inputs["region"]), "--finding", "pneumonia",
+         "--seed", str(seed), "--steps", "6", "--out", str(fresh)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((fresh / "provenance.json").read_text())["anatomy_stage_reused"] is False
+    served = pydicom.dcmread(client.download(second["id"], "sc.dcm", tmp_path / "served")).pixel_array
+    np.testing.assert_array_equal(served, pydicom.dcmread(fresh / "sc.dcm").pixel_array)
 
 
 def test_shutdown_endpoint_stops_the_engine(engine):

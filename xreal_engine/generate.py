@@ -241,6 +241,8 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         "device": str(device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "unet_runtime": getattr(pipe, "unet_runtime", "eager"),  # eager, frozen (--freeze) or compiled (--compile)
+        # The anatomy stage was an earlier job's, bit for bit (model/anatomy_cache.py: the service, batches).
+        "anatomy_stage_reused": bool(getattr(output, "anatomy_stage_reused", False)),
         # CPU float32 sums in a thread-count-dependent order: 1 and 2 threads differ by up to 1 grey level.
         "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "input_grid": {"rows": prepared.shape[0], "columns": prepared.shape[1], "pixel_spacing_mm": list(prepared.pixel_spacing_mm)},

@@ -61,6 +61,7 @@ class RowWorker:
         self.settings = settings
         self.images_dir = Path(settings.out_dir) / IMAGES_DIR
         self.pipe = load_pipeline(settings.model, settings.device, settings.dtype, runtime=settings.unet_runtime)
+        self.pipe.enable_anatomy_stage_cache()  # rows that share an anatomy and seed share its anatomy stage
         self.check = None
         if settings.quality_check:
             from .quality import AnatomyCheck

@@ -31,6 +31,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import BertTokenizer, BertTokenizerFast
 
 from ..errors import InputError, ModelError
+from .anatomy_cache import DEFAULT_ENTRIES, AnatomyStageCache
 from .architecture import (
     ANATOMY_LABEL_DIVISOR, check_xreal_schedule, make_solver, original_alphas_cumprod, set_ddim_timesteps,
 )
@@ -53,6 +54,7 @@ class XRealPipelineOutput:
     x_p_gen_hwc: np.ndarray  # (H, W, 3) the original's return value
     x_a_gen_hwc: Optional[np.ndarray]
     x_hat_hwc: Optional[np.ndarray]
+    anatomy_stage_reused: bool = False  # the anatomy stage came from the cache (enable_anatomy_stage_cache)
 
 
 @dataclass
@@ -129,7 +131,19 @@ class XRealPipeline(DiffusionPipeline):
         self.controlnets = {}
         # What runs the UNet: None = the UNet module itself; model/frozen_unet.py sets a frozen graph (--freeze).
         self.denoiser = None
+        # Anatomy-stage results kept for jobs that share them (anatomy_cache.py); off unless enabled.
+        self.anatomy_stage_cache: Optional[AnatomyStageCache] = None
         self._use_original_schedule()
+
+    def enable_anatomy_stage_cache(self, entries: int = DEFAULT_ENTRIES) -> "XRealPipeline":
+        """Reuse the anatomy stage, bit for bit, for a job with the same label map, seeded generator,
+        anatomy settings and networks as one of the last ``entries`` jobs (model/anatomy_cache.py). For
+        long-lived pipelines whose weights stay fixed: the service, ``generate-batch``, ``evaluate``."""
+        self.anatomy_stage_cache = AnatomyStageCache(entries)
+        return self
+
+    def disable_anatomy_stage_cache(self) -> None:
+        self.anatomy_stage_cache = None
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -444,10 +458,16 @@ class XRealPipeline(DiffusionPipeline):
                 embeddings[prompt] = self.encode_prompt(prompt)
             return embeddings[prompt]
 
+        # Reuse of the anatomy stage (anatomy_cache.py): only where the caller's generator fixes its noise.
+        reuse = None
+        if self.anatomy_stage_cache is not None and not edit_mode and rng == "generator" and generator is not None:
+            reuse = (self.anatomy_stage_cache, generator)
+
         out_of_memory = False
         try:
-            current, x_hat, x_a_gen = self._stages(None if edit_mode else labels, source if edit_mode else None,
-                                                   regions, parameters, embed, draw, callback, controls)
+            current, x_hat, x_a_gen, reused = self._stages(
+                None if edit_mode else labels, source if edit_mode else None, regions, parameters, embed, draw,
+                callback, controls, reuse)
         except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError; so is a failed CPU allocation
             if not is_out_of_memory(error):
                 raise
@@ -465,13 +485,15 @@ class XRealPipeline(DiffusionPipeline):
             image=x_p_gen.mean(axis=2),
             anatomy_image=None if x_a_gen_hwc is None else x_a_gen_hwc.mean(axis=2),
             x_hat=None if x_hat_hwc is None else x_hat_hwc.mean(axis=2),
-            x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc,
+            x_p_gen_hwc=x_p_gen, x_a_gen_hwc=x_a_gen_hwc, x_hat_hwc=x_hat_hwc, anatomy_stage_reused=reused,
         )
 
-    def _stages(self, labels, source, regions, parameters, embed, draw, callback, controls=()):
-        """Sections 3-5 of ``__call__``: returns (x_p_gen, x_hat, x_a_gen) as (1, 3, S, S) tensors."""
+    def _stages(self, labels, source, regions, parameters, embed, draw, callback, controls=(), reuse=None):
+        """Sections 3-5 of ``__call__``: (x_p_gen, x_hat, x_a_gen) as (1, 3, S, S) tensors, and whether the
+        anatomy stage was reused. ``reuse``: (AnatomyStageCache, the caller's generator) or None."""
         device = self.device
         x_hat = x_a_gen = None
+        reused = False
         # The ControlNets, their maps and scales on the device once per image, for the stages they steer.
         stage_controls = None
         if controls:
@@ -482,14 +504,27 @@ class XRealPipeline(DiffusionPipeline):
         if source is not None:
             current = source.to(device)[None, None].repeat(1, 3, 1, 1)
         else:
-            # 3. Anatomy controller: the label map becomes a rough image x_hat.
-            x_hat, anatomy_latent_mask = self._anatomy_controller_image(labels)
-            # 4. Anatomy stage: x_hat re-generated unconditionally, the anatomy held by a soft mask
-            #    (1 on the organs, soft_mask_value elsewhere) for the first anatomy_steps steps.
-            soft_mask = torch.where(anatomy_latent_mask > 0, 1.0, parameters.soft_mask_value)
-            anatomy_stage = Stage("anatomy", x_hat, soft_mask, parameters.anatomy_steps, embed(""), None, 1.0,
-                                  anatomy_controls)
-            x_a_gen = current = self._run_stage(anatomy_stage, parameters, draw, callback)
+            key = None if reuse is None else self._anatomy_stage_key(labels, reuse[1], parameters, anatomy_controls)
+            cached = None if key is None else reuse[0].get(key)
+            if cached is not None:
+                # 3-4 reused: the same images, and the generator as the stage would have left it.
+                reuse[1].set_state(cached.generator_state)
+                x_hat, x_a_gen, reused = cached.x_hat, cached.x_a_gen, True
+                if callback is not None:
+                    callback("anatomy", 0, parameters.num_inference_steps)
+                    callback("anatomy", parameters.num_inference_steps, parameters.num_inference_steps)
+            else:
+                # 3. Anatomy controller: the label map becomes a rough image x_hat.
+                x_hat, anatomy_latent_mask = self._anatomy_controller_image(labels)
+                # 4. Anatomy stage: x_hat re-generated unconditionally, the anatomy held by a soft mask
+                #    (1 on the organs, soft_mask_value elsewhere) for the first anatomy_steps steps.
+                soft_mask = torch.where(anatomy_latent_mask > 0, 1.0, parameters.soft_mask_value)
+                anatomy_stage = Stage("anatomy", x_hat, soft_mask, parameters.anatomy_steps, embed(""), None, 1.0,
+                                      anatomy_controls)
+                x_a_gen = self._run_stage(anatomy_stage, parameters, draw, callback)
+                if key is not None:
+                    reuse[0].put(key, x_hat, x_a_gen, reuse[1])
+            current = x_a_gen
 
         # 5. Pathology stages: each region re-generated with its finding under classifier-free guidance,
         #    everything outside it held at every step. An empty finding inpaints without a prompt.
@@ -506,7 +541,19 @@ class XRealPipeline(DiffusionPipeline):
             if parameters.keep_outside_region:  # post-decode overlay (model/overlay.py); off in XReal
                 current = keep_outside(previous, current, region)
 
-        return current, x_hat, x_a_gen
+        return current, x_hat, x_a_gen, reused
+
+    def _anatomy_stage_key(self, labels, generator, parameters, anatomy_controls) -> str:
+        """What the anatomy stage's result depends on, for ``AnatomyStageCache.key``."""
+        controlnets, control_maps, control_settings = [], [], []
+        if anatomy_controls is not None:
+            controlnets = list(anatomy_controls.multi.nets)
+            control_maps = list(anatomy_controls.images[1])
+            control_settings = [anatomy_controls.names, anatomy_controls.scales]
+        settings = [str(self.device), torch.get_num_threads() if self.device.type == "cpu" else None,
+                    repr(self.model_info), repr(dict(self.scheduler.config)), control_settings]
+        networks = [self.anatomy_controller, self.vae, self.unet, self.text_encoder, self.denoiser, *controlnets]
+        return AnatomyStageCache.key(labels, generator, parameters, networks, settings, control_maps)
 
     def _empty_prompt_embedding(self) -> torch.Tensor:
         """The empty prompt's embedding, cached across images (per device and dtype)."""

@@ -64,8 +64,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         service = JobService(
             store,
+            # The anatomy-stage cache: a Slicer user regenerating at the same seed with another region or
+            # finding waits only for the pathology stage (model/anatomy_cache.py).
             load_pipeline=lambda: load_pipeline(str(model_dir), settings.device, settings.dtype,
-                                                runtime=settings.unet_runtime),
+                                                runtime=settings.unet_runtime).enable_anatomy_stage_cache(),
             run_job=run_generation,
             max_queued_jobs=settings.max_queued_jobs,
             retention_hours=settings.retention_hours,

@@ -427,7 +427,8 @@ def run(args: argparse.Namespace) -> int:
     SamplingParameters.resolve(ModelInfo.load(model_dir).defaults, num_inference_steps=args.steps,
                                anatomy_steps=args.anatomy_steps, sampler=args.sampler,
                                fast=args.fast)  # refuse bad settings before loading anything
-    pipe = XRealPipeline.from_pretrained(model_dir).to(device)
+    # The pathology run has the anatomy and seed of the first anatomy-only image: its anatomy stage is reused.
+    pipe = XRealPipeline.from_pretrained(model_dir).to(device).enable_anatomy_stage_cache()
 
     with staged_directory(args.out) as staging:  # the report appears whole or not at all
         report = evaluate(
