@@ -167,6 +167,35 @@ def test_jsonl_manifest_makes_the_same_images_as_csv_and_edits_xrays(tiny_model,
     assert [item["name"] for item in items] == ["plain", "heart", "edit"] and items[2]["anatomy_dice"] is None
 
 
+def test_rows_sharing_an_anatomy_and_seed_share_its_anatomy_stage_and_the_unet_is_frozen_on_a_cpu(
+        tiny_model, templates, tmp_path):
+    """A counterfactual batch (one anatomy and seed, two findings): the second row reuses the first's
+    anatomy stage (model/anatomy_cache.py), and without a flag the UNet runs frozen on a CPU; both give
+    what --eager and a one-image generate give, bit for bit."""
+    heart = templates / "pathology_cardiomegaly.png"
+    manifest = write_csv(tmp_path / "m.csv", ["name", "anatomy", "pathology_masks", "findings", "seed"], [
+        ["heart", "anatomy_01", str(heart), "cardiomegaly", "9"],
+        ["pneumonia", "anatomy_01", str(heart), "pneumonia", "9"],
+    ])
+    runs = {}
+    for flag in ([], ["--eager"]):
+        out = tmp_path / ("eager" if flag else "default")
+        assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, *STEPS, "--no-quality-check",
+                     *flag) == 0
+        provenance = {name: json.loads((out / "images" / name / "provenance.json").read_text())
+                      for name in ("heart", "pneumonia")}
+        assert {p["unet_runtime"] for p in provenance.values()} == {"eager" if flag else "frozen"}
+        assert [provenance[n]["anatomy_stage_reused"] for n in ("heart", "pneumonia")] == [False, True]
+        runs[bool(flag)] = out
+    single = tmp_path / "single"
+    assert cli.main(["generate", "--model", str(tiny_model), "--anatomy", str(templates / "anatomy_01.png"),
+                     "--pathology-mask", str(heart), "--finding", "pneumonia", "--seed", "9", *STEPS,
+                     "--out", str(single)]) == 0
+    assert json.loads((single / "provenance.json").read_text())["unet_runtime"] == "eager"
+    for out in runs.values():
+        np.testing.assert_array_equal(pixels(out / "images" / "pneumonia"), pixels(single))
+
+
 def test_bad_rows_are_reported_with_their_row_numbers_and_nothing_is_written(tiny_model, templates, tmp_path,
                                                                             capsys):
     lines = [

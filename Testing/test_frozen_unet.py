@@ -100,3 +100,36 @@ def test_freeze_and_compile_together_is_one_sentence(model_dir, tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert "--freeze and --compile cannot be combined" in error and error.count("\n") == 0
     assert not out.exists()
+    assert cli.main(["generate-batch", "--model", str(model_dir), "--eager", "--freeze", "--from-templates", "",
+                     "--seeds", "0:2",
+                     "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--freeze and --eager cannot be combined" in error and error.count("\n") == 0
+    assert not out.exists()
+
+
+def test_long_lived_commands_freeze_on_a_cpu_only_and_generate_has_no_eager_flag(capsys):
+    from xreal_engine.model.loading import AUTO_RUNTIME, check_unet_runtime, unet_runtime
+
+    assert unet_runtime(default=AUTO_RUNTIME) == AUTO_RUNTIME and unet_runtime() == "eager"
+    assert unet_runtime(eager=True, default=AUTO_RUNTIME) == "eager"
+    assert check_unet_runtime(AUTO_RUNTIME, torch.device("cpu")) == "frozen"
+    assert check_unet_runtime(AUTO_RUNTIME, torch.device("cuda")) == "eager"
+    assert check_unet_runtime("compiled", torch.device("cpu")) == "compiled"
+    assert "--freeze, --compile and --eager cannot" in _sentence(lambda: unet_runtime(True, True, True))
+    assert "use eager, frozen, compiled, auto" in _sentence(lambda: check_unet_runtime("jit", torch.device("cpu")))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "--eager" not in capsys.readouterr().out
+    for command in ("serve", "generate-batch"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "--eager" in capsys.readouterr().out
+
+
+def _sentence(call) -> str:
+    from xreal_engine.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        call()
+    return str(refused.value)

@@ -558,6 +558,7 @@ def test_regenerating_at_the_same_seed_reuses_the_anatomy_stage_bit_for_bit(engi
         provenance = json.loads(client.download(job["id"], "provenance.json", tmp_path / job["id"]).read_text())
         reused.append(provenance["anatomy_stage_reused"])
     assert reused == [False, True]
+    assert provenance["unet_runtime"] == "frozen"  # serve freezes the UNet on a CPU unless --eager
 
     fresh = tmp_path / "fresh"
     result = subprocess.run(

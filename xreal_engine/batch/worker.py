@@ -28,7 +28,9 @@ class WorkerSettings:
     out_dir: str
     device: str = "auto"
     dtype: str = "auto"
-    unet_runtime: str = "eager"  # model/loading.py UNET_RUNTIMES: eager, frozen (--freeze), compiled (--compile)
+    # model/loading.py UNET_RUNTIMES: eager (--eager), frozen (--freeze), compiled (--compile), or AUTO_RUNTIME
+    # (frozen on a CPU: what serve and generate-batch run without a flag)
+    unet_runtime: str = "eager"
     threads: Optional[int] = None  # torch CPU threads of this worker; None: model/loading.py's rule
     quality_check: bool = True
     segmenter: Optional[str] = None  # segmenter directory; None: the shipped one

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import DISK_FULL, InputError, StorageError
 from ..model.info import ModelInfo, resolve_model, weights_hash
-from ..model.loading import add_unet_runtime_arguments, resolve_threads, select_device, unet_runtime
+from ..model.loading import AUTO_RUNTIME, add_unet_runtime_arguments, resolve_threads, select_device, unet_runtime
 from ..batch import backends
 from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, parse_scales, parse_seeds, plan_design
 from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
@@ -74,7 +74,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--ray-address", help="with --backend ray: an existing cluster (default: a local instance)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    add_unet_runtime_arguments(parser)
+    add_unet_runtime_arguments(parser, long_lived=True)
     add_quality_arguments(parser.add_argument_group("quality check (the shipped anatomy segmenter on every image)"))
     add_sampling_arguments(parser.add_argument_group("sampling settings of rows that do not set their own"))
 
@@ -124,7 +124,7 @@ def run(args) -> int:
     if args.backend == "ray":
         backends.import_ray()  # the install hint before any work
     select_device(args.device, args.dtype)
-    runtime = unet_runtime(args.freeze, args.compile)
+    runtime = unet_runtime(args.freeze, args.compile, args.eager, default=AUTO_RUNTIME)
     model_dir = resolve_model(args.model)
     info = ModelInfo.load(model_dir)
     out = Path(args.out)

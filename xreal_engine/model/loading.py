@@ -126,28 +126,44 @@ def compile_unet(pipe) -> None:
 
 
 UNET_RUNTIMES = ("eager", "frozen", "compiled")  # how the UNet runs: diffusers' module, --freeze, --compile
+# What long-lived commands (serve, generate-batch) run without a flag: "frozen" on a CPU, "eager" elsewhere.
+# Freezing gives the eager image bit for bit, 1.2x faster per image on the demo model, and pays ~1 s of
+# tracing once per process and input shape, so it suits a process that makes many images; a one-image
+# `generate` stays eager (tracing made it slower), and on a GPU it is unmeasured (benchmarks/README.md).
+AUTO_RUNTIME = "auto"
 
 
-def unet_runtime(freeze: bool = False, compile: bool = False) -> str:
-    """The ``UNET_RUNTIMES`` word for the ``--freeze`` / ``--compile`` flags (one sentence if both are given)."""
-    if freeze and compile:
-        raise InputError("--freeze and --compile cannot be combined; choose one.")
-    return "frozen" if freeze else "compiled" if compile else "eager"
+def unet_runtime(freeze: bool = False, compile: bool = False, eager: bool = False, default: str = "eager") -> str:
+    """The ``UNET_RUNTIMES`` word for the ``--freeze`` / ``--compile`` / ``--eager`` flags (one sentence if
+    more than one is given); ``default`` (a runtime word or ``AUTO_RUNTIME``) when none is."""
+    given = [flag for flag, on in (("--freeze", freeze), ("--compile", compile), ("--eager", eager)) if on]
+    if len(given) > 1:
+        raise InputError(f"{', '.join(given[:-1])} and {given[-1]} cannot be combined; choose one.")
+    return "frozen" if freeze else "compiled" if compile else "eager" if eager else default
 
 
-def add_unet_runtime_arguments(parser) -> None:
-    """``--freeze`` and ``--compile``: how the UNet runs (generate, generate-batch, serve)."""
+def add_unet_runtime_arguments(parser, long_lived: bool = False) -> None:
+    """``--freeze`` and ``--compile`` (and ``--eager`` where freezing is the CPU default): how the UNet runs."""
     parser.add_argument("--freeze", action="store_true",
                         help="run the UNet as a frozen TorchScript graph: the same image, cheaper steps on a CPU, "
-                             "about a second of tracing per input shape first (benchmarks/README.md)")
+                             "about a second of tracing per input shape first (benchmarks/README.md)"
+                             + ("; the default on a CPU" if long_lived else ""))
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet: faster steps, but the first image pays minutes of compilation "
                              "(benchmarks/README.md)")
+    if long_lived:
+        parser.add_argument("--eager", action="store_true",
+                            help="run the UNet as diffusers' module, not frozen (the default on a GPU)")
 
 
-def check_unet_runtime(runtime: str) -> str:
+def check_unet_runtime(runtime: str, device) -> str:
+    """A ``UNET_RUNTIMES`` word, with ``AUTO_RUNTIME`` resolved for ``device`` (a torch.device)."""
+    import torch
+
+    if runtime == AUTO_RUNTIME:
+        return "frozen" if torch.device(device).type == "cpu" else "eager"
     if runtime not in UNET_RUNTIMES:
-        raise InputError(f"Unknown UNet runtime {runtime!r}; use {', '.join(UNET_RUNTIMES)}.")
+        raise InputError(f"Unknown UNet runtime {runtime!r}; use {', '.join(UNET_RUNTIMES + (AUTO_RUNTIME,))}.")
     return runtime
 
 
@@ -155,7 +171,8 @@ def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto"
     """Load a model directory (or the shipped demo model) onto the chosen device and precision.
 
     The UNet and text encoder take ``dtype``; the autoencoders stay float32 (``XRealPipeline.set_precision``).
-    ``runtime`` (a ``UNET_RUNTIMES`` word, see ``unet_runtime``): how the UNet runs. Threads are the caller's
+    ``runtime`` (a ``UNET_RUNTIMES`` word or ``AUTO_RUNTIME``, see ``unet_runtime``): how the UNet runs, recorded
+    as ``pipe.unet_runtime`` (what provenance shows). Threads are the caller's
     (``configure_threads`` first).
     """
     from .pipeline import XRealPipeline
@@ -171,7 +188,7 @@ def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto"
         raise
     except Exception as error:  # a broken directory: say which, not a traceback
         raise ModelError(f"The model at {model_dir} could not be loaded: {error}") from error
-    runtime = check_unet_runtime(runtime)
+    runtime = check_unet_runtime(runtime, torch_device)
     pipe = pipe.to(torch_device).set_precision(torch_dtype)
     if runtime == "compiled":
         compile_unet(pipe)

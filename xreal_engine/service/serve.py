@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..client import TOKEN_ENVIRONMENT, local_token_path, new_token, remove_local_token, resolve_token, write_local_token
 from ..errors import InputError, os_reason
-from ..model.loading import add_unet_runtime_arguments, unet_runtime
+from ..model.loading import AUTO_RUNTIME, add_unet_runtime_arguments, unet_runtime
 from .app import create_app
 from .settings import (DEFAULT_DATA_DIR, DEFAULT_MAX_QUEUED_JOBS, DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_PORT,
                        DEFAULT_RETENTION_HOURS, ServiceSettings)
@@ -52,7 +52,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="'demo' (the shipped demo model) or a model directory")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
-    add_unet_runtime_arguments(parser)
+    add_unet_runtime_arguments(parser, long_lived=True)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of the worker (default: $OMP_NUM_THREADS, else half the CPUs, at least 1)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
@@ -108,7 +108,7 @@ def settings_from_args(args) -> ServiceSettings:
         raise InputError("--retention-hours must be 0 (keep forever) or more.")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port {args.port} is not a port number (0..65535).")
-    runtime = unet_runtime(args.freeze, args.compile)
+    runtime = unet_runtime(args.freeze, args.compile, args.eager, default=AUTO_RUNTIME)
     return ServiceSettings(model=args.model, device=args.device, dtype=args.dtype, unet_runtime=runtime,
                            data_dir=args.data_dir,
                            token=token, max_upload_bytes=args.max_upload_bytes,

@@ -32,7 +32,9 @@ class ServiceSettings:
     model: str = "demo"
     device: str = "auto"
     dtype: str = "auto"
-    unet_runtime: str = "eager"  # model/loading.py UNET_RUNTIMES: eager, frozen (--freeze), compiled (--compile)
+    # model/loading.py UNET_RUNTIMES: eager (--eager), frozen (--freeze), compiled (--compile), or AUTO_RUNTIME
+    # (frozen on a CPU: what serve and generate-batch run without a flag)
+    unet_runtime: str = "eager"
     data_dir: Path = DEFAULT_DATA_DIR
     token: Optional[str] = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
