@@ -876,3 +876,13 @@ def test_the_loaded_xray_and_the_painted_attention_steer_a_real_engine(controlne
     again = results.settings_from_provenance(provenance)
     assert (again["useReference"], again["referenceControl"], again["referenceScale"], again["attentionScale"],
             again["controlStages"]) == (True, "sobel", 0.5, 1.5, "pathology")
+
+
+def test_results_line_says_when_the_engine_reused_the_anatomy_stage():
+    from XRealSlicerLib import results
+
+    provenance = {"seed": 3, "model_id": "m", "steps": 100, "findings": ["pneumonia"]}
+    assert "anatomy stage reused" not in results.provenance_summary(provenance)
+    assert "anatomy stage reused" not in results.provenance_summary({**provenance, "anatomy_stage_reused": False})
+    line = results.provenance_summary({**provenance, "anatomy_stage_reused": True})
+    assert line == "seed 3 · m · 100 steps · pneumonia · anatomy stage reused"

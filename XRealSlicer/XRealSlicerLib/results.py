@@ -225,6 +225,8 @@ def provenance_summary(provenance: dict) -> str:
     used = controls_used(provenance)
     if used:
         parts.append("controls " + ", ".join(f"{name} {scale:g}" for name, scale in used))
+    if provenance.get("anatomy_stage_reused") is True:  # the engine's anatomy-stage cache: same anatomy image
+        parts.append("anatomy stage reused")
     return " · ".join(parts)
 
 
