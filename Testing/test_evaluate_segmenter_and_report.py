@@ -111,6 +111,7 @@ def test_evaluate_tiny_model_writes_well_formed_report(tiny_model, untrained_seg
     assert code == 0
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["settings"]["images"] == 3 and report["settings"]["num_inference_steps"] == 3
+    assert report["settings"]["unet_runtime"] == "frozen"  # many images from one process, on a CPU
     for key in ("anatomy_dice_generated", "baseline_dice_real_own_mask", "baseline_dice_real_other_mask"):
         assert set(report[key]) == set(STRUCTURES.values())
         for summary in report[key].values():

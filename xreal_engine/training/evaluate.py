@@ -407,8 +407,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model.info import ModelInfo, resolve_model
-    from ..model.loading import configure_threads
-    from ..model.pipeline import XRealPipeline
+    from ..model.loading import AUTO_RUNTIME, configure_threads, load_pipeline
 
     if args.controllability or args.control:
         from . import controllability
@@ -427,14 +426,17 @@ def run(args: argparse.Namespace) -> int:
     SamplingParameters.resolve(ModelInfo.load(model_dir).defaults, num_inference_steps=args.steps,
                                anatomy_steps=args.anatomy_steps, sampler=args.sampler,
                                fast=args.fast)  # refuse bad settings before loading anything
-    # The pathology run has the anatomy and seed of the first anatomy-only image: its anatomy stage is reused.
-    pipe = XRealPipeline.from_pretrained(model_dir).to(device).enable_anatomy_stage_cache()
+    # 150 images from one process: the UNet frozen on a CPU (bit for bit the eager images, model/loading.py
+    # AUTO_RUNTIME), and the pathology run, which has the anatomy and seed of the first anatomy-only image,
+    # reuses that image's anatomy stage (model/anatomy_cache.py).
+    pipe = load_pipeline(str(model_dir), device, "float32", runtime=AUTO_RUNTIME).enable_anatomy_stage_cache()
 
     with staged_directory(args.out) as staging:  # the report appears whole or not at all
         report = evaluate(
             pipe, segmenter, samples, staging, seeds=args.seeds, num_inference_steps=args.steps,
             anatomy_steps=args.anatomy_steps, counterfactuals=not args.no_counterfactuals,
-            settings_note={"split": args.split, "limit": args.limit, "device": device, "threads": torch.get_num_threads()},
+            settings_note={"split": args.split, "limit": args.limit, "device": device, "threads": torch.get_num_threads(),
+                           "unet_runtime": pipe.unet_runtime},
             sampler=args.sampler, fast=args.fast, floor_samples=floor_samples,
         )
     print(format_summary(report))
