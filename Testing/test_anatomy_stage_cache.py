@@ -188,3 +188,32 @@ def test_least_recently_used_entries_go_first(model_dir):
 def test_the_entry_count_is_checked(entries):
     with pytest.raises(ValueError, match="at least 1 entry"):
         AnatomyStageCache(entries)
+
+
+def test_a_replaced_network_or_changed_numerics_switch_misses(cached):
+    import copy
+
+    run(cached)
+    cached.unet = copy.deepcopy(cached.unet)  # equal weights, but another module: never trusted
+    assert not run(cached)[0].anatomy_stage_reused
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "high")
+        assert not run(cached)[0].anatomy_stage_reused
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert run(cached)[0].anatomy_stage_reused
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_reused_stage_gives_the_uncached_image_and_generator_state(model_dir):
+    plain_gpu = XRealPipeline.from_pretrained(str(model_dir)).to("cuda")
+    cached_gpu = XRealPipeline.from_pretrained(str(model_dir)).to("cuda").enable_anatomy_stage_cache()
+    results = []
+    for pipe in (cached_gpu, cached_gpu, plain_gpu):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        output = pipe(anatomy(), pathologies=[(region(), "pneumonia")], parameters=params(pipe), generator=gen)
+        results.append((output, gen.get_state()))
+    assert [r[0].anatomy_stage_reused for r in results] == [False, True, False]
+    assert_same(results[1][0], results[2][0])
+    assert torch.equal(results[1][1], results[2][1])

@@ -109,15 +109,19 @@ def test_freeze_and_compile_together_is_one_sentence(model_dir, tmp_path, capsys
 
 
 def test_long_lived_commands_freeze_on_a_cpu_only_and_generate_has_no_eager_flag(capsys):
-    from xreal_engine.model.loading import AUTO_RUNTIME, check_unet_runtime, unet_runtime
+    from xreal_engine.model.loading import AUTO_FREEZE_MAX_PARAMETERS, AUTO_RUNTIME, check_unet_runtime, unet_runtime
 
     assert unet_runtime(default=AUTO_RUNTIME) == AUTO_RUNTIME and unet_runtime() == "eager"
     assert unet_runtime(eager=True, default=AUTO_RUNTIME) == "eager"
-    assert check_unet_runtime(AUTO_RUNTIME, torch.device("cpu")) == "frozen"
-    assert check_unet_runtime(AUTO_RUNTIME, torch.device("cuda")) == "eager"
-    assert check_unet_runtime("compiled", torch.device("cpu")) == "compiled"
+    cpu, cuda, demo, full = torch.device("cpu"), torch.device("cuda"), 4_000_000, 518_000_000
+    assert check_unet_runtime(AUTO_RUNTIME, cpu, demo) == "frozen"
+    assert check_unet_runtime(AUTO_RUNTIME, cpu, AUTO_FREEZE_MAX_PARAMETERS) == "frozen"
+    assert check_unet_runtime(AUTO_RUNTIME, cpu, AUTO_FREEZE_MAX_PARAMETERS + 1) == "eager"
+    assert check_unet_runtime(AUTO_RUNTIME, cpu, full) == "eager"  # no gain at full size, seconds of tracing
+    assert check_unet_runtime(AUTO_RUNTIME, cuda, demo) == "eager"
+    assert check_unet_runtime("compiled", cpu, demo) == "compiled"
     assert "--freeze, --compile and --eager cannot" in _sentence(lambda: unet_runtime(True, True, True))
-    assert "use eager, frozen, compiled, auto" in _sentence(lambda: check_unet_runtime("jit", torch.device("cpu")))
+    assert "use eager, frozen, compiled, auto" in _sentence(lambda: check_unet_runtime("jit", cpu, demo))
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     assert "--eager" not in capsys.readouterr().out

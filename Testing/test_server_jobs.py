@@ -237,3 +237,32 @@ def test_the_job_spec_travels_through_the_store_as_it_was_submitted(tmp_path):
     store = JobStore(tmp_path)
     job, _ = store.add(new_job_id(), None, spec, [], 10, retry_after=1)
     assert store.get(job["id"])["spec"] == spec
+
+
+def test_time_left_counts_only_steps_that_ran_so_a_reused_anatomy_stage_does_not_fake_it(monkeypatch):
+    """An anatomy stage reused from the cache reports 0/N then N/N at once; the time left must come from
+    the pathology steps' own pace (2 s each here), not from 'half the job in no time'."""
+    from xreal_engine.service import worker
+
+    clock = [100.0]
+    monkeypatch.setattr(worker.time, "monotonic", lambda: clock[0])
+    live = worker.LiveProgress(expected_steps=20, started=clock[0])
+    assert live.eta_seconds() is None
+    live.update("anatomy", 0, 10)
+    clock[0] += 0.01
+    live.update("anatomy", 10, 10)  # reused: the whole stage in one report
+    assert live.fraction() == 0.5 and live.eta_seconds() is None  # nothing timed yet
+    live.update("pathology", 0, 10)
+    for step in range(1, 4):
+        clock[0] += 2.0
+        live.update("pathology", step, 10)
+    assert live.eta_seconds() == pytest.approx(7 * 2.0)
+    fresh = worker.LiveProgress(expected_steps=4, started=clock[0])  # without reuse: the plain rate, setup included
+    fresh.update("anatomy", 0, 2)
+    clock[0] += 3.0
+    fresh.update("anatomy", 1, 2)
+    assert fresh.eta_seconds() == pytest.approx(3 * 3.0)
+    for step, stage in ((2, "anatomy"), (0, "pathology"), (1, "pathology"), (2, "pathology")):
+        clock[0] += 1.0 if step else 0.0
+        fresh.update(stage, step, 2)
+    assert fresh.fraction() == 1.0 and fresh.eta_seconds() == 0.0

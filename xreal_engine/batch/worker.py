@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import StorageError, XRealError, os_reason
+from ..model.loading import AUTO_RUNTIME
 from .manifest import BatchRow
 
 IMAGES_DIR = "images"  # OUT/images/<name>/: one result directory per finished row
@@ -29,8 +30,8 @@ class WorkerSettings:
     device: str = "auto"
     dtype: str = "auto"
     # model/loading.py UNET_RUNTIMES: eager (--eager), frozen (--freeze), compiled (--compile), or AUTO_RUNTIME
-    # (frozen on a CPU: what serve and generate-batch run without a flag)
-    unet_runtime: str = "eager"
+    # (frozen for a small UNet on a CPU, else eager: what serve and generate-batch run without a flag)
+    unet_runtime: str = AUTO_RUNTIME
     threads: Optional[int] = None  # torch CPU threads of this worker; None: model/loading.py's rule
     quality_check: bool = True
     segmenter: Optional[str] = None  # segmenter directory; None: the shipped one
@@ -63,7 +64,8 @@ class RowWorker:
         self.settings = settings
         self.images_dir = Path(settings.out_dir) / IMAGES_DIR
         self.pipe = load_pipeline(settings.model, settings.device, settings.dtype, runtime=settings.unet_runtime)
-        self.pipe.enable_anatomy_stage_cache()  # rows that share an anatomy and seed share its anatomy stage
+        # Rows of this worker that share an anatomy and seed share its anatomy stage (model/anatomy_cache.py).
+        self.pipe.enable_anatomy_stage_cache()
         self.check = None
         if settings.quality_check:
             from .quality import AnatomyCheck

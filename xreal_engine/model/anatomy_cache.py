@@ -28,6 +28,7 @@ import torch
 # covered by the generator's state.
 PATHOLOGY_ONLY_SETTINGS = ("guidance_scale", "keep_outside_region", "seed")
 DEFAULT_ENTRIES = 4  # images per pipeline; an entry is two images, a few MB at 512 px
+IDENTITY_ATTRIBUTE = "_xreal_cache_identity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +44,29 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 def module_fingerprint(module) -> str:
     """Identity, place and weight-change counters of a network: in-place updates (an optimizer step,
-    ``load_state_dict``) bump a tensor's ``_version``, so a trained-on module never matches its old key."""
+    ``load_state_dict``) bump a tensor's ``_version``, so a trained-on module never matches its old key.
+    The identity is a tag given on first sight together with ``id()``: the address alone may be reused by a
+    later module, the tag alone is shared by a deep copy."""
     if module is None:
         return "none"
+    identity = getattr(module, IDENTITY_ATTRIBUTE, None)
+    if identity is None:
+        identity = uuid.uuid4().hex
+        setattr(module, IDENTITY_ATTRIBUTE, identity)
     tensors = list(module.parameters()) + list(module.buffers()) if isinstance(module, torch.nn.Module) else []
     try:
         versions = sum(t._version for t in tensors)
     except RuntimeError:  # inference tensors keep no counter: such a module never matches
         versions = uuid.uuid4().hex
     placement = {(str(t.device), str(t.dtype)) for t in tensors}
-    return f"{type(module).__name__}@{id(module)}:v{versions}:{sorted(placement)}"
+    return f"{type(module).__name__}@{identity}/{id(module)}:v{versions}:{sorted(placement)}"
+
+
+def numerics_settings() -> list:
+    """Process-wide switches that change float arithmetic (TF32, matmul precision, deterministic kernels)."""
+    return [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.are_deterministic_algorithms_enabled()]
 
 
 class AnatomyStageCache:

@@ -15,6 +15,7 @@ serves every step and every sampler.
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -56,7 +57,10 @@ class FrozenUNet:
         signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
         graph = self.graphs.get(signature)
         if graph is None:
-            with torch.no_grad():
+            # diffusers' shape checks warn that the trace fixes them: true and intended (one graph per shape),
+            # so the warnings would only interrupt every serve / generate-batch process's progress bar.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.trace(PositionalUNet(self.unet, bool(residuals)).eval(), inputs, check_trace=False)
                 graph = self.graphs[signature] = torch.jit.freeze(traced)
         return SimpleNamespace(sample=graph(*inputs))

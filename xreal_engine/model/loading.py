@@ -126,11 +126,13 @@ def compile_unet(pipe) -> None:
 
 
 UNET_RUNTIMES = ("eager", "frozen", "compiled")  # how the UNet runs: diffusers' module, --freeze, --compile
-# What long-lived commands (serve, generate-batch) run without a flag: "frozen" on a CPU, "eager" elsewhere.
-# Freezing gives the eager image bit for bit, 1.2x faster per image on the demo model, and pays ~1 s of
-# tracing once per process and input shape, so it suits a process that makes many images; a one-image
-# `generate` stays eager (tracing made it slower), and on a GPU it is unmeasured (benchmarks/README.md).
+# What long-lived commands (serve, generate-batch, evaluate) run without a flag: "frozen" for a small UNet
+# on a CPU, "eager" otherwise. Freezing gives the eager image bit for bit, 1.2x faster per image on the demo
+# model (4 M parameters), and pays ~1 s of tracing once per process and input shape, so it suits a process
+# that makes many images. A one-image `generate` stays eager (tracing made it slower); the full-size UNet
+# (518 M) gains nothing frozen and traces for ~5 s per shape; on a GPU it is unmeasured (benchmarks/README.md).
 AUTO_RUNTIME = "auto"
+AUTO_FREEZE_MAX_PARAMETERS = 100_000_000
 
 
 def unet_runtime(freeze: bool = False, compile: bool = False, eager: bool = False, default: str = "eager") -> str:
@@ -156,12 +158,14 @@ def add_unet_runtime_arguments(parser, long_lived: bool = False) -> None:
                             help="run the UNet as diffusers' module, not frozen (the default on a GPU)")
 
 
-def check_unet_runtime(runtime: str, device) -> str:
-    """A ``UNET_RUNTIMES`` word, with ``AUTO_RUNTIME`` resolved for ``device`` (a torch.device)."""
+def check_unet_runtime(runtime: str, device, unet_parameters: int) -> str:
+    """A ``UNET_RUNTIMES`` word, with ``AUTO_RUNTIME`` resolved for ``device`` (a torch.device) and a UNet
+    of ``unet_parameters`` parameters."""
     import torch
 
     if runtime == AUTO_RUNTIME:
-        return "frozen" if torch.device(device).type == "cpu" else "eager"
+        small = unet_parameters <= AUTO_FREEZE_MAX_PARAMETERS
+        return "frozen" if torch.device(device).type == "cpu" and small else "eager"
     if runtime not in UNET_RUNTIMES:
         raise InputError(f"Unknown UNet runtime {runtime!r}; use {', '.join(UNET_RUNTIMES + (AUTO_RUNTIME,))}.")
     return runtime
@@ -188,7 +192,7 @@ def load_pipeline(model: str = "demo", device: str = "auto", dtype: str = "auto"
         raise
     except Exception as error:  # a broken directory: say which, not a traceback
         raise ModelError(f"The model at {model_dir} could not be loaded: {error}") from error
-    runtime = check_unet_runtime(runtime, torch_device)
+    runtime = check_unet_runtime(runtime, torch_device, sum(p.numel() for p in pipe.unet.parameters()))
     pipe = pipe.to(torch_device).set_precision(torch_dtype)
     if runtime == "compiled":
         compile_unet(pipe)

@@ -31,7 +31,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import BertTokenizer, BertTokenizerFast
 
 from ..errors import InputError, ModelError
-from .anatomy_cache import DEFAULT_ENTRIES, AnatomyStageCache
+from .anatomy_cache import DEFAULT_ENTRIES, AnatomyStageCache, numerics_settings
 from .architecture import (
     ANATOMY_LABEL_DIVISOR, check_xreal_schedule, make_solver, original_alphas_cumprod, set_ddim_timesteps,
 )
@@ -551,7 +551,7 @@ class XRealPipeline(DiffusionPipeline):
             control_maps = list(anatomy_controls.images[1])
             control_settings = [anatomy_controls.names, anatomy_controls.scales]
         settings = [str(self.device), torch.get_num_threads() if self.device.type == "cpu" else None,
-                    repr(self.model_info), repr(dict(self.scheduler.config)), control_settings]
+                    numerics_settings(), repr(self.model_info), repr(dict(self.scheduler.config)), control_settings]
         networks = [self.anatomy_controller, self.vae, self.unet, self.text_encoder, self.denoiser, *controlnets]
         return AnatomyStageCache.key(labels, generator, parameters, networks, settings, control_maps)
 

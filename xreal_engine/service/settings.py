@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..model.loading import AUTO_RUNTIME
+
 API_PREFIX = "/api/v1"
 DEFAULT_PORT = 8000  # the Slicer module's default remote URL is http://127.0.0.1:8000
 DEFAULT_DATA_DIR = Path("xreal-engine-data")
@@ -33,8 +35,8 @@ class ServiceSettings:
     device: str = "auto"
     dtype: str = "auto"
     # model/loading.py UNET_RUNTIMES: eager (--eager), frozen (--freeze), compiled (--compile), or AUTO_RUNTIME
-    # (frozen on a CPU: what serve and generate-batch run without a flag)
-    unet_runtime: str = "eager"
+    # (frozen for a small UNet on a CPU, else eager: what serve and generate-batch run without a flag)
+    unet_runtime: str = AUTO_RUNTIME
     data_dir: Path = DEFAULT_DATA_DIR
     token: Optional[str] = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES

@@ -32,7 +32,12 @@ STORAGE_RETRY_SECONDS = 1.0  # how often a worker that cannot store looks again
 
 @dataclass
 class LiveProgress:
-    """Progress of the running job; ``expected_steps`` covers all diffusion stages."""
+    """Progress of the running job; ``expected_steps`` covers all diffusion stages.
+
+    The time left is the time per step actually run times the steps left. A stage that jumps from its
+    first to its last step in one report (an anatomy stage reused from the cache, model/anatomy_cache.py)
+    counts as done but not as timed, so it does not make the rest of the job look instant.
+    """
 
     expected_steps: int
     started: float = field(default_factory=time.monotonic)
@@ -40,22 +45,36 @@ class LiveProgress:
     step: int = 0
     total: int = 0
     steps_in_finished_stages: int = 0
+    timed_steps: int = 0  # steps that took their own time (reported one at a time)
+    timed_seconds: float = 0.0
+    _last_done: int = 0
+    _last_report: float = field(default=0.0, init=False)
+
+    def __post_init__(self):
+        self._last_report = self.started
 
     def update(self, stage: str, step: int, total: int) -> None:
         if stage != self.stage and self.stage != "starting":
             self.steps_in_finished_stages += self.total
         self.stage, self.step, self.total = stage, step, total
+        now, done = time.monotonic(), self.steps_done()
+        if done - self._last_done == 1:
+            self.timed_steps += 1
+            self.timed_seconds += now - self._last_report
+        if done != self._last_done:
+            self._last_done, self._last_report = done, now
+
+    def steps_done(self) -> int:
+        return self.steps_in_finished_stages + self.step
 
     def fraction(self) -> float:
-        done = self.steps_in_finished_stages + self.step
-        return min(1.0, done / self.expected_steps) if self.expected_steps else 0.0
+        return min(1.0, self.steps_done() / self.expected_steps) if self.expected_steps else 0.0
 
     def eta_seconds(self) -> float | None:
-        fraction = self.fraction()
-        if fraction <= 0:
+        if self.timed_steps == 0:
             return None
-        elapsed = time.monotonic() - self.started
-        return max(0.0, elapsed * (1 - fraction) / fraction)
+        left = max(0, self.expected_steps - self.steps_done())
+        return self.timed_seconds / self.timed_steps * left
 
 
 # generate(pipe, spec, inputs_dir, result_dir, progress) -> provenance dict
