@@ -149,13 +149,15 @@ def add_unet_runtime_arguments(parser, long_lived: bool = False) -> None:
     parser.add_argument("--freeze", action="store_true",
                         help="run the UNet as a frozen TorchScript graph: the same image, cheaper steps on a CPU, "
                              "about a second of tracing per input shape first (benchmarks/README.md)"
-                             + ("; the default on a CPU" if long_lived else ""))
+                             + (f"; the default on a CPU for UNets of up to {AUTO_FREEZE_MAX_PARAMETERS // 10**6} M "
+                                "parameters, such as the demo model's" if long_lived else ""))
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet: faster steps, but the first image pays minutes of compilation "
                              "(benchmarks/README.md)")
     if long_lived:
         parser.add_argument("--eager", action="store_true",
-                            help="run the UNet as diffusers' module, not frozen (the default on a GPU)")
+                            help="run the UNet as diffusers' module, not frozen (the default on a GPU and for "
+                                 "larger UNets)")
 
 
 def check_unet_runtime(runtime: str, device, unet_parameters: int) -> str:

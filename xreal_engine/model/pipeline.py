@@ -504,11 +504,12 @@ class XRealPipeline(DiffusionPipeline):
         if source is not None:
             current = source.to(device)[None, None].repeat(1, 3, 1, 1)
         else:
-            key = None if reuse is None else self._anatomy_stage_key(labels, reuse[1], parameters, anatomy_controls)
-            cached = None if key is None else reuse[0].get(key)
+            cache, generator = reuse if reuse is not None else (None, None)
+            key = None if cache is None else self._anatomy_stage_key(labels, generator, parameters, anatomy_controls)
+            cached = None if key is None else cache.get(key)
             if cached is not None:
                 # 3-4 reused: the same images, and the generator as the stage would have left it.
-                reuse[1].set_state(cached.generator_state)
+                generator.set_state(cached.generator_state)
                 x_hat, x_a_gen, reused = cached.x_hat, cached.x_a_gen, True
                 if callback is not None:
                     callback("anatomy", 0, parameters.num_inference_steps)
@@ -523,7 +524,7 @@ class XRealPipeline(DiffusionPipeline):
                                       anatomy_controls)
                 x_a_gen = self._run_stage(anatomy_stage, parameters, draw, callback)
                 if key is not None:
-                    reuse[0].put(key, x_hat, x_a_gen, reuse[1])
+                    cache.put(key, x_hat, x_a_gen, generator)
             current = x_a_gen
 
         # 5. Pathology stages: each region re-generated with its finding under classifier-free guidance,
