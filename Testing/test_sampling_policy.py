@@ -151,7 +151,7 @@ def _start_engine(model_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, st
 THREE_WAYS = [  # (CLI flags, client keywords, GenerationRequest keywords, expected (steps, anatomy steps, sampler))
     # steps=5 alone: 4 anatomy steps everywhere (the bug: the CLI refused, the service used its own rule).
     (["--steps", "5"], {"steps": 5}, {"steps": 5}, (5, 4, "ddim")),
-    (["--fast"], {"fast": True}, {"fast": True}, (15, 12, "dpmpp")),
+    (["--fast"], {"fast": True}, {"fast": True}, (10, 8, "dpmpp")),
     (["--sampler", "unipc", "--steps", "3"], {"sampler": "unipc", "steps": 3}, {"sampler": "unipc", "steps": 3},
      (3, 2, "unipc")),
 ]

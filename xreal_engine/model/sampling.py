@@ -29,7 +29,7 @@ MAX_SEED = 2**32 - 1
 SAMPLERS = ("ddim", "dpmpp", "unipc")
 # The documented fast preset (--fast): what it sets unless the request sets it too. Measured on the demo
 # model in benchmarks/README.md and the model card.
-FAST_PRESET = {"sampler": "dpmpp", "num_inference_steps": 15}
+FAST_PRESET = {"sampler": "dpmpp", "num_inference_steps": 10}
 # Which stages the ControlNets (controls, model/controlnets.py) steer: the anatomy stage, the pathology
 # stages, or both (the default: a radiomics map or an attention map describes the whole final image).
 CONTROL_STAGES = ("anatomy", "pathology", "both")
