@@ -353,3 +353,54 @@ def test_bad_generated_image_is_refused(tmp_path, image, spacing, message):
     with pytest.raises(InputError, match=message):
         write_dicom_pair(tmp_path, image, spacing, chest_segments((64, 64), 1), PROVENANCE)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("source_says, expected", [("YES", "YES"), ("NO", "NO"), (None, "YES")])
+def test_an_edit_keeps_the_sources_burned_in_annotation(source_says, expected):
+    """An edit keeps the source's pixels outside its region, and with them any burned-in text."""
+    source = real_source_dataset()
+    if source_says is not None:
+        source.BurnedInAnnotation = source_says
+    shape = (64, 64)
+    edited = build_secondary_capture(synthetic_image(shape), (1.0, 1.0), {**PROVENANCE, "mode": "edit"}, source=source)
+    assert edited.BurnedInAnnotation == expected
+    assert edited.DerivationDescription.startswith("Edited real image: ")
+    generated = build_secondary_capture(synthetic_image(shape), (1.0, 1.0), {**PROVENANCE, "mode": "generate"})
+    assert generated.BurnedInAnnotation == "NO"
+
+
+def test_an_edit_of_a_synthetic_image_is_not_called_real():
+    shape = (64, 64)
+    synthetic = build_secondary_capture(synthetic_image(shape), (1.0, 1.0), PROVENANCE)
+    edited = build_secondary_capture(synthetic_image(shape), (1.0, 1.0), {**PROVENANCE, "mode": "edit"}, source=synthetic)
+    assert edited.DerivationDescription.startswith("Edited synthetic image: ")
+    assert edited.BurnedInAnnotation == "NO"  # the engine's own image said NO
+
+
+def test_provenance_too_long_for_image_comments_stays_valid_json(tmp_path):
+    """Image Comments (LT) holds 10240 characters; a longer provenance is shortened, never cut mid-JSON."""
+    from xreal_engine.io.dicom import IMAGE_COMMENTS_MAX, PROVENANCE_PREFIX, provenance_comment
+
+    exactly = {"seed": 7, "note": ""}
+    exactly["note"] = "x" * (IMAGE_COMMENTS_MAX - len(provenance_comment(exactly)))
+    assert len(provenance_comment(exactly)) == IMAGE_COMMENTS_MAX
+    assert json.loads(provenance_comment(exactly)[len(PROVENANCE_PREFIX):]) == exactly  # fits: kept whole
+    long = {**PROVENANCE, "warnings": [f"segment {i}: " + "w" * 200 for i in range(90)], "files": ["f" * 6000]}
+    comment = provenance_comment(long)
+    parsed = json.loads(comment[len(PROVENANCE_PREFIX):])
+    assert len(comment) <= IMAGE_COMMENTS_MAX and parsed["shortened"] == ["warnings"]
+    assert {key: parsed[key] for key in PROVENANCE} == PROVENANCE and parsed["files"] == long["files"]
+    uids = write_dicom_pair(tmp_path, synthetic_image((64, 64)), (1.0, 1.0), chest_segments((64, 64), 3), long)
+    for name in ("sc.dcm", "seg.dcm"):
+        assert pydicom.dcmread(tmp_path / name).ImageComments == comment, name
+    assert uids["sc_sop_instance_uid"]
+
+
+def test_repeated_findings_get_numbered_segment_labels():
+    shape = (64, 64)
+    sc = build_secondary_capture(synthetic_image(shape), (1.0, 1.0), PROVENANCE)
+    region = ellipse(shape, (32, 32), (8, 8))
+    specs = chest_segments(shape, 3) + [SegmentSpec(region, finding="pneumonia")] * 3
+    seg = build_segmentation(sc, specs, PROVENANCE)
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == [
+        "Right lung", "Left lung", "Heart", "Pneumonia", "Pneumonia 2", "Pneumonia 3"]

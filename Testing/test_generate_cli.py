@@ -215,3 +215,32 @@ def test_unknown_model_is_one_line(inputs, tmp_path, capsys):
                      "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "model" in err.lower()
+
+
+def test_a_label_the_model_was_trained_without_is_accepted_with_its_warning(tmp_path):
+    """The demo model has no aorta: `info` says a drawn aorta is ignored, so generate must take it (and warn)."""
+    from xreal_engine.errors import InputError
+
+    info = ModelInfo(model_id="no-aorta", findings=["pneumonia"],
+                     anatomy_labels={"1": "left lung", "2": "right lung", "3": "heart"},
+                     label_warnings={"4": "This model was trained without aorta masks; the aorta you drew is ignored."})
+    assert info.accepted_label_values() == [1, 2, 3, 4] and info.ignored_label_values() == [4]
+    labels = chest_labels()
+    labels[40:60, 120:130] = 4
+    prepared = prepare_request(GenerationRequest(anatomy_path=write_png(tmp_path / "aorta.png", labels), seed=0),
+                               info)
+    assert prepared.warnings == [info.label_warnings["4"]]
+    labels[:5, :5] = 5  # a label no one declared stays refused
+    with pytest.raises(InputError, match=r"label values \[5\] that the model does not know \(it knows 1, 2, 3, 4\)"):
+        prepare_request(GenerationRequest(anatomy_path=write_png(tmp_path / "odd.png", labels), seed=0), info)
+
+
+def test_two_regions_with_one_finding_get_numbered_names(pipe, inputs, tmp_path):
+    anatomy, region = inputs
+    prepared = prepare_request(GenerationRequest(anatomy_path=anatomy, pathologies=[(region, "pneumonia")] * 2, seed=0,
+                                                 sampling={"steps": 2, "anatomy_steps": 1}), pipe.model_info)
+    generate_to_directory(pipe, prepared, tmp_path / "out")
+    names = [entry["name"] for entry in json.loads((tmp_path / "out" / "segments.json").read_text())["segments"]]
+    assert names[-2:] == ["pneumonia", "pneumonia 2"] and len(set(names)) == len(names)
+    labels = [item.SegmentLabel for item in pydicom.dcmread(tmp_path / "out" / "seg.dcm").SegmentSequence]
+    assert labels[-2:] == ["Pneumonia", "Pneumonia 2"]

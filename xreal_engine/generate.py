@@ -121,7 +121,7 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
         mask_set = mask_io.load_masks(
             Path(request.anatomy_path),
             regions,
-            known_labels={int(label) for label in model_info.anatomy_labels},
+            known_labels=set(model_info.accepted_label_values()),
             label_warnings={int(k): v for k, v in (model_info.label_warnings or {}).items()},
             default_field_of_view_mm=fov,
         )
@@ -322,11 +322,13 @@ def _write_segments(out_dir: Path, segments: list) -> None:
     """Plain per-segment masks + segments.json, for Slicers that have no DICOM-SEG loader."""
     from PIL import Image
 
+    from .io import dicom
+
     (out_dir / "segments").mkdir()
     entries = []
-    for number, spec in enumerate(segments, start=1):
+    names = dicom.segment_labels(segments, key="name")
+    for number, (spec, name) in enumerate(zip(segments, names), start=1):
         entry = spec.vocabulary_entry()
-        name = entry["name"]
         filename = f"segments/{number:02d}_{''.join(c if c.isalnum() else '_' for c in name.lower())}.png"
         Image.fromarray(spec.mask.astype(np.uint8) * 255, mode="L").save(out_dir / filename)
         entries.append(

@@ -75,6 +75,21 @@ def attention_region_entry() -> dict:
     return copy.deepcopy(_parsed()["attention_region"])
 
 
+def numbered_name(base: str, existing) -> str:
+    """``base``, or ``base N`` with the smallest N >= 2 that no existing name has (case-insensitive).
+
+    How two segments with one meaning are told apart ("Pneumonia", "Pneumonia 2"): the Slicer module
+    names its segments this way, and the engine labels DICOM-SEG segments the same way.
+    """
+    taken = {name.strip().lower() for name in existing}
+    if base.lower() not in taken:
+        return base
+    number = 2
+    while f"{base} {number}".lower() in taken:
+        number += 1
+    return f"{base} {number}"
+
+
 def anatomy_label_for_name(name: str) -> int | None:
     """The label whose name or display name equals ``name`` (normalised), else None."""
     key = normalise_name(name)

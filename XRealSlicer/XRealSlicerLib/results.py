@@ -19,6 +19,7 @@ import numpy as np
 
 from xreal_engine.control_spec import REFERENCE_CONTROLS
 from xreal_engine.errors import InputError
+from xreal_engine.vocabulary import numbered_name
 
 from .vocabulary import Vocabulary
 
@@ -169,6 +170,7 @@ def read_fallback_segments(directory: Path, vocabulary: Optional[Vocabulary] = N
             vocab_entry = vocabulary.finding_entry(entry["finding"])
             if vocab_entry is not None:
                 terminology, display_name = vocab_entry["slicer_terminology_entry"], vocab_entry["display_name"]
+        display_name = numbered_name(display_name, [segment.name for segment in segments])  # as in the SEG
         color = entry.get("color") or [128, 128, 128]
         values = [float(c) for c in color][:3]
         if max(values) > 1.0:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from xreal_engine.errors import InputError
+from xreal_engine.vocabulary import numbered_name as _numbered
 
 from .enginepath import vocabulary_path
 
@@ -215,14 +216,3 @@ def _unit_color(color) -> Tuple[float, float, float]:
     if max(values) > 1.0:
         values = [c / 255.0 for c in values]
     return (values[0], values[1], values[2])
-
-
-def _numbered(base: str, existing: List[str]) -> str:
-    """``base``, or ``base N`` with the smallest N >= 2 that no existing name has (case-insensitive)."""
-    taken = {name.strip().lower() for name in existing}
-    if base.lower() not in taken:
-        return base
-    number = 2
-    while f"{base} {number}".lower() in taken:
-        number += 1
-    return f"{base} {number}"

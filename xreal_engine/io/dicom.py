@@ -50,7 +50,7 @@ from pydicom.sr.coding import Code
 
 from .. import __version__
 from ..errors import InputError
-from ..vocabulary import anatomy_entry, attention_region_entry, finding_entry, removal_region_entry
+from ..vocabulary import anatomy_entry, attention_region_entry, finding_entry, numbered_name, removal_region_entry
 
 MANUFACTURER = "XRealSlicer project"
 MODEL_NAME = "xreal-engine"
@@ -340,7 +340,7 @@ def build_secondary_capture(image, pixel_spacing_mm, provenance: dict, source: p
     sc.ConversionType = "SYN"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.SyntheticData = "YES"
-    sc.BurnedInAnnotation = "NO"
+    sc.BurnedInAnnotation = _burned_in_annotation(provenance, source)
     sc.SeriesDescription = f"SYNTHETIC chest X-ray (XReal {provenance.get('model_id', 'model')})"[:64]
     sc.BodyPartExamined = "CHEST"
     sc.ManufacturerModelName = MODEL_NAME
@@ -360,7 +360,7 @@ def build_secondary_capture(image, pixel_spacing_mm, provenance: dict, source: p
     sc.NominalScannedPixelSpacing = sc.PixelSpacing
 
     # Provenance, standard attributes only.
-    sc.ImageComments = (PROVENANCE_PREFIX + json.dumps(provenance, sort_keys=True, default=str))[:10240]
+    sc.ImageComments = provenance_comment(provenance)
     sc.DerivationDescription = _provenance_summary(provenance)
 
     if source is not None:
@@ -390,15 +390,62 @@ def _reference_source(sc: pydicom.Dataset, source: pydicom.Dataset) -> None:
     series_item.SeriesInstanceUID = source.SeriesInstanceUID
     series_item.ReferencedInstanceSequence = [instance_item]
     sc.ReferencedSeriesSequence = [series_item]
-    sc.DerivationDescription = ("Edited real image: " + sc.DerivationDescription)[:1024]
+    edited = "synthetic" if str(source.get("SyntheticData", "")).upper() == "YES" else "real"
+    sc.DerivationDescription = (f"Edited {edited} image: " + sc.DerivationDescription)[:1024]
 
 
-def _segment_description(number: int, spec: SegmentSpec) -> hd.seg.SegmentDescription:
+def _burned_in_annotation(provenance: dict, source: pydicom.Dataset | None) -> str:
+    """NO for a generated image; an edit keeps the source's pixels outside its region, so it keeps the
+    source's answer, and says YES when the source does not answer (a de-identifier must then look)."""
+    if provenance.get("mode") != "edit":
+        return "NO"
+    answer = str(source.get("BurnedInAnnotation", "")).upper() if source is not None else ""
+    return answer if answer in ("YES", "NO") else "YES"
+
+
+IMAGE_COMMENTS_MAX = 10240  # Image Comments is LT: at most 10240 characters
+SHORTENED = "(shortened to fit Image Comments; provenance.json has it in full)"
+
+
+def provenance_comment(provenance: dict) -> str:
+    """``XREAL-PROVENANCE <json>`` within Image Comments' 10240 characters, and always valid JSON.
+
+    When the full provenance does not fit (many warnings, long file lists), its longest values are
+    replaced by a note, longest first, and their keys listed under ``shortened``; the short values
+    that reproduce the image (seed, model, weights hash, sampler, steps) are the last to go.
+    """
+    compact = dict(provenance)
+    shortened = []
+
+    def text() -> str:
+        extra = {"shortened": sorted(shortened)} if shortened else {}
+        return PROVENANCE_PREFIX + json.dumps({**compact, **extra}, sort_keys=True, default=str)
+
+    while len(text()) > IMAGE_COMMENTS_MAX:
+        candidates = [key for key in compact if key not in shortened]
+        if not candidates:
+            return PROVENANCE_PREFIX + json.dumps({"shortened": SHORTENED})
+        longest = max(candidates, key=lambda key: len(json.dumps(compact[key], default=str)))
+        compact[longest] = SHORTENED
+        shortened.append(longest)
+    return text()
+
+
+def segment_labels(segments: list[SegmentSpec], key: str = "display_name") -> list[str]:
+    """Each segment's vocabulary name (``display_name`` or ``name``), repeats numbered ("Pneumonia",
+    "Pneumonia 2"), so that two regions with one finding stay apart in a SEG reader and in Slicer."""
+    labels: list[str] = []
+    for spec in segments:
+        labels.append(numbered_name(spec.vocabulary_entry()[key][:60], labels))
+    return labels
+
+
+def _segment_description(number: int, spec: SegmentSpec, label: str) -> hd.seg.SegmentDescription:
     entry = spec.vocabulary_entry()
     regions = [_code(entry["anatomic_region"])] if entry.get("anatomic_region") else None
     description = hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=entry["display_name"],
+        segment_label=label,
         segmented_property_category=_code(entry["category"]),
         segmented_property_type=_code(entry["type"]),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
@@ -425,7 +472,9 @@ def build_segmentation(sc: pydicom.Dataset, segments: list[SegmentSpec], provena
                                     removal=spec.removal, attention=spec.attention))
     if not kept:
         raise InputError("There is no non-empty segment to write into the DICOM SEG.")
-    descriptions = [_segment_description(number, spec) for number, spec in enumerate(kept, start=1)]
+    labels = segment_labels(kept)
+    descriptions = [_segment_description(number, spec, label)
+                    for number, (spec, label) in enumerate(zip(kept, labels), start=1)]
     pixel_array = np.stack([spec.mask for spec in kept], axis=-1)[np.newaxis].astype(np.uint8)
     # highdicom reads Slice Thickness for the SEG's Pixel Measures; a planar SC has none, so the
     # SEG is built from a copy that states 1 mm (the canvas' k spacing in Slicer). The SC stays as it is.

@@ -157,7 +157,9 @@ def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | N
         seg = hd.seg.Segmentation.from_dataset(dataset, copy=False)
         instances = [sop for _, _, sop in seg.get_source_image_uids()]
         if len(instances) == 1:
-            stack = seg.get_pixels_by_source_instance(instances, combine_segments=False)
+            # One plane: where it lies does not matter, so frames that do not state that spatial locations
+            # are preserved (dcmqi, and so Slicer's DICOM-SEG export, leaves the flag out) are read too.
+            stack = seg.get_pixels_by_source_instance(instances, combine_segments=False, ignore_spatial_locations=True)
         else:
             stack = seg.get_volume(combine_segments=False).array
     except Exception as error:

@@ -125,6 +125,15 @@ class ModelInfo:
         """Anatomy label values this model knows (background 0 excluded)."""
         return sorted(int(k) for k in self.anatomy_labels)
 
+    def ignored_label_values(self) -> list[int]:
+        """Labels a user may draw that this model was trained without: accepted with their warning, then
+        treated as background (e.g. the aorta for the demo model)."""
+        return sorted(int(k) for k in self.label_warnings if k not in self.anatomy_labels)
+
+    def accepted_label_values(self) -> list[int]:
+        """Every label value an anatomy map may hold for this model (background 0 excluded)."""
+        return sorted(set(self.label_values()) | set(self.ignored_label_values()))
+
     def to_dict(self) -> dict:
         data = asdict(self)
         order = ["format_version", "model_id", "description", "image_size", "latent_size", "scale_factor",

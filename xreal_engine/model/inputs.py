@@ -30,8 +30,8 @@ def anatomy_labels(anatomy, info: ModelInfo) -> torch.Tensor:
     """The label map checked against the model's labels; labels it was trained without become background."""
     labels = square_array(anatomy, "anatomy label map", [info.image_size])
     values = {float(v) for v in torch.unique(labels).tolist()}
-    ignored = {int(k) for k in info.label_warnings if k not in info.anatomy_labels}
-    allowed = {0.0} | {float(v) for v in info.label_values()} | {float(v) for v in ignored}
+    ignored = info.ignored_label_values()
+    allowed = {0.0} | {float(v) for v in info.accepted_label_values()}
     unknown = sorted(values - allowed)
     if unknown:
         shown = ", ".join(f"{v:g}" for v in unknown[:5])
