@@ -225,12 +225,16 @@ def test_bad_rows_are_reported_with_their_row_numbers_and_nothing_is_written(tin
 
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"anatomy": "anatomy_01", "seed": 1}\n{"anatomy": "anatomy_01", "seed": 1,\n'
-                     '{"anatomy": "anatomy_01"}\n{"anatomy": "anatomy_01", "seed": 1, "step": 3}\n')
+                     '{"anatomy": "anatomy_01"}\n{"anatomy": "anatomy_01", "seed": 1, "step": 3}\n'
+                     '{"name": "deep", "anatomy": "anatomy_01", "seed": 1, "x": ' + "[" * 100000 + "]" * 100000 + '}\n'
+                     '{"name": "row\\n", "anatomy": "anatomy_01", "seed": 1}\n')
     assert batch("--manifest", jsonl, "--out", out, "--model", tiny_model, *STEPS) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl row 2: the line is not valid JSON" in err
     assert "bad.jsonl row 3: the seed is missing" in err
     assert "bad.jsonl row 4: unknown keys ['step']" in err
+    assert "bad.jsonl row 5: the line is not valid JSON (nested too deeply)" in err
+    assert "bad.jsonl row 6: " in err  # a name ending in a newline is no file name
     assert not out.exists()
 
 

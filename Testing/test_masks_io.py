@@ -389,3 +389,64 @@ def test_dicom_seg_fractional_and_3d(tmp_path):
     volume = _seg_from(sources, np.stack([core, core]).astype(np.uint8), "BINARY", tmp_path / "volume.dcm")
     with pytest.raises(InputError, match="volume.dcm is a 3D segmentation with 2 planes"):
         read_pathology_mask(volume)
+
+
+def test_a_nrrd_whose_pixels_are_another_file_is_refused(tmp_path):
+    """ITK would read whatever path ``data file:`` names (any file the engine can read) as pixels."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(anatomy_map().tobytes())
+    for name, field in (("absolute.nrrd", f"data file: {secret}"), ("relative.nrrd", "datafile: secret.raw"),
+                        ("crlf.nrrd", "Data  File : secret.raw")):
+        header = f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {SHAPE[1]} {SHAPE[0]}\nencoding: raw\n{field}\n"
+        path = tmp_path / name
+        path.write_bytes(header.replace("\n", "\r\n" if name.startswith("crlf") else "\n").encode())
+        with pytest.raises(InputError, match=rf"^{name} is a NRRD header whose pixels are in a separate data file"):
+            load_masks(path, [], known_labels=KNOWN)
+    attached = tmp_path / "attached.nrrd"  # the same header with the data inside: read as usual
+    attached.write_bytes(f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: {SHAPE[1]} {SHAPE[0]}\nencoding: raw\n\n"
+                         .encode() + anatomy_map().tobytes())
+    np.testing.assert_array_equal(load_masks(attached, [], known_labels=KNOWN).anatomy, anatomy_map())
+
+
+def test_a_dicom_seg_made_by_dcmqi_is_read(tmp_path):
+    """dcmqi (and so Slicer's DICOM-SEG export) leaves out "spatial locations preserved"; one plane needs none."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = shutil.which("itkimage2segimage") or str(Path(sys.executable).parent / "itkimage2segimage")
+    if not Path(tool).exists():
+        pytest.skip("dcmqi is not installed")
+    labels = anatomy_map()
+    write_dicom_pair(tmp_path / "sc", np.zeros(SHAPE, np.float32), (0.6, 0.45),
+                     [SegmentSpec(labels == 1, label=1)], {"model_id": "m"})
+    volume = sitk.GetImageFromArray(labels[np.newaxis])
+    volume.SetSpacing((0.45, 0.6, 1.0))
+    sitk.WriteImage(volume, str(tmp_path / "labels.nrrd"))
+    attributes = []
+    for value in (1, 2, 3):
+        entry = anatomy_entry(value)
+        code = {"CodeValue": entry["type"]["value"], "CodingSchemeDesignator": entry["type"]["scheme"],
+                "CodeMeaning": entry["type"]["meaning"]}
+        item = {"labelID": value, "SegmentLabel": entry["display_name"], "SegmentAlgorithmType": "MANUAL",
+                "SegmentedPropertyCategoryCodeSequence": {"CodeValue": entry["category"]["value"],
+                                                          "CodingSchemeDesignator": entry["category"]["scheme"],
+                                                          "CodeMeaning": entry["category"]["meaning"]},
+                "SegmentedPropertyTypeCodeSequence": code}
+        if entry.get("type_modifier"):
+            item["SegmentedPropertyTypeModifierCodeSequence"] = {
+                "CodeValue": entry["type_modifier"]["value"], "CodingSchemeDesignator": entry["type_modifier"]["scheme"],
+                "CodeMeaning": entry["type_modifier"]["meaning"]}
+        attributes.append(item)
+    meta = {"ContentCreatorName": "Test", "ClinicalTrialSeriesID": "1", "ClinicalTrialTimePointID": "1",
+            "SeriesDescription": "dcmqi anatomy", "SeriesNumber": "300", "InstanceNumber": "1",
+            "BodyPartExamined": "CHEST", "segmentAttributes": [attributes], "ContentLabel": "SEG",
+            "ContentDescription": "anatomy"}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    subprocess.run([tool, "--inputImageList", str(tmp_path / "labels.nrrd"), "--inputDICOMList",
+                    str(tmp_path / "sc" / "sc.dcm"), "--inputMetadata", str(tmp_path / "meta.json"),
+                    "--outputDICOM", str(tmp_path / "dcmqi.dcm")], check=True, capture_output=True, timeout=120)
+    result = load_masks(tmp_path / "dcmqi.dcm", [], known_labels=KNOWN)
+    np.testing.assert_array_equal(result.anatomy, labels)

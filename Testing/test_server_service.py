@@ -383,6 +383,7 @@ def malformed_cases(inputs: dict) -> list:
     with_param("seed", str(2**32), 422, "parameter_out_of_range")
     with_param("request_id", "../../etc/passwd", 400, "bad_request_id")
     with_param("request_id", "x" * 200, 400, "bad_request_id")
+    with_param("request_id", "abc\n", 400, "bad_request_id")  # "$" would match before the newline
     # findings
     post("unknown finding", fields=[("finding", "unicorn horn"), ("steps", "2")], code="invalid_input")
     post("removal finding outside edit mode", fields=[("finding", ""), ("steps", "2")], code="invalid_input")
@@ -403,6 +404,9 @@ def malformed_cases(inputs: dict) -> list:
     nrrd_bomb = b"NRRD0004\ntype: uchar\ndimension: 2\nsizes: 100000 100000\nencoding: raw\n\n" + bytes(64)
     with_anatomy("huge dimensions NRRD header", "anatomy.nrrd", "application/octet-stream", nrrd_bomb, 422,
                  "image_too_large")
+    detached = b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 32 42\nencoding: raw\ndata file: /etc/passwd\n"
+    with_anatomy("NRRD whose pixels are a server file", "anatomy.nrrd", "application/octet-stream", detached, 422,
+                 "invalid_input")
     with_anatomy("path-like file name", "../../../../tmp/evil.png", "image/png", anatomy, 400, "bad_filename")
     with_anatomy("file name '..'", "..", "image/png", anatomy, 400, "bad_filename")
     with_anatomy("unknown label value 7", "anatomy.png", "image/png",
@@ -479,6 +483,54 @@ def test_malformed_requests_get_the_right_4xx_and_the_engine_stays_healthy(engin
     assert engine["client"].health()["status"] == "ok"
     # an endpoint that needs the engine to work still does
     assert engine["client"].info()["model_state"] == "ready"
+
+
+def test_unreadable_bodies_ranges_and_lost_files_are_explained_in_json(engine, inputs):
+    """Each refusal names its real cause, as JSON: a multipart limit, a push body nested too deeply or not
+    UTF-8, a bad or unsatisfiable Range, a listed result file that is gone from disk."""
+    url, client = engine["url"], engine["client"]
+
+    def refusal(method, path, body=None, headers=None):
+        status, got_headers, payload = raw_request(url, method, path, body, headers)
+        return status, got_headers, json.loads(payload)["error"]
+
+    body, content_type = multipart([("steps", "2")] * 1500)
+    status, _, error = refusal("POST", "/api/v1/jobs", body, {"Content-Type": content_type})
+    assert status == 400 and "Too many fields" in error["message"] and "multipart" in error["message"], error
+    job = final(client, client.submit(inputs["anatomy"], [], steps=1)["id"])
+    assert job["state"] == "succeeded", job
+    push, as_json = f"/api/v1/jobs/{job['id']}/push", {"Content-Type": "application/json"}
+    status, _, error = refusal("POST", push, b"[" * 5000 + b"]" * 5000, as_json)  # within the 16 KB limit
+    assert status == 400 and "nested too deeply" in error["message"] and "JSON object" in error["message"], error
+    status, _, error = refusal("POST", push, b"\xff\xfe{", as_json)
+    assert status == 400 and "UTF-8" in error["message"], error
+
+    sc = f"/api/v1/jobs/{job['id']}/files/sc.dcm"
+    status, headers, payload = raw_request(url, "GET", sc, headers={"Range": "bytes=128-131"})
+    assert status == 206 and payload == b"DICM"  # ranges still work
+    status, _, error = refusal("GET", sc, headers={"Range": "bytes=abc"})
+    assert status == 400 and error["code"] == "bad_range", error
+    status, headers, error = refusal("GET", sc, headers={"Range": "bytes=999999999-"})
+    assert status == 416 and error["code"] == "range_not_satisfiable" and headers["content-range"].startswith("bytes */")
+
+    result = engine["data_dir"] / "jobs" / job["id"] / "result"
+    (result / "preview.png").unlink()  # removed by hand (or by retention) while the job is still listed
+    for path in (f"/api/v1/jobs/{job['id']}/files/preview.png", f"/api/v1/jobs/{job['id']}/result.zip"):
+        status, _, error = refusal("GET", path)
+        assert status == 404 and error["code"] == "file_not_found", (path, error)
+    assert client.health()["status"] == "ok"
+
+
+def test_uploads_results_and_the_job_database_are_private_to_the_engines_user(engine, inputs):
+    """An edit's upload is a patient's X-ray: no other local user may read the data directory's contents."""
+    client = engine["client"]
+    job = final(client, client.submit(inputs["anatomy"], [], steps=1)["id"])
+    data_dir = engine["data_dir"]
+    assert data_dir.stat().st_mode & 0o777 == 0o700  # the engine created it
+    for folder in ("jobs", "incoming", "batches"):
+        assert (data_dir / folder).stat().st_mode & 0o777 == 0o700, folder
+    assert (data_dir / "jobs.sqlite3").stat().st_mode & 0o777 == 0o600
+    assert (data_dir / "jobs" / job["id"]).is_dir()
 
 
 def test_token_is_required_everywhere_but_health(engine):

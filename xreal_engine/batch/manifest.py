@@ -250,6 +250,9 @@ def _jsonl_records(path: Path):
         except json.JSONDecodeError as error:
             yield number, InputError(f"the line is not valid JSON ({error.msg}).")
             continue
+        except RecursionError:
+            yield number, InputError("the line is not valid JSON (nested too deeply).")
+            continue
         if not isinstance(record, dict):
             yield number, InputError("the line must be a JSON object.")
             continue
@@ -276,7 +279,7 @@ def _row(row_number: int, record: dict, resolve: _Resolver, defaults: dict) -> B
         raise InputError("the seed is missing; every row needs one (it is what makes the image reproducible).")
     name = record.get("name")
     name = f"{row_number:06d}" if name is None else name
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InputError(f"the name '{shown(name)}' is not a usable directory name (letters, digits, '.', '_', '-'; "
                          "not starting with '.' or '-').")
     sampling = {**defaults, **{key: record[key] for key in SAMPLING_KEYS if record.get(key) is not None}}

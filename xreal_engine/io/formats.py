@@ -89,6 +89,8 @@ def check_image_header(path: Path, what: str | None = None) -> str:
     fmt = sniff_file(path)
     if fmt is None:
         return None
+    if fmt == "nrrd":
+        _refuse_detached_nrrd(path, name)
     sizes = header_sizes(path, fmt)
     if any(side > MAX_IMAGE_SIDE for side in sizes[:2]):
         raise ImageTooLarge(f"{name} is {' x '.join(str(s) for s in sizes)} pixels; the engine accepts at most "
@@ -101,6 +103,33 @@ def check_image_header(path: Path, what: str | None = None) -> str:
     if fmt in ("nifti", "nifti.gz") and nifti_has_non_finite(path, fmt == "nifti.gz"):
         raise InputError(f"{name} contains NaN or infinite values; save it with finite numbers only.")
     return fmt
+
+
+MAX_NRRD_HEADER_BYTES = 1 << 20
+_NRRD_DATA_FILE_FIELDS = ("data file", "datafile")
+
+
+def _refuse_detached_nrrd(path: Path, name: str) -> None:
+    """Refuse a NRRD whose pixels live in another file (its ``data file:`` field).
+
+    ITK would open whatever path that field names, absolute or relative, so an uploaded header
+    could make the engine read any file the server can read and return it as pixels. Only
+    NRRDs that carry their own data (Slicer's .nrrd and .seg.nrrd) are accepted.
+    """
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_NRRD_HEADER_BYTES + 1)
+    header = raw.replace(b"\r", b"")
+    end = header.find(b"\n\n")
+    if end < 0 and len(raw) > MAX_NRRD_HEADER_BYTES:
+        raise InputError(f"{name} has a NRRD header longer than {MAX_NRRD_HEADER_BYTES >> 20} MiB; it is not a valid image.")
+    lines = header[: end if end >= 0 else len(header)].split(b"\n")
+    for line in lines[1:]:
+        if line.startswith(b"#"):
+            continue
+        field = " ".join(line.split(b":", 1)[0].decode("latin-1").lower().split())
+        if field in _NRRD_DATA_FILE_FIELDS:
+            raise InputError(f"{name} is a NRRD header whose pixels are in a separate data file; save the image "
+                             "as a single .nrrd file (data included).")
 
 
 # NIfTI-1 datatype codes of floating-point voxels -> numpy dtype.

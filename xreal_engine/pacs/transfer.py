@@ -109,7 +109,7 @@ def push_result(name, result_dir, config=None, retries: int = 3, backoff_s: floa
 def _check_uid(value, parameter: str) -> str:
     from pydicom.uid import RE_VALID_UID
 
-    if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.match(value):
+    if not isinstance(value, str) or len(value) > 64 or not RE_VALID_UID.fullmatch(value):
         raise InputError(f"{parameter} must be a DICOM UID (digits and dots), not {value!r}.")
     return value
 

@@ -75,7 +75,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         )
         service.start()
         app.state.service = service
-        app.state.batches = BatchService(service, model_info, model_dir, data_dir)
+        app.state.batches = BatchService(service, model_info, model_dir)
         try:
             yield
         finally:

@@ -48,10 +48,10 @@ ORPHAN_CHECK_SECONDS = 60.0
 class BatchService:
     """Batches on top of a :class:`JobService`: submit, describe, cancel, delete, the dataset."""
 
-    def __init__(self, service: JobService, model_info, model_dir: Path, data_dir: Path):
+    def __init__(self, service: JobService, model_info, model_dir: Path):
         self.service, self.store, self.model_info = service, service.store, model_info
         self.model_dir = Path(model_dir)
-        self.batches_dir = Path(data_dir) / "batches"
+        self.batches_dir = self.store.batches_dir  # private, as the store makes it
         self._weights_hash = None
         self._building = threading.Lock()  # one dataset built at a time (they are rare and disk-bound)
         self._quality: dict = {}  # job id -> provenance["quality"] of a succeeded job (it never changes)

@@ -41,7 +41,7 @@ def service_of(request: Request) -> JobService:
 
 
 def job_or_404(service: JobService, job_id: str) -> dict:
-    job = service.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
+    job = service.store.get(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
     if job is None:
         raise ApiError(404, "job_not_found", f"There is no job '{shown(job_id, 40)}' (it may have been deleted or purged).")
     return job

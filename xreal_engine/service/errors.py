@@ -92,7 +92,7 @@ def install_error_handlers(app: FastAPI) -> None:
                     405: f"{request.method} is not allowed on {path}; the API is described at /docs."}
         message = messages.get(error.status_code, str(error.detail))
         if error.status_code == 400:
-            message = "The request body could not be read; send the job as multipart/form-data."
+            message = unreadable_body_message(request, error)
         return error_response(error.status_code, "http_error", message, getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
@@ -100,6 +100,27 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unexpected error while handling %s %s", request.method, request.url.path)
         return error_response(500, "internal_error",
                               "The engine hit an unexpected problem; the engine log has the details.")
+
+
+# What FastAPI says when parsing a body raised something else; the cause (``__cause__``) says more.
+_GENERIC_BODY_DETAILS = {"", "Bad Request", "There was an error parsing the body"}
+
+
+def unreadable_body_message(request: Request, error: StarletteHTTPException) -> str:
+    """One sentence for a 400 raised while reading the body: the real reason (a multipart limit, JSON
+    nested too deeply, bytes that are not UTF-8) and what to send instead."""
+    cause, detail = error.__cause__, str(error.detail or "")
+    if isinstance(cause, RecursionError):
+        reason = "it is nested too deeply"
+    elif isinstance(cause, UnicodeDecodeError):
+        reason = "it is not UTF-8 text"
+    elif detail not in _GENERIC_BODY_DETAILS:
+        reason = shown(detail.rstrip("."), 120)  # Starlette's multipart limits: too many fields, part too large
+    else:
+        reason = None
+    sent_json = "json" in request.headers.get("content-type", "").lower()
+    hint = "send a JSON object" if sent_json else "send the job as multipart/form-data"
+    return "The request body could not be read" + (f" ({reason})" if reason else "") + f"; {hint}."
 
 
 def validation_message(error: RequestValidationError) -> str:

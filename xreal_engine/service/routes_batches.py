@@ -13,7 +13,6 @@ from pathlib import PurePosixPath
 from typing import Optional
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse
 
 from ..errors import InputError, StorageError, shown
 from ..batch.exports import FORMATS
@@ -21,6 +20,7 @@ from .batches import BatchService
 from .dependencies import protected, service_of
 from .errors import ApiError, storage_refusal
 from .routes_jobs import REQUEST_ID_PATTERN
+from .views import JsonErrorFileResponse
 from .uploads import store_control_upload, store_upload
 
 # The fields of POST /batches; any other is refused (a misspelt "format" must not silently mean the default).
@@ -65,7 +65,7 @@ def submit_batch(
     from ..batch.quality import check_min_dice
 
     batches, service = batches_of(request), service_of(request)
-    if request_id is not None and not REQUEST_ID_PATTERN.match(request_id):
+    if request_id is not None and not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise ApiError(400, "bad_request_id", "The request_id must be 1 to 128 letters, digits, '.', '_', ':' or '-'.")
     if request_id is not None:
         existing = service.store.get_batch_by_request_id(request_id)
@@ -155,7 +155,7 @@ def download_dataset(request: Request, batch_id: str):
         path = batches.dataset(batch)
     except (OSError, StorageError) as error:
         raise storage_refusal(error) from None
-    return FileResponse(path, media_type="application/zip", filename=f"xreal-batch-{batch['id']}.zip")
+    return JsonErrorFileResponse(path, media_type="application/zip", filename=f"xreal-batch-{batch['id']}.zip")
 
 
 def check_formats(text) -> list:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from fastapi import APIRouter, Body, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ..control_spec import ControlRequest, check_requests, needs_file, parse_name_and_scale
 from ..errors import InputError, XRealError, shown
@@ -28,7 +28,7 @@ from .settings import MAX_PATHOLOGIES
 from .spec import JobSpec, prepare_job
 from .store import FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, QueueFull, new_job_id
 from .uploads import store_control_upload, store_upload
-from .views import describe_job
+from .views import JsonErrorFileResponse, describe_job
 from .worker import JobService
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -83,7 +83,7 @@ def submit_job(
     keep_outside_region: Optional[bool] = Form(None, description="Keep the previous image outside each feathered pathology region (default: the model's; off in XReal)."),
 ):
     context, service = context_of(request), service_of(request)
-    if request_id is not None and not REQUEST_ID_PATTERN.match(request_id):
+    if request_id is not None and not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise ApiError(400, "bad_request_id", "The request_id must be 1 to 128 letters, digits, '.', '_', ':' or '-'.")
     if request_id is not None:
         existing = service.store.get_by_request_id(request_id)
@@ -204,8 +204,10 @@ def download_file(request: Request, job_id: str, name: str):
         raise ApiError(404, "file_not_found",
                        f"The job has no result file '{shown(name, 80)}'; its files are listed in its status.")
     path = service.store.result_dir(job_id) / name
+    if not path.is_file():
+        raise _result_gone(name)
     media_type = RESULT_MEDIA_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
-    return FileResponse(path, media_type=media_type, filename=Path(name).name)
+    return JsonErrorFileResponse(path, media_type=media_type, filename=Path(name).name)
 
 
 @router.get("/jobs/{job_id}/result.zip", dependencies=protected, summary="Download all result files as one zip")
@@ -218,6 +220,8 @@ def download_zip(request: Request, job_id: str):
     result_dir = service.store.result_dir(job_id)
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in job["files"]:
+            if not (result_dir / name).is_file():
+                raise _result_gone(name)
             archive.write(result_dir / name, arcname=name)
     return Response(buffer.getvalue(), media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="xreal-{job_id}.zip"'})
@@ -293,6 +297,12 @@ def _stored_spec(context: EngineContext, folder: Path, parameters: SamplingParam
                        for k, (name, upload, scale) in enumerate(controls, start=1)]
     return JobSpec.build(anatomy=anatomy_name, pathologies=pathologies, image=image_name, parameters=parameters,
                          push_to=push_to, source=source_record, controls=stored_controls)
+
+
+def _result_gone(name: str) -> ApiError:
+    """A listed result file that is no longer on disk (removed by hand, or by retention meanwhile)."""
+    return ApiError(404, "file_not_found", f"The result file '{shown(name, 80)}' is no longer on the engine's disk; "
+                                           "generate the image again.")
 
 
 def _sse(event: str, data: dict) -> str:

@@ -95,6 +95,19 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+def _make_private(data_dir: Path, *folders: Path, database: Path) -> None:
+    """The data directory (0700 when the engine creates it), its folders (0700) and the job database
+    (0600; SQLite gives its WAL files the database's mode) readable by this user only: they hold the
+    uploads, an edited patient's X-ray among them, and the results, so no other local user may read them."""
+    if not data_dir.exists():
+        data_dir.mkdir(parents=True, mode=0o700)
+    for folder in folders:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # also when an older engine made it with the umask's mode
+    os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+    os.chmod(database, 0o600)
+
+
 class JobStore:
     """All job rows, behind one lock (short statements; the service is one process)."""
 
@@ -103,12 +116,12 @@ class JobStore:
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.incoming_dir = self.data_dir / "incoming"
+        self.batches_dir = self.data_dir / "batches"
         self.db_path = self.data_dir / "jobs.sqlite3"
         self._lock = threading.RLock()
         self._failure: str | None = None  # the reason of the last failed database access, until a probe succeeds
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            self.incoming_dir.mkdir(parents=True, exist_ok=True)
+            _make_private(self.data_dir, self.jobs_dir, self.incoming_dir, self.batches_dir, database=self.db_path)
         except OSError as error:
             raise StorageError(f"The data directory {self.data_dir} cannot be used: {os_reason(error)}.",
                                os_reason(error)) from None

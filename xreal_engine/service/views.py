@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from datetime import datetime, timezone
+
+from fastapi.responses import FileResponse
 
 from .. import __version__
 from ..control_spec import CONTROL_SCALE_RANGE
@@ -114,3 +117,34 @@ def model_description(settings: ServiceSettings, model_info, service: JobService
         "choices": choices(),  # samplers and the fast preset
         "pacs": pacs_nodes,
     }
+
+
+class JsonErrorFileResponse(FileResponse):
+    """A FileResponse (Range requests included) whose Range refusals are JSON like every other error.
+
+    Starlette answers a malformed Range with a text/plain 400 and an unsatisfiable one with an empty
+    416; those two are rewritten here, headers (Content-Range) kept, so a client parses one format.
+    """
+
+    async def __call__(self, scope, receive, send):
+        refusal = {}
+
+        async def send_json_refusals(message):
+            if message["type"] == "http.response.start" and message["status"] in (400, 416):
+                refusal.update(message)
+                return
+            if refusal and message["type"] == "http.response.body":
+                status, text = refusal["status"], message.get("body", b"").decode("utf-8", "replace").strip()
+                reason = (f"The Range header is not valid ({text.removeprefix('Range header: ')})." if status == 400
+                          else "The requested byte range lies outside the file.")
+                body = json.dumps({"error": {"code": "bad_range" if status == 400 else "range_not_satisfiable",
+                                             "message": reason}}).encode()
+                headers = [(k, v) for k, v in refusal.get("headers", []) if k.lower() not in (b"content-type",
+                                                                                            b"content-length")]
+                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await super().__call__(scope, receive, send_json_refusals)
