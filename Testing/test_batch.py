@@ -206,7 +206,9 @@ def test_bad_rows_are_reported_with_their_row_numbers_and_nothing_is_written(tin
         "unknown-template,anatomy_09,,,1",  # row 5
         "ok,anatomy_02,,,2",  # row 6: the name of row 2 again
         "short,anatomy_01,1",  # row 7: too few fields
-        'bad,"anatomy_01"x,,,1',  # row 8: malformed quoting
+        f"two-masks,anatomy_01,{templates / 'pathology_cardiomegaly.png'};{templates / 'pathology_cardiomegaly.png'},"
+        "cardiomegaly,1",  # row 8: two masks, one finding (reported, and the rows after it still checked)
+        'bad,"anatomy_01"x,,,1',  # row 9: malformed quoting
     ]
     manifest = tmp_path / "bad.csv"
     manifest.write_text("\n".join(lines) + "\n")
@@ -218,9 +220,10 @@ def test_bad_rows_are_reported_with_their_row_numbers_and_nothing_is_written(tin
     assert "bad.csv row 5: 'anatomy_09' names no template" in err
     assert "bad.csv row 6: the name 'ok' is also the name of row 2" in err
     assert "bad.csv row 7: the line has 3 fields but the header has 5" in err
-    assert "bad.csv row 8: malformed CSV line" in err
+    assert "bad.csv row 8: 2 pathology masks but 1 findings" in err
+    assert "bad.csv row 9: malformed CSV line" in err
     assert "row 2:" not in err
-    assert "6 manifest rows have problems (listed above); nothing was generated" in err
+    assert "7 manifest rows have problems (listed above); nothing was generated" in err
     assert not out.exists()
 
     jsonl = tmp_path / "bad.jsonl"
@@ -347,6 +350,13 @@ def test_design_refusals_name_the_option(tiny_model, tmp_path, capsys):
     assert "--seeds must be START:STOP" in capsys.readouterr().err
     assert batch("--from-templates", *common) == 2
     assert "--from-templates needs --seeds" in capsys.readouterr().err
+    # a value given twice would make two rows of one name: one image, counted twice
+    for option, value, repeated in (("--from-templates", "anatomy_01,anatomy_01", "anatomy_01"),
+                                    ("--seeds", "1,1", "1"), ("--findings", "Pneumonia,pneumonia", "pneumonia"),
+                                    ("--heart-scales", "1.25,1.25", "1.25")):
+        args = [option, value] if option == "--from-templates" else ["--from-templates", option, value]
+        assert batch(*args, *(["--seeds", "0:2"] if option != "--seeds" else []), *common) == 2, option
+        assert f"{option} gives {repeated} twice; list each value once" in capsys.readouterr().err, option
     assert not (tmp_path / "out").exists()
 
 

@@ -343,7 +343,7 @@ def test_only_sc_when_every_segment_is_empty(tmp_path):
 @pytest.mark.parametrize(
     "image, spacing, message",
     [
-        (np.zeros((16, 16), np.float32), (1, 1), "outside 32..4096"),
+        (np.zeros((16, 16), np.float32), (1, 1), "outside 32..6000"),
         (np.zeros((64, 64, 3), np.float32), (1, 1), "must be 2D"),
         (np.full((64, 64), np.nan, np.float32), (1, 1), "NaN"),
         (np.zeros((64, 64), np.float32), (0, 1), "pixel_spacing_mm"),

@@ -136,6 +136,10 @@ def test_edit_mode_keeps_the_source_outside_the_region(pipe, tmp_path):
     assert prepared.edit_mode
     provenance = generate_to_directory(pipe, prepared, tmp_path / "edit")
     assert provenance["mode"] == "edit"
+    import hashlib
+
+    assert provenance["source_image"] == {"sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
+                                          "sop_instance_uid": None}  # a PNG has no UID; the name is not recorded
     result = np.array(Image.open(tmp_path / "edit" / "preview.png"), dtype=int)
     far = np.ones(source.shape, bool)
     far[25:95, 35:115] = False  # the region widened by more than the feather

@@ -629,6 +629,83 @@ def test_a_full_disk_under_the_cli_is_one_line_and_leaves_nothing(tiny_model, sm
 
 
 @pytest.mark.slow
+def test_submit_to_a_full_disk_is_one_line_and_leaves_nothing(tiny_model, small_disk, tmp_path):
+    """The result is downloaded into a staging folder: a cut-off sc.dcm never lands where the user looks."""
+    with running(start_engine(tiny_model, tmp_path / "data", tmp_path / "home")) as engine:
+        wait_ready(engine.client())
+        big_grid = tmp_path / "big-anatomy.png"  # a ~10 MB result (2048 x 2048 DICOM pair) for 3 MB of space
+        big_grid.write_bytes(png_bytes(anatomy_array(2048)))
+        fill(small_disk, 3 * 1024 * 1024)
+        result = run_cli("submit", "--url", engine.url, "--anatomy", str(big_grid), "--steps", "1",
+                         "--out", str(small_disk / "out" / "result"),
+                         env=dict(engine_env(engine.home), XREAL_ENGINE_TOKEN=engine.token))
+        assert_one_line_refusal(result, "submit", "disk is full", after_progress=True)
+        assert sorted(p.name for p in small_disk.iterdir()) == ["filler"], "no output, no partial directory"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_generate_like_ctrl_c_and_leaves_nothing(tiny_model, tmp_path):
+    """``kill`` (a scheduler's stop) is handled as Ctrl-C: exit 143, one line, no staging folder left."""
+    anatomy = tmp_path / "anatomy.png"
+    anatomy.write_bytes(png_bytes(anatomy_array(256)))
+    out = tmp_path / "out" / "result"
+    process = subprocess.Popen([sys.executable, "-m", "xreal_engine.cli", "generate", "--model", str(tiny_model),
+                                "--anatomy", str(anatomy), "--steps", "1000", "--device", "cpu", "--out", str(out)],
+                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = ""
+    while "anatomy" not in seen:  # sampling has begun (the progress bar); no timing window: 1000 steps remain
+        character = process.stderr.read(1)
+        assert character, f"generate ended before it was stopped: {seen[-2000:]}"
+        seen += character
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 143, rest[-2000:]
+    assert "xreal-engine generate: interrupted; nothing was written." in rest and "Traceback" not in rest
+    assert not out.exists() and not list(tmp_path.glob("out/.result.partial-*"))
+
+
+def test_output_paths_that_are_no_new_directory_say_what_they_are(tmp_path, monkeypatch):
+    from xreal_engine.errors import InputError
+    from xreal_engine.files import check_new_directory, staged_directory
+
+    (tmp_path / "a-file").write_text("mine")
+    for path, message in ((tmp_path / "a-file", "is a file"), (Path("/dev/null"), "is not a folder"),
+                          (Path(""), "Give the output directory a name"), (Path("."), "Give the output directory")):
+        with pytest.raises(InputError, match=message):
+            check_new_directory(path)
+    assert (tmp_path / "a-file").read_text() == "mine"
+    for umask, mode in ((0o022, 0o755), (0o077, 0o700)):  # a result folder gets the user's umask, as mkdir does
+        previous = os.umask(umask)
+        try:
+            with staged_directory(tmp_path / f"result-{umask:o}") as staging:
+                (staging / "sc.dcm").write_bytes(b"x")
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"result-{umask:o}").stat().st_mode & 0o777 == mode
+
+
+def test_submit_refuses_a_timeout_that_cannot_be_waited(files, tmp_path):
+    for value in ("0", "-5"):
+        result = run_cli("submit", "--url", "http://127.0.0.1:9", "--anatomy", str(files["anatomy"]),
+                         "--timeout", value, "--out", str(tmp_path / "out"))
+        assert_one_line_refusal(result, "submit", "--timeout must be more than 0 seconds")
+
+
+@pytest.mark.slow
+def test_submit_that_times_out_cancels_its_job(engine, files, tmp_path):
+    """Nobody will fetch the result, so the job must not keep the engine's single worker busy."""
+    result = run_cli("submit", "--url", engine.url, "--anatomy", str(files["anatomy"]), "--steps", "1000",
+                     "--timeout", "0.5", "--out", str(tmp_path / "out"),
+                     env=dict(os.environ, OMP_NUM_THREADS="1", XREAL_ENGINE_TOKEN=engine.token))
+    line = assert_one_line_refusal(result, "submit", "did not finish within 0.5 seconds",
+                                   "it was cancelled on the engine", after_progress=True)
+    job_id = line.split("The job ", 1)[1].split()[0]
+    client = engine.client()
+    assert wait_for(lambda: client.status(job_id)["state"] == "cancelled", "the job to be cancelled")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_a_deleted_data_directory_makes_the_engine_unhealthy_and_refuse_jobs(tiny_model, files, tmp_path):
     with running(start_engine(tiny_model, tmp_path / "data", tmp_path / "home")) as engine:
         client = engine.client()

@@ -256,7 +256,8 @@ def test_empty_anatomy_and_unknown_labels_are_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((20, 20), "20x20 pixels, which cannot be a chest image"), ((64, 200), "aspect ratio beyond 1:2"), ((4100, 2100), "each side must be 32 to 4096")],
+    [((20, 20), "20x20 pixels, which cannot be a chest image"), ((64, 200), "aspect ratio beyond 1:2"), ((31, 40), "each side must be 32 to 6000"),
+     ((6001, 3100), "at most 6000 pixels per side")],
 )
 def test_impossible_sizes_are_refused(tmp_path, shape, message):
     labels = np.zeros(shape, np.uint8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +27,12 @@ def check_new_directory(out_dir: Path) -> None:
     now, before the work, by creating and removing a probe folder where it would go.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if str(out_dir) in ("", "."):
+        raise InputError("Give the output directory a name (--out DIR); the current folder is not used.")
+    if out_dir.exists() and not out_dir.is_dir():
+        kind = "a file" if out_dir.is_file() else "not a folder (a device or another special file)"
+        raise InputError(f"The output directory {out_dir} is {kind}; choose a new directory.")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
     existing = out_dir if out_dir.exists() else out_dir.parent
     while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
@@ -52,7 +58,7 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     staging = None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        staging = _new_sibling(out_dir)
         yield staging
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
@@ -66,6 +72,18 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
             for parent in created:  # innermost first; only folders this call made, and only if empty
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+
+
+def _new_sibling(out_dir: Path) -> Path:
+    """A new hidden folder beside ``out_dir`` with the mode a plain mkdir gives (the user's umask), which
+    it keeps when renamed; ``tempfile.mkdtemp`` would make every result 0700."""
+    while True:
+        staging = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:
+            continue
 
 
 def _storage_error(out_dir: Path, error: OSError) -> StorageError:

@@ -61,6 +61,10 @@ class GenerationRequest:
     controls: list = field(default_factory=list)  # [io.controls.ControlRequest]: ControlNets to steer with
 
 
+EDIT_KEEPS_ANATOMY = ("An edit keeps the X-ray's own anatomy: the anatomy map places the regions and adds its "
+                      "segments to seg.dcm, it does not change the image.")
+
+
 @dataclass
 class PreparedRequest:
     """A request whose inputs were read and validated; ready for the model."""
@@ -134,6 +138,7 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
                     f"{source_pixels.shape[1]}x{source_pixels.shape[0]}; draw the masks on the image itself."
                 )
             spacing = source_spacing or spacing
+            warnings.append(EDIT_KEEPS_ANATOMY)
     controls = _prepare_controls(request, model_info, parameters, anatomy,
                                  tuple(source_pixels.shape) if source_pixels is not None else tuple(anatomy.shape),
                                  warnings)
@@ -238,6 +243,7 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         **params.to_public(),  # seed, steps, anatomy_steps, guidance, eta, soft_mask_value
         "findings": findings,
         "controls": [_control_provenance(c, params, prepared.edit_mode) for c in prepared.controls],
+        **({"source_image": _source_provenance(prepared)} if prepared.edit_mode else {}),
         "device": str(device),
         "dtype": str(pipe.dtype).replace("torch.", ""),
         "unet_runtime": getattr(pipe, "unet_runtime", "eager"),  # eager, frozen (--freeze) or compiled (--compile)
@@ -264,6 +270,17 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         _write_segments(staging, segments)
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
+
+
+def _source_provenance(prepared: PreparedRequest) -> dict:
+    """What provenance records of the edited X-ray: the file's sha256 and, for a DICOM, its SOP Instance UID
+    (which the SC also references). Not its file name, which may carry a patient's name."""
+    from .io.controls import file_sha256
+
+    dataset = prepared.source_dataset
+    return {"sha256": file_sha256(prepared.request.image_path),
+            "sop_instance_uid": str(dataset.SOPInstanceUID) if dataset is not None and "SOPInstanceUID" in dataset
+            else None}
 
 
 def _control_provenance(control, params, edit_mode: bool) -> dict:

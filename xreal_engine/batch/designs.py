@@ -50,6 +50,7 @@ def parse_seeds(text: str) -> list:
         raise InputError(f"--seeds must be START:STOP or a comma-separated list of whole numbers, not '{shown(text)}'.")
     if not seeds:
         raise InputError(f"--seeds '{shown(text)}' gives no seed.")
+    refuse_repeats("--seeds", seeds)
     if len(seeds) > MAX_ROWS:
         raise InputError(f"--seeds '{shown(text)}' gives {len(seeds)} seeds; at most {MAX_ROWS} rows are possible.")
     for seed in (min(seeds), max(seeds)):
@@ -64,7 +65,18 @@ def parse_scales(text: str, option: str) -> tuple:
         scales = ()
     if not scales or not all(0.3 <= scale <= 3.0 for scale in scales):
         raise InputError(f"{option} must be a comma-separated list of factors from 0.3 to 3, not '{shown(text)}'.")
+    refuse_repeats(option, scales)
     return scales
+
+
+def refuse_repeats(option: str, values) -> None:
+    """A value given twice would make two rows of one name (one image, counted twice): refused."""
+    seen = set()
+    for value in values:
+        key = value.lower() if isinstance(value, str) else value
+        if key in seen:
+            raise InputError(f"{option} gives {shown(str(value))} twice; list each value once.")
+        seen.add(key)
 
 
 def _slug(text: str) -> str:
@@ -86,11 +98,13 @@ def plan_design(design: Design, model_info, templates: Optional[Path], inputs_di
     if unknown or not names:
         raise InputError(f"--from-templates: no template {', '.join(map(shown, unknown)) or 'anatomy_*'} in {folder} "
                          f"(templates: {', '.join(available) or 'none'}).")
+    refuse_repeats("--from-templates", names)
     findings = []
     for finding in design.findings:
         finding = finding.strip()
         findings.append(NO_FINDING if finding.lower() == NO_FINDING else
                         canonical_finding(finding, model_info.findings))
+    refuse_repeats("--findings", findings)  # after canonicalising: 'Pneumonia' and 'pneumonia' are one
     SamplingParameters.from_public(model_info.defaults, sampling)  # one refusal, not one per row
     variants = [(h, w) for h in design.heart_scales for w in design.lung_widths]
     count = len(design.seeds) * len(names) * len(variants) * len(findings)

@@ -143,6 +143,8 @@ class _Resolver:
 def read_manifest(path: Path, templates: Optional[Path] = None, sampling_defaults: Optional[dict] = None):
     """(rows, problems) of a ``.csv`` or ``.jsonl`` manifest; the problems name their rows."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"The manifest {path} is a directory; give a .csv or .jsonl file.")
     if not path.is_file():
         raise InputError(f"The manifest {path} does not exist.")
     resolve = _Resolver(path.parent, templates)
@@ -197,7 +199,11 @@ def _csv_records(path: Path):
                 if len(cells) != len(header):
                     yield row_number, InputError(f"the line has {len(cells)} fields but the header has {len(header)}.")
                 else:
-                    yield row_number, _typed_csv_cells(dict(zip(header, cells)))
+                    try:
+                        record = _typed_csv_cells(dict(zip(header, cells)))
+                    except InputError as error:  # this row's problem; the rows after it are still checked
+                        record = error
+                    yield row_number, record
             row_number = reader.line_num + 1
 
 

@@ -8,8 +8,11 @@ up and turns user-facing errors into one readable line and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 from .. import __version__
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     module = importlib.import_module(args._module)
     try:
-        return int(module.run(args) or 0)
+        with _terminate_as_interrupt(args.command != "serve"):  # serve stops its own way on SIGTERM
+            return int(module.run(args) or 0)
     except XRealError as error:  # one sentence; control characters escaped, so a file name cannot drive the terminal
         print(f"xreal-engine {args.command}: error: {shown(error, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
@@ -66,9 +70,30 @@ def main(argv=None) -> int:
         print(f"xreal-engine {args.command}: error: {shown(os_sentence(error, 'A file could not be used'), MESSAGE_LIMIT)}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"xreal-engine {args.command}: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop), handled like Ctrl-C: staging folders are removed on the way out."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt(enabled: bool):
+    """While a command runs, SIGTERM raises :class:`Terminated` (the previous handler is restored after)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..client import TOKEN_ENVIRONMENT, EngineClient, EngineError, resolve_token
 from ..errors import InputError, shown
-from ..files import check_new_directory
+from ..files import check_new_directory, staged_directory
 from .arguments import add_request_arguments, check_request_arguments, control_requests, sampling_arguments
 
 
@@ -28,7 +28,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(default: $XREAL_ENGINE_TOKEN, or a local engine's own token file)")
     parser.add_argument("--token-file", type=Path, default=None, help="read the access token from this file's first line")
     add_request_arguments(parser)
-    parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="give up after this many seconds (the job is then cancelled on the engine)")
 
 
 def run(args) -> int:
@@ -39,6 +40,8 @@ def run(args) -> int:
             raise InputError(f"{path} is a directory, not a file.")
         if path is not None and not path.is_file():
             raise InputError(f"The file {path} does not exist.")
+    if args.timeout is not None and not args.timeout > 0:
+        raise InputError(f"--timeout must be more than 0 seconds (got {args.timeout:g}).")
     check_new_directory(args.out)
     source = None
     if args.source is not None:
@@ -61,12 +64,13 @@ def run(args) -> int:
         print(f"Job {job['id']} queued (seed {job['parameters']['seed']}).", file=sys.stderr)
         for warning in job.get("warnings", []):
             print(f"warning: {shown(warning, 500)}", file=sys.stderr)
-        job = client.wait(job["id"], callback=_print_progress, timeout=args.timeout)
+        job = _wait_or_cancel(client, job["id"], args.timeout)
         print(file=sys.stderr)
         if job["state"] != "succeeded":
             message = (job.get("error") or {}).get("message") or f"the job ended {job['state']}"
             raise InputError(f"The engine did not produce a result: {message}")
-        written = client.download_all(job["id"], args.out)
+        with staged_directory(args.out) as staging:  # all files or none (a full disk leaves nothing)
+            written = client.download_all(job["id"], staging)
     except EngineError as error:
         raise InputError(f"{error.message}") from None
     print(f"Wrote {len(written)} files to {args.out}/ (job {job['id']}).")
@@ -75,6 +79,26 @@ def run(args) -> int:
         print(f"PACS push to {shown(push.get('destination'))}: "
               f"{'ok' if push.get('ok') else shown(push.get('message'), 500)}", file=sys.stderr)
     return 0
+
+
+def _wait_or_cancel(client: EngineClient, job_id: str, timeout) -> dict:
+    """The job's final status; on a timeout or Ctrl-C it is cancelled, so it does not hold the engine's worker
+    for a result no one will fetch."""
+    try:
+        return client.wait(job_id, callback=_print_progress, timeout=timeout)
+    except (KeyboardInterrupt, EngineError) as stop:
+        if isinstance(stop, EngineError) and stop.code != "timeout":
+            raise
+        try:
+            client.cancel(job_id)
+            cancelled = "it was cancelled on the engine"
+        except (EngineError, OSError):
+            cancelled = f"cancelling it failed, so it may still run there (job {job_id})"
+        print(file=sys.stderr)
+        if isinstance(stop, KeyboardInterrupt):
+            print(f"xreal-engine submit: {cancelled}.", file=sys.stderr)
+            raise
+        raise InputError(f"{stop.message.rstrip('.')}; {cancelled}.") from None
 
 
 def _print_progress(job: dict) -> None:

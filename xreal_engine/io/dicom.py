@@ -50,6 +50,7 @@ from pydicom.sr.coding import Code
 
 from .. import __version__
 from ..errors import InputError
+from .formats import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from ..vocabulary import anatomy_entry, attention_region_entry, finding_entry, numbered_name, removal_region_entry
 
 MANUFACTURER = "XRealSlicer project"
@@ -59,7 +60,6 @@ SC_SERIES_NUMBER = 901
 SEG_SERIES_NUMBER = 902
 PATIENT_ORIENTATION = ("L", "P")
 PROVENANCE_PREFIX = "XREAL-PROVENANCE "
-MIN_SIDE, MAX_SIDE = 32, 4096
 
 # Patient and General Study module attributes copied from the source in edit mode; nothing else is copied.
 PATIENT_STUDY_KEYWORDS = (
@@ -205,8 +205,8 @@ def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     if stored.ndim != 2:
         raise InputError(f"{name}: expected a 2D image but the pixel data has shape {stored.shape}.")
     rows, cols = stored.shape
-    if min(rows, cols) < MIN_SIDE or max(rows, cols) > MAX_SIDE:
-        raise InputError(f"{name}: {rows}x{cols} pixels cannot be a chest X-ray (each side must be {MIN_SIDE}..{MAX_SIDE}).")
+    if min(rows, cols) < MIN_IMAGE_SIDE or max(rows, cols) > MAX_IMAGE_SIDE:
+        raise InputError(f"{name}: {rows}x{cols} pixels cannot be a chest X-ray (each side must be {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}).")
 
     values = apply_modality_lut(stored, ds)
     if values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
@@ -261,8 +261,8 @@ def _validate_image(image, pixel_spacing_mm) -> np.ndarray:
     array = np.asarray(image)
     if array.ndim != 2:
         raise InputError(f"The generated image must be 2D, got shape {array.shape}.")
-    if min(array.shape) < MIN_SIDE or max(array.shape) > MAX_SIDE:
-        raise InputError(f"The generated image of {array.shape[0]}x{array.shape[1]} pixels is outside {MIN_SIDE}..{MAX_SIDE} per side.")
+    if min(array.shape) < MIN_IMAGE_SIDE or max(array.shape) > MAX_IMAGE_SIDE:
+        raise InputError(f"The generated image of {array.shape[0]}x{array.shape[1]} pixels is outside {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE} per side.")
     if not np.all(np.isfinite(array)):
         raise InputError("The generated image contains NaN or infinite values.")
     spacing = tuple(float(s) for s in pixel_spacing_mm)

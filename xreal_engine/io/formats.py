@@ -14,8 +14,10 @@ from pathlib import Path
 
 from ..errors import InputError
 
-# Larger than any radiograph, small enough to refuse decompression bombs before decoding.
-MAX_IMAGE_SIDE = 6000
+# The one size rule for every image and mask read or written: sides of MIN_IMAGE_SIDE..MAX_IMAGE_SIDE
+# pixels. The largest is above any radiograph (a 43 cm CR at 0.1 mm is 4300) and small enough to refuse
+# decompression bombs before decoding; the smallest is where a chest stops being recognisable.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 6000
 HEAD_BYTES = 4096
 FORMAT_NAMES = "PNG, NRRD, NIfTI or DICOM"
 

@@ -23,9 +23,9 @@ import SimpleITK as sitk
 
 from .. import vocabulary
 from ..errors import InputError, shown
-from .formats import check_image_header
+from .formats import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, check_image_header
 
-MIN_SIDE, MAX_SIDE, MAX_ASPECT = 32, 4096, 2.0
+MAX_ASPECT = 2.0
 BODY_MARGIN_FRACTION = 0.05  # the body is the union of organs dilated by 5 % of the image side
 ANATOMY_LABELS = (1, 2, 3, 4)
 
@@ -227,7 +227,7 @@ def _read_png(path: Path) -> np.ndarray:
                 raise InputError(f"{path.name} is a colour ({mode}) image; save masks as single-channel label images.")
             return np.asarray(image)
     except Image.DecompressionBombError:
-        raise InputError(f"{path.name} announces an image too large to decode (at most {MAX_SIDE} per side).") from None
+        raise InputError(f"{path.name} announces an image too large to decode (at most {MAX_IMAGE_SIDE} per side).") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(
             f"{path.name} is not a readable mask (expected PNG, NRRD, NIfTI, Slicer .seg.nrrd or DICOM-SEG)."
@@ -236,8 +236,8 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _check_size(shape: tuple[int, int], name: str) -> None:
     rows, cols = shape
-    if min(rows, cols) < MIN_SIDE or max(rows, cols) > MAX_SIDE:
-        raise InputError(f"{name} is {cols}x{rows} pixels, which cannot be a chest image (each side must be {MIN_SIDE} to {MAX_SIDE}).")
+    if min(rows, cols) < MIN_IMAGE_SIDE or max(rows, cols) > MAX_IMAGE_SIDE:
+        raise InputError(f"{name} is {cols}x{rows} pixels, which cannot be a chest image (each side must be {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}).")
     if max(rows, cols) > MAX_ASPECT * min(rows, cols):
         raise InputError(f"{name} is {cols}x{rows} pixels, an aspect ratio beyond 1:2, which cannot be a chest image.")
 

@@ -176,6 +176,8 @@ class ModelInfo:
         """Read ``xreal_model.json``; ModelError if ``model_dir`` is not a model directory."""
         model_dir = Path(model_dir)
         path = model_dir / MODEL_INFO_FILE
+        if model_dir.exists() and not model_dir.is_dir():
+            raise ModelError(f"{model_dir} is a file, not a model directory; give the folder with {MODEL_INFO_FILE}.")
         if not model_dir.is_dir():
             raise ModelError(f"The model directory {model_dir} does not exist.")
         if not path.is_file():

@@ -46,6 +46,9 @@ def resolve_threads(threads: int | None = None) -> int:
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise InputError(f"--threads must be a whole number of at least 1, not {threads!r}.")
+        if threads > usable_cores():  # more threads than cores only spin-wait on each other (default_threads)
+            raise InputError(f"--threads {threads} is more than the {usable_cores()} CPUs this process may use; "
+                             f"give 1 to {usable_cores()}.")
         return threads
     from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()
     if from_environment.isdigit() and int(from_environment) >= 1:
