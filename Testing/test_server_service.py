@@ -521,6 +521,24 @@ def test_unreadable_bodies_ranges_and_lost_files_are_explained_in_json(engine, i
     assert client.health()["status"] == "ok"
 
 
+def test_a_refusal_names_the_files_as_the_client_sent_them(engine, inputs):
+    """The engine stores uploads under its own names (anatomy.png, pathology-1.png); messages use the client's."""
+    size = inputs["size"]
+    odd = np.where(anatomy_array(size) == 3, 7, anatomy_array(size))
+    small = region_array(size // 2)
+    for files, expected, server_name in (
+            ([("anatomy", "my-labels 7.png", "image/png", png_bytes(odd))], "my-labels 7.png contains label values [7]",
+             "anatomy.png"),
+            ([("anatomy", "image.dcm.png", "image/png", png_bytes(anatomy_array(size))),
+              ("pathology", "nodule-region.png", "image/png", png_bytes(small))],
+             "The pathology mask nodule-region.png is", "pathology-1.png")):
+        fields = [("steps", "2")] + ([("finding", "pneumonia")] if len(files) > 1 else [])
+        body, content_type = multipart(fields, files)
+        status, _, payload = raw_request(engine["url"], "POST", "/api/v1/jobs", body, {"Content-Type": content_type})
+        error = json.loads(payload)["error"]
+        assert status == 422 and expected in error["message"] and server_name not in error["message"], error
+
+
 def test_uploads_results_and_the_job_database_are_private_to_the_engines_user(engine, inputs):
     """An edit's upload is a patient's X-ray: no other local user may read the data directory's contents."""
     client = engine["client"]

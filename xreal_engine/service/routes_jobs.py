@@ -127,7 +127,8 @@ def submit_job(
         try:
             spec, prepared = prepare_job(spec, folder, context.model_info)
         except XRealError as error:  # the shared validation (masks, labels, shapes, findings), without the model
-            raise ApiError(422, "invalid_input", scrub(str(error), folder)) from None
+            message = _in_client_names(scrub(str(error), folder), spec, anatomy, pathology, image, controls)
+            raise ApiError(422, "invalid_input", message) from None
         job_id = new_job_id()
         folder.rename(_reserve_job_dir(service, job_id) / "inputs")
         job, created = service.submit(job_id, request_id, spec, list(prepared.warnings))
@@ -297,6 +298,21 @@ def _stored_spec(context: EngineContext, folder: Path, parameters: SamplingParam
                        for k, (name, upload, scale) in enumerate(controls, start=1)]
     return JobSpec.build(anatomy=anatomy_name, pathologies=pathologies, image=image_name, parameters=parameters,
                          push_to=push_to, source=source_record, controls=stored_controls)
+
+
+def _in_client_names(message: str, spec: JobSpec, anatomy, pathology, image, controls) -> str:
+    """``message`` with the server's names of the uploads (``anatomy.png``, ``pathology-1.png``) replaced by
+    the names the client sent them under, so the user reads about the files they chose."""
+    pairs = [(spec.anatomy, anatomy), *((name, upload) for (name, _), upload in zip(spec.pathologies, pathology)),
+             (spec.image, image),
+             *((stored, upload) for (_, stored, _), (_, upload, _) in zip(spec.controls, controls))]
+    names = {stored: shown(upload.filename, 80) for stored, upload in pairs
+             if stored and upload is not None and upload.filename}
+    if not names:
+        return message
+    # One pass (a client name that looks like another server name is not replaced again); longest first.
+    pattern = "|".join(re.escape(stored) for stored in sorted(names, key=len, reverse=True))
+    return re.sub(pattern, lambda match: names[match.group(0)], message)
 
 
 def _result_gone(name: str) -> ApiError:
