@@ -50,3 +50,11 @@ def test_unet_work_scales_with_the_steps(capsys):
     three, six = (table_rows(run(capsys, steps), "exact")["unet"] for steps in (3, 6))
     assert six[0] == 2 * three[0]
     assert six[1] == pytest.approx(2 * three[1], rel=0.05)  # printed to 0.01 GFLOP
+
+
+def test_the_benchmark_leaves_the_callers_autograd_and_threads_as_they_were(capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    run(capsys, steps=2)
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads

@@ -40,7 +40,7 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "XRealSlicer.ui"
 HEAVY_MODULES = {"torch", "diffusers", "transformers", "monai", "accelerate", "fastapi", "uvicorn", "highdicom",
                  "safetensors", "pynetdicom", "dicomweb_client", "PIL", "scipy", "skimage"}
 ENGINE_MODULES_ALLOWED = {"xreal_engine", "xreal_engine.client", "xreal_engine.errors", "xreal_engine.model",
-                          "xreal_engine.model.sampling", "xreal_engine.control_spec"}
+                          "xreal_engine.model.sampling", "xreal_engine.control_spec", "xreal_engine.vocabulary"}
 SLICER_ONLY_MODULES = {"slicer", "qt", "vtk", "ctk", "DICOMLib", "DICOM", "SampleData", "SegmentEditor"}
 # VTK base-class methods (vtkObject's are listed; these come from vtkMatrix4x4 / Qt and are not in the list)
 BASE_METHODS = {"IsA"}
@@ -198,7 +198,7 @@ def test_ui_spin_boxes_pin_no_sampling_range_of_their_own():
 # the engine files Slicer's own Python imports (the rest runs in the engine's Python)
 ENGINE_FILES_IMPORTED_BY_SLICER = ["xreal_engine/__init__.py", "xreal_engine/client.py", "xreal_engine/errors.py",
                                    "xreal_engine/model/__init__.py", "xreal_engine/model/sampling.py",
-                                   "xreal_engine/control_spec.py"]
+                                   "xreal_engine/control_spec.py", "xreal_engine/vocabulary.py"]
 
 
 @pytest.mark.parametrize("version", [(3, 9), (3, 12)])

@@ -127,7 +127,13 @@ def one_image(pipe, parameters, masks, device, hooks_factory, seed=0):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    import torch
+
+    with torch.inference_mode():  # not set_grad_enabled(False): a caller's (a test's) process keeps its autograd
+        return measure(parse_args(argv))
+
+
+def measure(args) -> int:
     import torch
     from xreal_engine.model.loading import configure_threads, resolve_threads
     from xreal_engine.model.sampling import FAST_PRESET, SamplingParameters
@@ -136,8 +142,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_arithmetic: --device cuda was asked for but no CUDA device is available.")
     threads = resolve_threads(args.threads)
+    previous_threads = torch.get_num_threads()
     configure_threads(threads)
-    torch.set_grad_enabled(False)
     if args.model:
         from xreal_engine.model.info import resolve_model
         from xreal_engine.model.pipeline import XRealPipeline
@@ -179,6 +185,7 @@ def main(argv=None) -> int:
               f"{(image - in_networks) / image:.0%} |")
         print(f"\nimage {image:.2f} s (spread {statistics.pstdev(t for _, t in timed):.2f}); floor at the matrix-product "
               f"rate: {total_flops / ceiling:.2f} s ({total_flops:.0f} GFLOP / {ceiling:.0f} GFLOP/s)")
+    torch.set_num_threads(previous_threads)
     return 0
 
 
