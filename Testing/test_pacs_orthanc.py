@@ -148,6 +148,7 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
         '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 104, "called_aet": "A", "retrieve": "c-move"}}}': "move_port",
         '{"nodes": {"x": {"type": "dimse", "host": "h", "port": 104, "called_aet": "A", "retrieve": "wado"}}}': "c-get",
         '{"nodes": ': "not valid JSON",
+        '{"nodes": {"x": {"type": "dicomweb", "url": "http://x/dicom-web?access_token=SECRET"}}}': "query or fragment",
     }
     for text, message in bad_entries.items():
         json_file.write_text(text)
@@ -155,6 +156,8 @@ def test_config_files_env_and_refusals(tmp_path, monkeypatch, capsys):
             load_config(json_file)
     with pytest.raises(PacsError, match="does not exist"):
         load_config(tmp_path / "missing.json")
+    with pytest.raises(PacsError, match="is a directory"):
+        load_config(tmp_path)
 
     assert cli.main(["push", "--list", "--pacs-config", str(yaml_file)]) == 0
     listing = capsys.readouterr().out
@@ -355,6 +358,60 @@ class _SilentHandler(_BusyHandler):
     def do_POST(self):  # noqa: N802
         self.server.requests_seen += 1
         time.sleep(1.0)
+
+
+class _AnswerHandler(_BusyHandler):
+    """Answers 200 with a fixed body, like a login page of a proxy in front of the PACS (or a broken PACS)."""
+
+    content_type, body = "text/html", b"<html><body>Please sign in</body></html>"
+
+    def do_POST(self):  # noqa: N802
+        self.server.requests_seen += 1
+        self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", self.content_type)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+class _JsonListHandler(_AnswerHandler):
+    content_type, body = "application/dicom+json", b"[]"
+
+
+@pytest.mark.parametrize("handler, outcome", [
+    (_AnswerHandler, "HTTP 200 with a text/html answer, not a STOW-RS response"),
+    (_JsonListHandler, "answered STOW-RS with something that is not a DICOM response")])
+def test_an_answer_that_is_no_stow_response_is_no_success(tmp_path, handler, outcome):
+    """A 200 is not a stored instance: a login page must not be reported as 'accepted'."""
+    result = make_result(tmp_path / "result", seed=7)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests_seen = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = {"destinations": {"proxy": {"type": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}/dw"}}}
+        try:
+            report = push_files("proxy", [result / "sc.dcm"], config=config, retries=0, backoff_s=0.05)
+        except PacsError as error:
+            assert outcome in str(error) and "\n" not in str(error)
+            report = error.report
+        assert [item["status"] for item in report["instances"]] == ["failed"]
+        assert report["accepted"] == 0
+        if handler is _AnswerHandler:
+            assert report["instances"][0]["detail"] == outcome
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_dimse_host_that_does_not_resolve_is_named_and_not_retried(tmp_path):
+    result = make_result(tmp_path / "result", seed=8)
+    config = {"destinations": {"nowhere": {"type": "dimse", "host": "no-such-host.invalid", "port": 104,
+                                           "called_aet": "ORTHANC", "timeout_s": 2}}}
+    with pytest.raises(PacsError, match=r"cannot reach ORTHANC@no-such-host.invalid:104 for C-STORE \(host not found\)") \
+            as caught:
+        push_files("nowhere", [result / "sc.dcm"], config=config, retries=3, backoff_s=0.05)
+    assert caught.value.attempts == 1 and not isinstance(caught.value, TransientPacsError)
 
 
 @pytest.mark.parametrize("handler, message", [(_BusyHandler, "HTTP 503.*archive is in maintenance"),

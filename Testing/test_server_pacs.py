@@ -6,6 +6,10 @@ unknown names are refused with a 4xx before anything is queued.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -30,9 +34,14 @@ def orthanc():
 def pacs_engine(orthanc, tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pacs-engine")
     config = folder / "pacs.json"
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: a PACS that is down
     config.write_text(json.dumps({"nodes": {"orthanc": {
         "type": "dicomweb", "url": orthanc.dicomweb_url,
-        "headers": {"Authorization": orthanc.authorization_header}, "timeout_s": 10}}}))
+        "headers": {"Authorization": orthanc.authorization_header}, "timeout_s": 10},
+        "down": {"type": "dicomweb", "url": f"http://127.0.0.1:{closed_port}/dicom-web", "timeout_s": 1}}}))
     process, url = start_engine(tiny_model, folder / "data", "--pacs-config", str(config))
     client = EngineClient(url, timeout=60)
     try:
@@ -79,7 +88,7 @@ def test_unknown_pacs_names_are_refused_before_queueing(pacs_engine, inputs):
         pacs_engine.submit(None, [(inputs["region"], "pneumonia")], source={
             "source": "nowhere", "study": generate_uid(), "series": generate_uid()})
     assert source.value.status == 422 and "nowhere" in source.value.message
-    assert [node["name"] for node in pacs_engine.info()["pacs"]] == ["orthanc"]
+    assert [node["name"] for node in pacs_engine.info()["pacs"]] == ["down", "orthanc"]
 
 
 def test_a_finished_result_can_be_sent_later(pacs_engine, orthanc, inputs):
@@ -99,3 +108,17 @@ def test_a_finished_result_can_be_sent_later(pacs_engine, orthanc, inputs):
     with pytest.raises(EngineError) as missing_job:
         pacs_engine.push("no-such-job", "orthanc")
     assert missing_job.value.status == 404
+
+
+def test_a_push_that_fails_is_reported_per_instance_and_submit_exits_1(pacs_engine, inputs, tmp_path):
+    """The report says what was (not) sent when the destination failed, and submit does not claim success."""
+    result = subprocess.run(
+        [sys.executable, "-m", "xreal_engine.cli", "submit", "--url", pacs_engine.base_url, "--anatomy",
+         str(inputs["anatomy"]), "--steps", "2", "--push-to", "down", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "PACS push to down:" in result.stderr and "connection refused" in result.stderr, result.stderr[-2000:]
+    assert "sc.dcm: failed" in result.stderr and "seg.dcm: failed not sent" in result.stderr, result.stderr[-2000:]
+    assert (tmp_path / "out" / "sc.dcm").is_file()  # the result is kept whatever the PACS did
+    job = pacs_engine.jobs()[0]
+    assert job["push"]["ok"] is False and [item["status"] for item in job["push"]["instances"]] == ["failed"] * 2

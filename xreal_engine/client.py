@@ -47,6 +47,9 @@ from .errors import XRealError
 API_PREFIX = "/api/v1"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRY_STATUSES = (502, 503, 504)
+# How long a submission with a PACS source may take to be answered: the engine fetches the X-ray first,
+# trying a silent PACS up to 4 times its timeout_s (30 s by default) with back-off.
+SOURCE_FETCH_TIMEOUT_S = 600.0
 SMALL_UPLOAD_BYTES = 256 * 1024
 TOKEN_ENVIRONMENT = "XREAL_ENGINE_TOKEN"
 CLIENT_HEADERS = {"X-XReal-Client": "1"}  # marks a request as a program's, not a web page's
@@ -114,7 +117,11 @@ class EngineClient:
                 return self._opener.open(request, timeout=timeout or self.timeout)
             except urllib.error.HTTPError as error:
                 engine_error = _error_from_response(error)
-                if attempt < attempts and error.code in RETRY_STATUSES:
+                # A 502/504 in the engine's own words (a PACS that failed) was retried by the engine already;
+                # one from a proxy in between, and any 503 (starting, storage), is worth another try.
+                answered_by_engine = engine_error.code != f"http_{error.code}"
+                if attempt < attempts and error.code in RETRY_STATUSES and not (
+                        error.code in (502, 504) and answered_by_engine):
                     time.sleep(self.retry_delay * attempt)
                     continue
                 raise engine_error from None
@@ -126,8 +133,9 @@ class EngineClient:
                 raise EngineUnreachable(f"The engine at {self.base_url} did not answer ({reason}).") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _json(self, method: str, path: str, body=None, headers=None, retry: bool = False):
-        with self._open(method, path, body, headers, retry) as response:
+    def _json(self, method: str, path: str, body=None, headers=None, retry: bool = False,
+              timeout: float | None = None):
+        with self._open(method, path, body, headers, retry, timeout) as response:
             try:
                 data = response.read()
             except OSError as error:
@@ -178,7 +186,9 @@ class EngineClient:
         fields.extend((name, str(value)) for name, value in parameters.items() if value is not None)
         with MultipartBody(fields, files) as body:
             self._check_upload_size(body.length)
-            return self._json("POST", "/jobs", body.stream, body.headers(), retry=True)
+            # With a PACS source the engine fetches the X-ray before it answers (its own retries included).
+            timeout = max(self.timeout, SOURCE_FETCH_TIMEOUT_S) if source else None
+            return self._json("POST", "/jobs", body.stream, body.headers(), retry=True, timeout=timeout)
 
     def _check_upload_size(self, length: int) -> None:
         """Refuse a too-large upload before sending it: the engine would cut the connection mid-upload.

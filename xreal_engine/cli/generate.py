@@ -93,9 +93,15 @@ def run(args) -> int:
         print("warning: no anatomy was requested, so the quality check had nothing to score", file=sys.stderr)
     if args.push_to is None:
         return 0
+    from ..pacs.config import PacsError
     from ..pacs.transfer import format_report, push_result
 
-    report = push_result(args.push_to, out_dir, config=pacs_config)  # the local result stays whatever happens
+    try:
+        report = push_result(args.push_to, out_dir, config=pacs_config)  # the local result stays whatever happens
+    except PacsError as error:
+        if error.report:  # what was sent before the destination failed (as `push` shows it)
+            print(format_report(error.report))
+        raise
     print(format_report(report))
     return 0 if report["failed"] == 0 else 1
 

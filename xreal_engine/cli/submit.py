@@ -74,11 +74,15 @@ def run(args) -> int:
     except EngineError as error:
         raise InputError(f"{error.message}") from None
     print(f"Wrote {len(written)} files to {args.out}/ (job {job['id']}).")
-    if job.get("push"):
-        push = job["push"]
+    push = job.get("push")
+    if push:
         print(f"PACS push to {shown(push.get('destination'))}: "
-              f"{'ok' if push.get('ok') else shown(push.get('message'), 500)}", file=sys.stderr)
-    return 0
+              f"{'ok' if push.get('ok') else shown(push.get('message') or 'some instances failed', 500)}",
+              file=sys.stderr)
+        for item in push.get("instances", []) if not push.get("ok") else []:
+            print(f"  {shown(item.get('file'))}: {shown(item.get('status'))} {shown(item.get('detail'), 200)}",
+                  file=sys.stderr)
+    return 1 if push and not push.get("ok") else 0  # the result is written; the push failed (as generate)
 
 
 def _wait_or_cancel(client: EngineClient, job_id: str, timeout) -> dict:

@@ -156,6 +156,9 @@ def _parse_node(name: str, entry, can_push: bool, can_fetch: bool, origin: str) 
             raise PacsError(f"{where} needs a \"url\" starting with http:// or https://.")
         if "@" in url.split("://", 1)[1].split("/", 1)[0]:
             raise PacsError(f"{where} has credentials in its url; give them as an Authorization header instead.")
+        if "?" in url or "#" in url:  # the request paths are appended to it; a token there would be shown and logged
+            raise PacsError(f"{where} has a query or fragment in its url; give the DICOMweb root only, and a token "
+                            "as an Authorization header.")
         headers = entry.get("headers", {})
         if not isinstance(headers, dict) or not all(isinstance(key, str) and isinstance(value, str)
                                                     for key, value in headers.items()):
@@ -223,6 +226,8 @@ def load_config(path=None) -> PacsConfig:
     explicit = path is not None or bool(os.environ.get(CONFIG_ENV))
     config_path = Path(path if path is not None else os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH).expanduser()
     if not config_path.is_file():
+        if explicit and config_path.is_dir():
+            raise PacsError(f"PACS configuration file {config_path} is a directory; give the JSON or YAML file.")
         if explicit:
             raise PacsError(f"PACS configuration file {config_path} does not exist.")
         return PacsConfig(nodes={}, path=None)

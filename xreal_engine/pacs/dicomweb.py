@@ -95,6 +95,9 @@ def _call_dicomweb(node: PacsNode, action: str, call: Callable):
         raise refusal from None
     except requests.RequestException as error:
         raise PacsError(f"PACS '{node.name}' request for {action} failed ({type(error).__name__}).") from None
+    except (ValueError, TypeError, AttributeError, KeyError):  # dicomweb-client parsing an answer that is no DICOM
+        raise PacsError(f"PACS '{node.name}' answered {action} with something that is not a DICOM response "
+                        "(is the URL the DICOMweb root, not a login page or proxy?).") from None
 
 
 def _stow_outcome(response_dataset, sop_instance_uid: str, http_status: int) -> tuple[str, str]:
@@ -121,6 +124,9 @@ class DicomwebSender:
 
         self.node = node
         self.session = requests.Session()
+        self.last_response = None  # dicomweb-client hides the HTTP answer; the hook keeps it for send()
+        self.session.hooks["response"].append(lambda response, *args, **kwargs: setattr(self, "last_response",
+                                                                                        response))
         self.client = _dicomweb_client(node, self.session)
 
     def send(self, dataset) -> tuple[str, str]:
@@ -131,6 +137,10 @@ class DicomwebSender:
         try:
             response = _call_dicomweb(self.node, "STOW-RS", lambda: self.client.store_instances([dataset]))
             if "ReferencedSOPSequence" not in response and "FailedSOPSequence" not in response:
+                answer = self.last_response
+                if answer is not None and answer.content:  # a body, but no DICOM: a login page, a proxy's
+                    kind = (answer.headers.get("Content-Type") or "no content type").split(";")[0]
+                    return "failed", f"HTTP {answer.status_code} with a {kind} answer, not a STOW-RS response"
                 return "accepted", "HTTP 200; the PACS returned no per-instance status"
             return _stow_outcome(response, uid, 200)
         except PacsError as error:

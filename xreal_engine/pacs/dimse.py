@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 from ..errors import InputError
@@ -30,8 +31,12 @@ def _associate(node: PacsNode, contexts, action: str, ext_neg=None, evt_handlers
     application_entity = AE(ae_title=node.calling_aet)
     for timeout_name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(application_entity, timeout_name, node.timeout_s)
-    association = application_entity.associate(node.host, node.port, contexts=contexts, ae_title=node.called_aet,
-                                               ext_neg=ext_neg, evt_handlers=evt_handlers)
+    try:
+        association = application_entity.associate(node.host, node.port, contexts=contexts, ae_title=node.called_aet,
+                                                   ext_neg=ext_neg, evt_handlers=evt_handlers)
+    except socket.gaierror:  # a host name that does not resolve: a set-up error, not retried
+        raise PacsError(f"PACS '{node.name}': cannot reach {node.address} for {action} (host not found); check "
+                        "its host in the PACS configuration.") from None
     if association.is_established:
         return association
     if association.is_aborted and association.rejected_contexts and not association.accepted_contexts:

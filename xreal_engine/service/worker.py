@@ -336,12 +336,14 @@ class JobService:
         try:
             report = dict(self._push(destination, self.store.result_dir(job_id)))
             report.setdefault("ok", not report.get("failed"))
-            for instance in report.get("instances", []):  # file names only: no server paths in the API
-                if isinstance(instance, dict) and instance.get("file"):
-                    instance["file"] = Path(str(instance["file"])).name
         except Exception as error:  # noqa: BLE001 - a failed push is reported, the result stays
             log.warning("job %s: push to a PACS destination failed", job_id)
-            report = {"ok": False, "message": _readable(error, "The result could not be sent")}
+            # What was sent before it stopped (the SC may be in the PACS already), then why it stopped.
+            report = {**dict(getattr(error, "report", None) or {}), "ok": False,
+                      "message": _readable(error, "The result could not be sent")}
+        for instance in report.get("instances", []):  # file names only: no server paths in the API
+            if isinstance(instance, dict) and instance.get("file"):
+                instance["file"] = Path(str(instance["file"])).name
         report.setdefault("destination", destination)
         return report
 
