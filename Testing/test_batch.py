@@ -487,7 +487,11 @@ def test_manifest_rows_carry_controls_in_csv_and_jsonl_alike(tmp_path, capsys):
                                  "controls": [{"name": "sobel", "file": "ref.png", "scale": 0.5}, "attention:fix.csv"]})
                      + "\n")
     assert batch("--manifest", csv_manifest, "--out", tmp_path / "a", "--model", model, *STEPS,
-                 "--no-quality-check") == 0
+                 "--no-quality-check", "--format", "monai,nnunet") == 0  # exports skip the attention region
+    for name in ("steered", "free"):
+        assert (tmp_path / "a" / "labels" / f"{name}.png").is_file() and (tmp_path / "a" / "findings" / f"{name}.png").is_file()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "labels" / "steered.png")),
+                          np.asarray(Image.open(tmp_path / "a" / "labels" / "free.png")))  # the attention is no label
     assert batch("--manifest", jsonl, "--out", tmp_path / "b", "--model", model, *STEPS, "--no-quality-check") == 0
     steered = tmp_path / "a" / "images" / "steered"
     assert np.array_equal(pixels(steered), pixels(tmp_path / "b" / "images" / "steered"))

@@ -334,6 +334,11 @@ def test_edit_mode_refuses_anatomy_only_controls(models, files, tmp_path):
                                 sampling={"control_stages": "anatomy"})
     with pytest.raises(InputError, match="no anatomy stage for the controls"):
         prepare_request(request, ModelInfo.load(models["random"]))
+    # and the other way round: no region, no pathology stage for controls limited to it
+    alone = GenerationRequest(anatomy_path=files["anatomy"], controls=[parse_control(f"sobel:{files['ref']}")],
+                              sampling={"control_stages": "pathology"})
+    with pytest.raises(InputError, match="no pathology stage for the controls to steer"):
+        prepare_request(alone, ModelInfo.load(models["random"]))
     prepared = prepare_request(GenerationRequest(**{**request.__dict__, "sampling": {}}), ModelInfo.load(models["random"]))
     assert [c.name for c in prepared.controls] == ["sobel"] and prepared.controls[0].map.shape == (SIZE, SIZE)
 

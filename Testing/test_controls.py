@@ -187,6 +187,7 @@ def test_fixation_csv_plain_and_reflacx_layouts(tmp_path):
     ("x,y,duration\n1,2,-0.5\n", "negative duration"),
     ("x,y,duration\n1,2,0\n", "no fixation with a positive duration"),
     ("x,y,duration\n1,nan,0.3\n", "NaN or infinite"),
+    ("x,y,duration,x\n1,2,0.3,200\n", "has the column x twice"),
 ])
 def test_bad_fixation_files_are_one_sentence(tmp_path, text, words):
     with pytest.raises(InputError) as caught:
@@ -235,6 +236,15 @@ def test_load_attention_from_fixations_painted_region_and_heatmap(tmp_path):
     np.testing.assert_allclose(kept.map, heat / 255.0, atol=1e-6)  # a heatmap is used as it is
 
 
+def test_normalised_fixation_coordinates_earn_a_warning(tmp_path):
+    """Coordinates are pixels; 0..1 values would all land in the top-left pixel, silently."""
+    normalised = write_text(tmp_path / "norm.csv", "x,y,duration\n0.2,0.25,0.3\n0.5,0.5,0.5\n")
+    loaded = load_control(parse_control(f"attention:{normalised}"), size=32, input_shape=(96, 96))
+    assert len(loaded.warnings) == 1 and "multiplied by its size (96x96)" in loaded.warnings[0]
+    pixels = write_text(tmp_path / "pixels.csv", "x,y,duration\n20,25,0.3\n50,50,0.5\n")
+    assert load_control(parse_control(f"attention:{pixels}"), size=32, input_shape=(96, 96)).warnings == []
+
+
 def test_load_refusals_are_one_sentence(tmp_path):
     cases = [
         (parse_control(f"sobel:{tmp_path / 'missing.png'}"), "does not exist"),
@@ -244,6 +254,9 @@ def test_load_refusals_are_one_sentence(tmp_path):
         (parse_control(f"sobel:{write_text(tmp_path / 'fix.csv', 'x,y,duration' + chr(10) + '1,2,3' + chr(10))}"),
          "fix.csv"),
         (ControlRequest("lungs"), "needs an anatomy label map"),
+        (parse_control(f"sobel:{save_png(tmp_path / 'ref.png', (chest(96) * 255).astype(np.uint8))}:abc"),
+         "The sobel control's scale 'abc' is not a number"),
+        (ControlRequest("attention", tmp_path), "is a directory"),
     ]
     for request, words in cases:
         with pytest.raises(InputError) as caught:

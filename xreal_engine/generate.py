@@ -163,6 +163,9 @@ def _prepare_controls(request: GenerationRequest, model_info, parameters, anatom
     if requests and request.image_path is not None and parameters.control_stages == "anatomy":
         raise InputError("Editing an X-ray has no anatomy stage for the controls to steer; use control stages "
                          "'pathology' or 'both'.")
+    if requests and not request.pathologies and parameters.control_stages == "pathology":
+        raise InputError("Without a pathology region there is no pathology stage for the controls to steer; use "
+                         "control stages 'anatomy' or 'both', or add a region.")
     loaded = []
     for control, scale in zip(requests, scales):
         result = load_control(control, size=int(model_info.image_size), input_shape=input_shape, labels=anatomy,

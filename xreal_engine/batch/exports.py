@@ -75,8 +75,8 @@ def label_maps(result_dir: Path, tables: tuple) -> tuple:
     segments = json.loads((result_dir / "segments.json").read_text())["segments"]
     shape = Image.open(result_dir / "preview.png").size[::-1]
     maps = (np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))
-    for segment in segments:
-        kind = ("anatomy", "pathology").index(segment["kind"]) if segment["kind"] != "removed" else None
+    for segment in segments:  # removed-finding and attention-control regions are in neither map
+        kind = ("anatomy", "pathology").index(segment["kind"]) if segment["kind"] in ("anatomy", "pathology") else None
         name = segment["name"] if kind == 0 else segment["finding"]
         if kind is not None and name in tables[kind]:
             maps[kind][np.asarray(Image.open(result_dir / segment["file"])) > 0] = tables[kind][name]

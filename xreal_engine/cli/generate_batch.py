@@ -11,7 +11,7 @@ The output directory::
 
 Every row is checked before anything is written; a restart skips the rows whose directory was renamed
 into place, retries the others, and never makes a row twice. Exit status: 0 when every row is
-finished, 1 when a row failed or was dropped, 2 for bad input, 130 when interrupted.
+finished, 1 when a row failed or was dropped, 2 for bad input, 130 when interrupted (143 by SIGTERM).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, fi
 from ..batch.manifest import BatchRow, check_rows, read_manifest, report_problems
 from ..batch.quality import check_min_dice
 from ..batch.worker import IMAGES_DIR, STOPPED, WorkerSettings, is_finished
+from . import Terminated
 from .arguments import add_quality_arguments, add_sampling_arguments, quality_arguments, sampling_arguments
 
 PLAN_FILE = "plan.jsonl"
@@ -182,7 +183,7 @@ def run(args) -> int:
             outcomes = backends.iter_accelerate(pending, settings, state)
 
         progress = Progress(len(rows), len(done), enabled=is_main)
-        own, interrupted = [], False
+        own, interrupted = [], 0
         try:
             for outcome in outcomes:
                 own.append(outcome)
@@ -191,8 +192,8 @@ def run(args) -> int:
                 if is_main:
                     failures.record(outcome)
                 progress.update(outcome)
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as stop:
+            interrupted = 143 if isinstance(stop, Terminated) else 130  # SIGTERM (cli/__init__.py) or Ctrl-C
         finally:
             progress.close()
             with contextlib.suppress(Exception):
@@ -220,7 +221,7 @@ def run(args) -> int:
         last_run = {"backend": args.backend, "workers": workers, "attempted": progress.attempted,
                     "finished": progress.finished, "failed": progress.failed, "dropped": progress.dropped,
                     "seconds": round(progress.seconds(), 1), "images_per_minute": round(progress.rate(), 2),
-                    "interrupted": interrupted}
+                    "interrupted": bool(interrupted)}
         dataset = summary(previous, model_info=info, weights_hash=weights, model=str(args.model), rows=rows,
                           records=records, failures=failures.entries, formats=formats, min_dice=args.min_dice,
                           last_run=last_run)
@@ -234,7 +235,7 @@ def run(args) -> int:
     if interrupted:
         print("xreal-engine generate-batch: interrupted; finished rows are kept, run the same command to go on.",
               file=sys.stderr)
-        return 130
+        return interrupted
     return 1 if failures.entries else 0
 
 

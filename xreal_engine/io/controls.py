@@ -216,6 +216,9 @@ def read_fixations_csv(path) -> np.ndarray:
         rows = list(reader)
     except csv.Error:
         raise InputError(f"{what} is not a readable CSV; give {CSV_LAYOUT}.") from None
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        raise InputError(f"{what} has the column {shown(repeated[0])} twice; give each column once.")
     if set(FIXATION_COLUMNS) <= set(header):
         layout = FIXATION_COLUMNS
     elif set(REFLACX_COLUMNS) <= set(header):
@@ -288,7 +291,13 @@ def load_control(request: ControlRequest, *, size: int, input_shape, labels: Opt
         return LoadedControl(name, control_map(name, labels=labels, size=size), request.scale, source_name,
                              source_sha, warnings)
     path = Path(request.source)
+    if path.is_dir():
+        raise InputError(f"The {name} control file {shown(path.name)} is a directory; give a file.")
     if not path.is_file():
+        head, _, tail = str(path).rpartition(":")
+        if head and Path(head).is_file():  # NAME:FILE:SCALE with a scale that is no number
+            raise InputError(f"The {name} control's scale '{shown(tail)}' is not a number (write {name}:FILE:SCALE, "
+                             "e.g. 0.5).")
         raise InputError(f"The {name} control file {shown(path.name)} does not exist.")
     source_name, source_sha = path.name, file_sha256(path)
     if name == "attention" and path.suffix.lower() == FIXATION_SUFFIX:
@@ -296,6 +305,10 @@ def load_control(request: ControlRequest, *, size: int, input_shape, labels: Opt
         heat = attention_from_fixations(fixations, input_shape)
         if not heat.any():
             raise InputError(f"None of the fixations in {shown(path.name)} fall inside the {_size_text(input_shape)} image.")
+        if min(input_shape) > 2 and fixations[:, :2].min() >= 0 and fixations[:, :2].max() <= 1:
+            warnings.append(f"Every fixation in {shown(path.name)} lies within 1 pixel of the top-left corner; the "
+                            "coordinates are read as pixels of the image, so normalised (0..1) coordinates must be "
+                            f"multiplied by its size ({_size_text(input_shape)}).")
         outside = int(np.sum((fixations[:, 0] < -0.5) | (fixations[:, 0] >= input_shape[1] - 0.5)
                              | (fixations[:, 1] < -0.5) | (fixations[:, 1] >= input_shape[0] - 0.5)))
         if outside:
