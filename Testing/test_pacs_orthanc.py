@@ -596,3 +596,20 @@ def test_a_rejection_left_unread_by_pynetdicom_is_still_permanent():
     found = _late_rejection(SimpleNamespace(dul=dul))
     assert found is rejection and "Called AE title not recognised" in found.reason_str
     assert _late_rejection(SimpleNamespace(dul=dul)) is None
+
+
+def test_the_source_pick_passes_over_colour_images_the_pacs_announces():
+    """An RGB screenshot SC first in the series must not hide the grey DX after it."""
+    from xreal_engine.pacs.config import PacsNode
+    from xreal_engine.pacs.instances import pick_xray
+
+    node = PacsNode("archive", "dicomweb", False, True, url="http://pacs/dicom-web")
+    screenshot = {"sop_instance_uid": "1.2.3.1", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7", "instance_number": 1,
+                  "rows": 512, "frames": None, "photometric": "RGB"}
+    dx = {"sop_instance_uid": "1.2.3.2", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1", "instance_number": 2,
+          "rows": 512, "frames": None, "photometric": "MONOCHROME1"}
+    silent = {**dx, "sop_instance_uid": "1.2.3.3", "instance_number": 3, "photometric": None}  # not answered
+    assert pick_xray([screenshot, dx, silent], node, "1.2", "1.2.3", None) is dx
+    assert pick_xray([screenshot, silent], node, "1.2", "1.2.3", None) is silent
+    with pytest.raises(InputError, match="Instance 1.2.3.1 is not a single-frame X-ray image"):
+        pick_xray([screenshot, dx], node, "1.2", "1.2.3", "1.2.3.1")

@@ -173,7 +173,7 @@ def fetch_dicomweb(node: PacsNode, study: str, series: str, instance, dest_dir: 
         search_filters = {"SOPInstanceUID": instance} if instance else None
         found, _ = with_retries(lambda: _call_dicomweb(node, "QIDO-RS", lambda: client.search_for_instances(
             study_instance_uid=study, series_instance_uid=series, search_filters=search_filters,
-            fields=["SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"])),
+            fields=["SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "PhotometricInterpretation"])),
             f"Searching PACS '{node.name}'", retries, backoff_s)
         candidates = [{
             "sop_instance_uid": _qido_value(item, "00080018"),
@@ -181,6 +181,7 @@ def fetch_dicomweb(node: PacsNode, study: str, series: str, instance, dest_dir: 
             "instance_number": _qido_value(item, "00200013"),
             "rows": _qido_value(item, "00280010"),
             "frames": _qido_value(item, "00280008"),
+            "photometric": _qido_value(item, "00280004"),
         } for item in found]
         chosen = pick_xray(candidates, node, study, series, instance)
         dataset, _ = with_retries(lambda: _call_dicomweb(node, "WADO-RS", lambda: client.retrieve_instance(

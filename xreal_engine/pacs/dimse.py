@@ -141,7 +141,7 @@ def fetch_dimse(node: PacsNode, study: str, series: str, instance, dest_dir: Pat
     query.StudyInstanceUID = study
     query.SeriesInstanceUID = series
     query.SOPInstanceUID = instance or ""
-    for keyword in ("SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"):
+    for keyword in ("SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "PhotometricInterpretation"):
         setattr(query, keyword, None)
 
     def find() -> list[dict]:
@@ -159,6 +159,7 @@ def fetch_dimse(node: PacsNode, study: str, series: str, instance, dest_dir: Pat
                         "instance_number": identifier.get("InstanceNumber"),
                         "rows": identifier.get("Rows"),
                         "frames": identifier.get("NumberOfFrames"),
+                        "photometric": identifier.get("PhotometricInterpretation"),
                     })
         finally:
             association.release()

@@ -42,7 +42,11 @@ def pick_xray(candidates: list[dict], node: PacsNode, study: str, series: str, i
 
     def is_single_frame_xray(item: dict) -> bool:
         frames = item.get("frames")
-        return item.get("sop_class_uid") in XRAY_SOP_CLASSES and item.get("rows") and (frames in (None, "", 1, "1"))
+        # A PACS that answers Photometric Interpretation shows colour images (an RGB screenshot SC) before
+        # they are fetched; one that does not is trusted until the image is read.
+        grey = str(item.get("photometric") or "MONOCHROME").strip().upper().startswith("MONOCHROME")
+        return item.get("sop_class_uid") in XRAY_SOP_CLASSES and item.get("rows") and (frames in (None, "", 1, "1")) \
+            and grey
 
     xrays = [item for item in candidates if is_single_frame_xray(item)]
     if not xrays:
