@@ -301,3 +301,51 @@ def test_ldm_fine_tunes_a_model_from_init_from(tiny_data, trained_autoencoders, 
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("xreal-engine") and "is not the vae of --init-from" in error
     assert not refused.exists()
+
+
+def test_prepare_data_refuses_manifests_that_leave_their_folders_or_cannot_be_read(small_cxr, tmp_path):
+    """A manifest id names files under --cxr and --out; '../x' would read and overwrite files elsewhere."""
+    manifest = small_cxr / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open(newline="")))
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    for bad_id in (f"../../{victim.stem}", "sub/dir", "..", "a\\b"):
+        rows[0]["image"] = bad_id
+        with manifest.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with pytest.raises(InputError, match="is not a plain file name"):
+            prepare_data(small_cxr, tmp_path / "out")
+    assert victim.read_bytes() == b"keep me" and not (tmp_path / "out").exists()
+    for text, message in (("a,b\n1,2\n", "lacks the columns subset, image, split"),
+                          ("subset,image,split\n", "has no rows"),
+                          ("subset,image,split\nwingspan,ws_1,holdout\n", "the split 'holdout' is not one of")):
+        manifest.write_text(text)
+        with pytest.raises(InputError, match=message):
+            prepare_data(small_cxr, tmp_path / "out")
+    manifest.write_bytes(b"subset,image,split\n\x92\xff\n")
+    with pytest.raises(InputError, match="is not a UTF-8 CSV file"):
+        prepare_data(small_cxr, tmp_path / "out")
+
+
+@pytest.mark.parametrize("option, value", [("--max-steps", "0"), ("--max-steps", "-3"), ("--batch-size", "0"),
+                                           ("--learning-rate", "-1"), ("--learning-rate", "nan"),
+                                           ("--checkpoint-every", "0"), ("--num-threads", "-2")])
+def test_training_numbers_must_be_positive_before_any_work(tiny_data, tmp_path, capsys, option, value):
+    out = tmp_path / "run"
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert option in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_info_on_a_damaged_weights_file_is_one_line(tmp_path, capsys):
+    from xreal_engine.model.random_model import create_random_model
+
+    model = create_random_model(tmp_path / "tiny", preset="tiny")
+    weights = next((model / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["info", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged or not a safetensors file" in err and err.count("\n") == 1, err

@@ -268,12 +268,16 @@ def parameter_counts(model_dir: str | Path) -> dict[str, int]:
     for component in COMPONENTS + tuple(controlnet_folder(name) for name in ModelInfo.load(model_dir).controlnets):
         total = 0
         for path in sorted((model_dir / component).glob("*.safetensors")):
-            with safe_open(str(path), framework="numpy") as weights:
-                for key in weights.keys():
-                    numel = 1
-                    for size in weights.get_slice(key).get_shape():
-                        numel *= size
-                    total += numel
+            try:
+                with safe_open(str(path), framework="numpy") as weights:
+                    for key in weights.keys():
+                        numel = 1
+                        for size in weights.get_slice(key).get_shape():
+                            numel *= size
+                        total += numel
+            except Exception as error:  # noqa: BLE001 - SafetensorError (truncated, not safetensors), OSError
+                raise ModelError(f"{component}/{path.name} in {model_dir} is damaged or not a safetensors file "
+                                 f"({type(error).__name__}); copy the model again.") from None
         if total:
             counts[component] = total
     return counts

@@ -21,6 +21,7 @@ scales to several GPUs / nodes unchanged; mixed precision (fp16) is used on CUDA
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import shutil
 from pathlib import Path
@@ -65,7 +66,33 @@ def load_config(kind: str, path: Path | None, overrides: dict) -> dict:
     for key, value in overrides.items():
         if value is not None:
             config["training"][key] = value
+    _check_training_numbers(config["training"], path)
     return config
+
+
+# training settings that must be positive, whether from the YAML or the command line: (kind, option)
+POSITIVE_TRAINING_SETTINGS = {"max_steps": (int, "--max-steps"), "batch_size": (int, "--batch-size"),
+                              "checkpoint_every": (int, "--checkpoint-every"),
+                              "learning_rate": (float, "--learning-rate")}
+
+
+def _check_training_numbers(training: dict, path: Path) -> None:
+    """One sentence before any work for a step count, batch size, checkpoint interval or learning rate that
+    is not a positive number (0 steps would save an untrained model; 0 as interval divides by zero)."""
+    for key, (kind, option) in POSITIVE_TRAINING_SETTINGS.items():
+        if key not in training:
+            continue
+        value = training[key]
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text; float() does not
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        whole = kind is int and isinstance(value, int) and not isinstance(value, bool)
+        number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (whole or number) or value <= 0:
+            raise InputError(f"{option} (training.{key} in {path.name}) must be a positive "
+                             f"{'whole number' if kind is int else 'number'}, not {value!r}.")
 
 
 # ---------------------------------------------------------------- autoencoders

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ FINDINGS_FILE = "findings.csv"
 SPLITS = ("train", "val", "test")
 MAX_LABEL = 4
 # Subsets of ../shared/data/cxr whose licences allow redistributing a model trained on them.
+# An image id names files (images/<id>.png): a plain name, never a path that leaves its folder.
+SAMPLE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+MANIFEST_COLUMNS = ("subset", "image", "split")
 PERMISSIVE_SUBSETS = ("wingspan", "hannover_unlabeled")
 CARDIOMEGALY_CTR = 0.5
 
@@ -52,13 +56,15 @@ def read_records(data_dir: str | Path, split: str = "train", require_labels: boo
             f"{data_dir} is not a training data directory: {FINDINGS_FILE} is missing "
             "(write one with `xreal-engine prepare-data`)."
         )
+    _check_text_csv(table)
     with table.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"id", "split", "finding"} <= set(reader.fieldnames):
             raise InputError(f"{table} must have the columns id, split and finding.")
         rows = list(reader)
     records = []
-    for row in rows:
+    for number, row in enumerate(rows, start=2):
+        _check_sample_id(row["id"], table, number)
         if row["split"] != split:
             continue
         image = data_dir / "images" / f"{row['id']}.png"
@@ -218,6 +224,37 @@ def _finding(row: dict, cxr_dir: Path | None = None) -> str:
     return (row.get("finding") or "").strip().lower()
 
 
+def _check_text_csv(path: Path) -> None:
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a UTF-8 CSV file.") from None
+
+
+def _check_sample_id(sample_id, table: Path, row_number: int) -> None:
+    if not isinstance(sample_id, str) or not SAMPLE_ID_PATTERN.fullmatch(sample_id) or ".." in sample_id:
+        raise InputError(f"{table} row {row_number}: the id {sample_id!r} is not a plain file name (letters, digits, "
+                         "'.', '_', '-'; no folders).")
+
+
+def _manifest_rows(manifest: Path) -> list:
+    """The shared data's manifest rows, checked: UTF-8, its columns, plain image ids, known splits."""
+    _check_text_csv(manifest)
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in MANIFEST_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{manifest} lacks the columns {', '.join(missing)} (it needs {', '.join(MANIFEST_COLUMNS)}).")
+        rows = list(reader)
+    if not rows:
+        raise InputError(f"{manifest} has no rows.")
+    for number, row in enumerate(rows, start=2):
+        _check_sample_id(row["image"], manifest, number)
+        if row["split"] not in SPLITS:
+            raise InputError(f"{manifest} row {number}: the split {row['split']!r} is not one of {', '.join(SPLITS)}.")
+    return rows
+
+
 INTENSITY_MODES = ("percentile", "none")
 STRETCH_PERCENTILES = (0.5, 99.5)
 
@@ -262,8 +299,7 @@ def prepare_data(
         raise InputError(f"{cxr_dir} is not the shared CXR data directory: manifest.csv is missing.")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _manifest_rows(manifest)
     known = sorted({row["subset"] for row in rows})
     unknown = [s for s in subsets if s not in known]
     if unknown:

@@ -121,8 +121,12 @@ def set_threads(args) -> None:
     """``--num-threads`` of a train command (0 leaves torch's default)."""
     import torch
 
+    if args.num_threads is not None and args.num_threads < 0:
+        raise InputError(f"--num-threads must be 0 (torch's default) or more, not {args.num_threads}.")
     if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+        from ..model.loading import resolve_threads  # the one rule: 1 to the usable CPUs
+
+        torch.set_num_threads(resolve_threads(args.num_threads))
 
 
 def seed_everything(seed: int) -> None:
