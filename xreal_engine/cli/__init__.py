@@ -19,6 +19,8 @@ from .. import __version__
 from ..errors import XRealError, os_sentence, shown
 
 MESSAGE_LIMIT = 1000  # characters of an error line; longer echoes are shortened
+# What an interrupted command keeps, where it is not "nothing" (its own staging is removed either way).
+INTERRUPTED_KEEPS = {"train": "the complete checkpoints written so far are kept; go on with --resume"}
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 SUBCOMMANDS = {
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
-        print(f"xreal-engine {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        print(f"xreal-engine {args.command}: interrupted; {INTERRUPTED_KEEPS.get(args.command, 'nothing was written')}.",
+              file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
 
 
