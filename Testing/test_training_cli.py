@@ -349,3 +349,19 @@ def test_info_on_a_damaged_weights_file_is_one_line(tmp_path, capsys):
     assert main(["info", "--model", str(model)]) == 2
     err = capsys.readouterr().err
     assert "is damaged or not a safetensors file" in err and err.count("\n") == 1, err
+
+
+def test_a_run_that_failed_on_its_data_can_be_retried_in_the_same_folder(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "autoencoder", "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {"config.yaml"}
+    config = write_yaml(tmp_path / "ae.yaml", {**TINY_AE, "training": {**TINY_AE["training"], "max_steps": 1,
+                                                                         "checkpoint_every": 1}})
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(out), "--config", str(config)]) == 0
+    (out / "notes.txt").write_text("mine")  # a folder with anything else is still refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(other), "--config", str(config)]) == 2
+    assert "is not empty" in capsys.readouterr().err

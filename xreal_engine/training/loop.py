@@ -32,7 +32,9 @@ def prepare_out_dir(out: Path, resume: bool) -> Path | None:
         if not checkpoints:
             raise InputError(f"--resume was given but {out}/checkpoints holds no complete checkpoint.")
         return checkpoints[-1]
-    if out.exists() and any(out.iterdir()):
+    # A run that failed before its first step (on its data, say) leaves only its config.yaml: a retry may
+    # use the folder; anything else in it is someone's work.
+    if out.exists() and {path.name for path in out.iterdir()} - {"config.yaml"}:
         raise InputError(f"The output directory {out} is not empty; choose a new one or pass --resume.")
     out.mkdir(parents=True, exist_ok=True)
     return None
