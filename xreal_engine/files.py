@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError, StorageError, os_reason
+
+# A name that becomes a file or folder name as it is (a batch row, a training image id): it starts with a
+# letter or digit and has no separator, so it can never leave the folder it is put in.
+PLAIN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_new_directory(out_dir: Path) -> None:

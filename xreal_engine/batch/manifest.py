@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..control_spec import ControlRequest, check_request, parse_control
 from ..errors import InputError, XRealError, shown
+from ..files import PLAIN_NAME_PATTERN
 from ..generate import GenerationRequest, prepare_request
 from ..model.sampling import SETTINGS, SWITCHES, public_names
 
@@ -39,7 +39,6 @@ NUMBER_KEYS = tuple(setting.public_name for setting in SETTINGS.values())  # CSV
 BOOLEAN_KEYS = ("fast",) + tuple(SWITCHES)  # CSV cells read as true/false
 CSV_COLUMNS = ("name", "anatomy", "pathology_masks", "findings", "image", "seed") + SAMPLING_KEYS + ("controls",)
 JSONL_KEYS = ("name", "anatomy", "pathologies", "image", "seed") + SAMPLING_KEYS + ("controls",)
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # The templates: package data of an installed wheel (in a checkout, xreal_engine/templates is a link to
 # Resources/Templates, the one copy of the PNGs); the Slicer extension has Resources/Templates beside the engine.
 TEMPLATES_DIRS = (Path(__file__).resolve().parents[1] / "templates",
@@ -285,7 +284,7 @@ def _row(row_number: int, record: dict, resolve: _Resolver, defaults: dict) -> B
         raise InputError("the seed is missing; every row needs one (it is what makes the image reproducible).")
     name = record.get("name")
     name = f"{row_number:06d}" if name is None else name
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not PLAIN_NAME_PATTERN.fullmatch(name):
         raise InputError(f"the name '{shown(name)}' is not a usable directory name (letters, digits, '.', '_', '-'; "
                          "not starting with '.' or '-').")
     sampling = {**defaults, **{key: record[key] for key in SAMPLING_KEYS if record.get(key) is not None}}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..files import PLAIN_NAME_PATTERN  # an image id names files: images/<id>.png
 
 FINDINGS_FILE = "findings.csv"
 SPLITS = ("train", "val", "test")
 MAX_LABEL = 4
 # Subsets of ../shared/data/cxr whose licences allow redistributing a model trained on them.
-# An image id names files (images/<id>.png): a plain name, never a path that leaves its folder.
-SAMPLE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 MANIFEST_COLUMNS = ("subset", "image", "split")
 PERMISSIVE_SUBSETS = ("wingspan", "hannover_unlabeled")
 CARDIOMEGALY_CTR = 0.5
@@ -56,12 +54,9 @@ def read_records(data_dir: str | Path, split: str = "train", require_labels: boo
             f"{data_dir} is not a training data directory: {FINDINGS_FILE} is missing "
             "(write one with `xreal-engine prepare-data`)."
         )
-    _check_text_csv(table)
-    with table.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"id", "split", "finding"} <= set(reader.fieldnames):
-            raise InputError(f"{table} must have the columns id, split and finding.")
-        rows = list(reader)
+    columns, rows = _csv_rows(table)
+    if not {"id", "split", "finding"} <= set(columns):
+        raise InputError(f"{table} must have the columns id, split and finding.")
     records = []
     for number, row in enumerate(rows, start=2):
         _check_sample_id(row["id"], table, number)
@@ -224,28 +219,28 @@ def _finding(row: dict, cxr_dir: Path | None = None) -> str:
     return (row.get("finding") or "").strip().lower()
 
 
-def _check_text_csv(path: Path) -> None:
+def _csv_rows(path: Path) -> tuple[list, list]:
+    """(column names, rows) of a UTF-8 CSV; InputError if it is not UTF-8 text."""
     try:
-        path.read_text(encoding="utf-8")
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader.fieldnames or []), list(reader)
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 CSV file.") from None
 
 
 def _check_sample_id(sample_id, table: Path, row_number: int) -> None:
-    if not isinstance(sample_id, str) or not SAMPLE_ID_PATTERN.fullmatch(sample_id) or ".." in sample_id:
+    if not isinstance(sample_id, str) or not PLAIN_NAME_PATTERN.fullmatch(sample_id):
         raise InputError(f"{table} row {row_number}: the id {sample_id!r} is not a plain file name (letters, digits, "
                          "'.', '_', '-'; no folders).")
 
 
 def _manifest_rows(manifest: Path) -> list:
     """The shared data's manifest rows, checked: UTF-8, its columns, plain image ids, known splits."""
-    _check_text_csv(manifest)
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in MANIFEST_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{manifest} lacks the columns {', '.join(missing)} (it needs {', '.join(MANIFEST_COLUMNS)}).")
-        rows = list(reader)
+    columns, rows = _csv_rows(manifest)
+    missing = [column for column in MANIFEST_COLUMNS if column not in columns]
+    if missing:
+        raise InputError(f"{manifest} lacks the columns {', '.join(missing)} (it needs {', '.join(MANIFEST_COLUMNS)}).")
     if not rows:
         raise InputError(f"{manifest} has no rows.")
     for number, row in enumerate(rows, start=2):
