@@ -204,11 +204,75 @@ def test_resume_continues_from_the_newest_checkpoint(tiny_data, tmp_path):
     assert main(arguments + ["--resume", "--max-steps", "6"]) == 0
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # 5 and 6 came from the resumed run, nothing was repeated
-    assert json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text()) == {"step": 6}
+    assert json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text()) == {
+        "step": 6, "kind": "autoencoder"}
     resumed = torch.load(run_dir / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
     # Adam's step counter continued from the checkpoint instead of restarting at 0.
     first = next(iter(state["state"].values()))["step"]
     assert float(next(iter(resumed["state"].values()))["step"]) == float(first) + 2
+
+
+def _short_run(tiny_data, tmp_path):
+    """A 4-step autoencoder run with checkpoints at steps 2 and 4; returns its command line and folder."""
+    config = write_yaml(tmp_path / "ae.yaml", {**TINY_AE, "training": {**TINY_AE["training"], "max_steps": 4,
+                                                                         "checkpoint_every": 2}})
+    run_dir = tmp_path / "run"
+    arguments = ["train", "autoencoder", "--data", str(tiny_data), "--out", str(run_dir), "--config", str(config)]
+    assert main(arguments) == 0
+    return arguments, run_dir
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "state not JSON"])
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_data, tmp_path, capsys, damage):
+    arguments, run_dir = _short_run(tiny_data, tmp_path)
+    newest = run_dir / "checkpoints" / "step-4"
+    if damage == "weights cut short":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (newest / "trainer_state.json").write_text("{\"step\": 4", encoding="utf-8")
+    before = torch.load(run_dir / "checkpoints" / "step-2" / "optimizer.bin", weights_only=False)
+    capsys.readouterr()
+    assert main(arguments + ["--resume", "--max-steps", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped damaged checkpoint(s) (step-4: " in err and "resuming from step-2" in err, err
+    # Steps 3 and 4 were trained again from step 2's state; the log reads as one run.
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    after = torch.load(run_dir / "checkpoints" / "step-5" / "optimizer.bin", weights_only=False)
+    assert float(next(iter(after["state"].values()))["step"]) == float(next(iter(before["state"].values()))["step"]) + 3
+    assert (run_dir / "model" / "config.json").is_file()
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_sentence(tiny_data, tmp_path, capsys):
+    arguments, run_dir = _short_run(tiny_data, tmp_path)
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        (checkpoint / "model.safetensors").write_bytes(b"not weights")
+    capsys.readouterr()
+    assert main(arguments + ["--resume", "--max-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "error: No checkpoint in " in err and "step-4: " in err and "step-2: " in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_resume_refuses_another_kind_or_other_settings(tiny_data, tmp_path, capsys):
+    arguments, run_dir = _short_run(tiny_data, tmp_path)
+    capsys.readouterr()
+    other_kind = ["train", "anatomy-controller"] + arguments[2:] + ["--resume"]
+    assert main(other_kind) == 2
+    assert "holds a `train autoencoder` run, not `train anatomy-controller`" in capsys.readouterr().err
+    assert main(arguments + ["--resume", "--learning-rate", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "would change training.learning_rate from 0.003 to 0.1" in err and err.count("\n") == 1, err
+    changed = yaml.safe_load(Path(arguments[-1]).read_text())
+    changed["model"]["block_out_channels"] = [8, 8]
+    other_config = write_yaml(tmp_path / "other.yaml", changed)
+    assert main(arguments[:-1] + [str(other_config), "--resume"]) == 2
+    assert "would change model.block_out_channels from [8, 16] to [8, 8]" in capsys.readouterr().err
+    # Nothing was written by the refusals: the run resumes as it was, and only its length may change.
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["learning_rate"] == 0.003
+    assert main(arguments + ["--resume", "--max-steps", "5", "--checkpoint-every", "1"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-5"]
 
 
 def test_refusals_are_one_sentence(tiny_data, tmp_path, capsys):
@@ -327,6 +391,44 @@ def test_prepare_data_refuses_manifests_that_leave_their_folders_or_cannot_be_re
     manifest.write_bytes(b"subset,image,split\n\x92\xff\n")
     with pytest.raises(InputError, match="is not a UTF-8 CSV file"):
         prepare_data(small_cxr, tmp_path / "out")
+
+
+def test_prepare_data_and_training_refuse_items_they_would_read_wrongly(small_cxr, tmp_path, capsys):
+    """Non-square, mismatched label map, sizes at and past the side range, not a PNG: one sentence, nothing written."""
+    image = small_cxr / "hannover_unlabeled" / "images" / "hn_synthetic16.png"
+    label = small_cxr / "hannover_unlabeled" / "labels" / "hn_synthetic16.png"
+    label.parent.mkdir()
+    out = tmp_path / "out"
+    cases = [((64, 48), None, "is 64 x 48 pixels; training images must be square"),
+             ((64, 64), (32, 32), "is 32 x 32 pixels, its image 64 x 64; a label map must match"),
+             ((31, 31), None, "is 31 x 31 pixels; each side must be 32 to 6000"),
+             ((6001, 6001), None, "is 6001 x 6001 pixels; each side must be 32 to 6000")]
+    for image_size, label_size, message in cases:
+        Image.new("I;16", image_size).save(image)
+        label.unlink(missing_ok=True)
+        if label_size:
+            Image.new("L", label_size).save(label)
+        with pytest.raises(InputError, match=message):
+            prepare_data(small_cxr, out)
+        assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["cxr"]  # no staging left
+    image.write_bytes(b"GIF89a not a png")
+    assert main(["prepare-data", "--cxr", str(small_cxr), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "The image of 'hn_synthetic16'" in err and "is not a PNG file" in err and err.count("\n") == 1, err
+    # Both ends of the side range pass, the label map matching its image.
+    for side in (32, 6000):
+        Image.new("I;16", (side, side)).save(image)
+        Image.new("L", (side, side)).save(label)
+        shutil.rmtree(out, ignore_errors=True)
+        assert prepare_data(small_cxr, out) == {"train": 2}
+    # A training DATA folder made by hand is checked the same way, before training starts.
+    Image.new("L", (64, 64)).save(out / "labels" / "hn_synthetic16.png")
+    with pytest.raises(InputError, match="a label map must match its image"):
+        read_records(out, "train")
+    Image.new("L", (40, 64)).save(out / "images" / "hn_synthetic16.png")
+    assert main(["train", "autoencoder", "--data", str(out), "--out", str(tmp_path / "run")]) == 2
+    assert "is 40 x 64 pixels; training images must be square" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("option, value", [("--max-steps", "0"), ("--max-steps", "-3"), ("--batch-size", "0"),

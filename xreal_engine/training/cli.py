@@ -139,7 +139,7 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
         raise InputError(f"training.train must be one of {', '.join(TRAIN_PARTS)}, not {training.get('train')!r}.")
     if init_from and not (Path(init_from) / "config.json").is_file():
         raise InputError(f"--init-from {init_from} is not an AutoencoderKL directory (config.json is missing).")
-    checkpoint = prepare_out_dir(Path(args.out), args.resume)
+    checkpoints = prepare_out_dir(Path(args.out), args.resume, args.kind, config)
     write_resolved_config(Path(args.out), config)
     from .data import make_dataset, read_records
 
@@ -160,8 +160,8 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     objective.prepare(accelerator)
     trainer = Trainer(args, config, accelerator)
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
+    if checkpoints:
+        trainer.resume(checkpoints)
     kl_weight = float(training.get("kl_weight", 1e-6))
     crop = int(training.get("crop_size", 0))
     last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
@@ -361,12 +361,12 @@ def train_ldm(args, config: dict) -> Path:
     words = vocab_words(vocabulary_findings() + findings)
     init = _ldm_init(training.get("init_from"), args.vae, len(words))  # refused before anything is written
     out = Path(args.out)
-    checkpoint = prepare_out_dir(out, args.resume)
-    if checkpoint is not None and (out / "config.yaml").is_file():
+    checkpoints = prepare_out_dir(out, args.resume, args.kind, config)
+    trained_scale_factor = None
+    if checkpoints:
         # A resumed run keeps the scale factor it was trained with (a new measurement would differ slightly).
-        previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
-        if "scale_factor_measured" in previous:
-            config["scale_factor"] = previous["scale_factor_measured"]
+        previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) if (out / "config.yaml").is_file() else {}
+        trained_scale_factor = (previous or {}).get("scale_factor_measured")
     write_resolved_config(out, config)
     accelerator = make_accelerator(args.mixed_precision)
     device = accelerator.device
@@ -384,6 +384,8 @@ def train_ldm(args, config: dict) -> Path:
     means, stds, item_findings = encode_latents(vae, dataset, int(training.get("latent_copies", 4)),
                                                 int(training["batch_size"]), device)
     scale_factor = config.get("scale_factor", "auto") if init is None else init["scale_factor"]
+    if trained_scale_factor is not None:
+        scale_factor = trained_scale_factor
     if scale_factor == "auto":
         sample = means + stds * torch.randn_like(stds)
         scale_factor = float(1.0 / sample.flatten().std())
@@ -409,8 +411,8 @@ def train_ldm(args, config: dict) -> Path:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
     trainer = Trainer(args, config, accelerator)
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
+    if checkpoints:
+        trainer.resume(checkpoints)
     dropout = float(training.get("prompt_dropout", 0.15))
     alphas = scheduler.alphas_cumprod.to(device)
 

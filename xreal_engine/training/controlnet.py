@@ -25,7 +25,6 @@ and its default scale under ``"controlnets"`` in ``xreal_model.json``, so ``OUT/
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 from pathlib import Path
@@ -165,6 +164,24 @@ def write_model(base_dir: Path, controlnet, name: str, scale: float, final: Path
     return final
 
 
+def _finished_controlnet(checkpoints: list[Path], max_steps: int, unet, factor: int):
+    """The ControlNet of the newest checkpoint when it reached ``max_steps`` and its weights read, else None
+    (then the run goes on from the newest checkpoint that reads, ``Trainer.resume``)."""
+    from safetensors.torch import load_file
+
+    from ..model.controlnets import make_controlnet
+    from .loop import checkpoint_step
+
+    if not checkpoints or (checkpoint_step(checkpoints[0]) or 0) < max_steps:
+        return None
+    controlnet = make_controlnet(unet, factor=factor)
+    try:
+        controlnet.load_state_dict(load_file(str(checkpoints[0] / "model.safetensors")))
+    except Exception:  # noqa: BLE001 (a damaged file: safetensors, OSError or a shape mismatch)
+        return None
+    return controlnet.eval()
+
+
 def train_controlnet(args, config: dict) -> Path:
     """Train the ControlNet for ``args.control`` on ``args.model`` (frozen) with the train split of ``args.data``."""
     import torch
@@ -174,8 +191,7 @@ def train_controlnet(args, config: dict) -> Path:
     from ..model.controlnets import make_controlnet
     from ..model.info import resolve_model
     from ..model.pipeline import XRealPipeline
-    from .loop import (TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, seed_everything,
-                       write_resolved_config)
+    from .loop import Trainer, infinite, make_accelerator, prepare_out_dir, seed_everything, write_resolved_config
     from .data import read_records
 
     name = check_name(args.control)
@@ -192,21 +208,18 @@ def train_controlnet(args, config: dict) -> Path:
     seed = int(training.get("seed", 0))
     seed_everything(seed)
     out = Path(args.out)
-    checkpoint = prepare_out_dir(out, args.resume)
     config["control"], config["base_model"] = name, str(model_dir)
+    checkpoints = prepare_out_dir(out, args.resume, args.kind, config)
     write_resolved_config(out, config)
     accelerator = make_accelerator(args.mixed_precision)
     device = accelerator.device
 
     factor = int(info.image_size) // int(info.latent_size)
-    if checkpoint is not None and json.loads((checkpoint / TRAINER_STATE).read_text())["step"] >= int(training["max_steps"]):
+    finished = _finished_controlnet(checkpoints, int(training["max_steps"]), pipe.unet, factor)
+    if finished is not None:
         # Nothing left to train (how an interrupted run is finished): publish the checkpoint's weights as they are,
         # without re-encoding the training set.
-        from safetensors.torch import load_file
-
-        controlnet = make_controlnet(pipe.unet, factor=factor)
-        controlnet.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-        return write_model(model_dir, controlnet.eval(), name, scale, out / "model")
+        return write_model(model_dir, finished, name, scale, out / "model")
     vae = pipe.vae.to(device).eval().requires_grad_(False)
     unet = pipe.unet.to(device).eval().requires_grad_(False)
     text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
@@ -225,8 +238,8 @@ def train_controlnet(args, config: dict) -> Path:
     loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=len(items) > batch_size)
     controlnet, optimizer, loader = accelerator.prepare(controlnet, optimizer, loader)
     trainer = Trainer(args, config, accelerator)
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
+    if checkpoints:
+        trainer.resume(checkpoints)
     dropout = float(training.get("prompt_dropout", 0.5))
     scale_factor = float(info.scale_factor)
     alphas = scheduler.alphas_cumprod.to(device)

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -22,22 +23,82 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TRAINER_STATE = "trainer_state.json"
 
 
-def prepare_out_dir(out: Path, resume: bool) -> Path | None:
-    """Refuse to mix runs: a new run needs an empty OUT; --resume needs a checkpoint. Returns it."""
+# What --resume may change: how long to train and how often to log and save. Anything else in the config
+# (the architecture, the data settings, the learning rate, the seed) would not continue the same run.
+RESUMABLE_CHANGES = ("training.max_steps", "training.checkpoint_every", "training.log_every",
+                     "training.keep_checkpoints")
+
+
+def prepare_out_dir(out: Path, resume: bool, kind: str | None = None, config: dict | None = None) -> list[Path]:
+    """Refuse to mix runs: a new run needs an empty OUT; --resume needs a checkpoint of the same run.
+
+    Returns OUT's complete checkpoints, newest first (none for a new run); ``Trainer.resume`` loads the newest
+    that reads.
+    """
     checkpoints = sorted(
-        (p for p in (out / "checkpoints").glob("step-*") if (p / TRAINER_STATE).is_file()),
-        key=lambda p: int(p.name.split("-")[1]),
+        (p for p in (out / "checkpoints").glob("step-*")
+         if p.name.split("-", 1)[1].isdigit() and (p / TRAINER_STATE).is_file()),
+        key=lambda p: int(p.name.split("-")[1]), reverse=True,
     )
     if resume:
         if not checkpoints:
             raise InputError(f"--resume was given but {out}/checkpoints holds no complete checkpoint.")
-        return checkpoints[-1]
+        _check_same_run(out, checkpoints, kind, config)
+        return checkpoints
     # A run that failed before its first step (on its data, say) leaves only its config.yaml: a retry may
     # use the folder; anything else in it is someone's work.
     if out.exists() and {path.name for path in out.iterdir()} - {"config.yaml"}:
         raise InputError(f"The output directory {out} is not empty; choose a new one or pass --resume.")
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    return []
+
+
+def _check_same_run(out: Path, checkpoints: list[Path], kind: str | None, config: dict | None) -> None:
+    """--resume continues the run in OUT exactly, or refuses: another ``train`` kind, or another setting."""
+    recorded = next((state["kind"] for state in map(_trainer_state, checkpoints) if state and "kind" in state), None)
+    if kind and recorded and recorded != kind:
+        raise InputError(f"{out} holds a `train {recorded}` run, not `train {kind}`; resume it with "
+                         f"`train {recorded} --resume`, or choose a new output directory.")
+    try:
+        previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        previous = None  # nothing to compare with (an older run): the checkpoint decides
+    if config is None or not isinstance(previous, dict):
+        return
+    for key, (before, now) in _differences(previous, config).items():
+        if key not in RESUMABLE_CHANGES:
+            raise InputError(f"--resume would change {key} from {before!r} to {now!r}, so it would not continue "
+                             f"the run in {out}; resume with its settings ({out}/config.yaml) or start a new run "
+                             "in a new output directory (only the step count and checkpoint intervals may change).")
+
+
+def _differences(previous: dict, now: dict, prefix: str = "") -> dict:
+    """``{"a.b": (before, now)}`` for each setting ``now`` gives another value; settings the run added to its
+    own config.yaml while it ran (a measured scale factor) and ``now`` does not give are not differences."""
+    found = {}
+    for key, value in now.items():
+        name = f"{prefix}{key}"
+        before = previous.get(key, None) if isinstance(previous, dict) else None
+        if isinstance(value, dict) and isinstance(before, dict):
+            found.update(_differences(before, value, name + "."))
+        elif before != value:
+            found[name] = (before, value)
+    return found
+
+
+def _trainer_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it does not read (a damaged checkpoint)."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The step a checkpoint was saved at, or None when its trainer_state.json does not read."""
+    state = _trainer_state(checkpoint)
+    return state["step"] if state else None
 
 
 def make_accelerator(mixed_precision: str):
@@ -76,7 +137,7 @@ class Trainer:
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         self.accelerator.save_state(str(partial))
-        (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step}), encoding="utf-8")
+        (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step, "kind": self.args.kind}), encoding="utf-8")
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         keep = max(int(self.training.get("keep_checkpoints", 2)), 1)
@@ -86,8 +147,49 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
+        step = checkpoint_step(checkpoint)
+        if step is None:
+            raise ValueError(f"{TRAINER_STATE} does not read")
         self.accelerator.load_state(str(checkpoint))
-        self.step = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["step"]
+        self.step = step
+
+    def resume(self, checkpoints: list[Path]) -> Path:
+        """Load the newest checkpoint that reads (``checkpoints`` newest first) and return it.
+
+        A checkpoint damaged after it was written (a full disk, a copy cut short) is skipped with a warning,
+        so one bad file costs the steps since the checkpoint before it, not the run.
+        """
+        problems = []
+        for checkpoint in checkpoints:
+            try:
+                self.load_checkpoint(checkpoint)
+            except Exception as error:  # noqa: BLE001 (torch, safetensors, pickle and accelerate each raise their own)
+                problems.append(f"{checkpoint.name}: {_first_line(error)}")
+                continue
+            if problems:
+                print(f"warning: skipped damaged checkpoint(s) ({'; '.join(problems)}); resuming from "
+                      f"{checkpoint.name}.", file=sys.stderr)
+            self._forget_log_after(self.step)
+            return checkpoint
+        raise InputError(f"No checkpoint in {self.out / 'checkpoints'} could be read ({'; '.join(problems)}); "
+                         "start again in a new output directory.")
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drop log.jsonl lines past ``step``: they are trained again, and the log is to read as one run."""
+        log = self.out / "log.jsonl"
+        if not self.accelerator.is_main_process or not log.is_file():
+            return
+        kept = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                logged = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short when the run was stopped
+            if logged <= step:
+                kept.append(line + "\n")
+        staging = log.with_name(log.name + ".partial")
+        staging.write_text("".join(kept), encoding="utf-8")
+        staging.replace(log)
 
     def run(self, batches, train_step) -> list[float]:
         """Call ``train_step(batch) -> loss`` until max_steps; returns the losses of this session."""
@@ -117,6 +219,11 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         return losses
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
 
 
 def set_threads(args) -> None:
