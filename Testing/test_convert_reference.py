@@ -284,6 +284,16 @@ def test_file_that_is_not_a_checkpoint_is_refused(fixtures_dir, tmp_path):
     not_weights.write_text("these are not weights")
     with pytest.raises(ModelError, match="notes.pth cannot be read"):
         convert_components(paths["backbone"], not_weights, paths["tokenizer"], attention_heads=FIXTURE_HEADS)
+    # Random bytes (a download cut short, the wrong file) are not called a pickle with objects in it.
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes(range(128, 256)) * 3)
+    for damaged in (noise, paths["anatomy_controller"].read_bytes()[:1000]):
+        if isinstance(damaged, bytes):
+            (tmp_path / "cut.pth").write_bytes(damaged)
+            damaged = tmp_path / "cut.pth"
+        with pytest.raises(ModelError, match="cannot be read as a PyTorch weights file") as error:
+            convert_components(paths["backbone"], damaged, paths["tokenizer"], attention_heads=FIXTURE_HEADS)
+        assert "pickled Python objects" not in str(error.value) and "\n" not in str(error.value), error.value
 
 
 def test_attention_heads_that_do_not_divide_the_width_are_refused(fixtures_dir):

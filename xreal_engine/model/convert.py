@@ -18,6 +18,7 @@ import argparse
 import logging
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,11 +75,16 @@ def _load_state_dict(path: Path, role: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"The {role} checkpoint {path} does not exist or is not a file.")
     try:
-        try:  # memory-mapped: the official backbone is 6.7 GB
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch.save files cannot be memory-mapped
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        with warnings.catch_warnings():  # torch warns in several lines about a damaged file's odd "protocol"
+            warnings.simplefilter("ignore", UserWarning)
+            try:  # memory-mapped: the official backbone is 6.7 GB
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) torch.save files cannot be memory-mapped
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # random or damaged bytes, not a pickle with objects in it
+            raise ModelError(f"The {role} checkpoint {path} cannot be read as a PyTorch weights file (it is "
+                             "damaged or not a file written by torch.save).") from None
         raise ModelError(
             f"The {role} checkpoint {path} cannot be read as a PyTorch weights file: it holds pickled Python "
             "objects besides tensors, which are not loaded for safety; if you trust its source, re-save only "

@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..files import PLAIN_NAME_PATTERN  # an image id names files: images/<id>.png
+from ..io.formats import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, header_sizes, sniff_file
 
 FINDINGS_FILE = "findings.csv"
 SPLITS = ("train", "val", "test")
@@ -69,11 +70,41 @@ def read_records(data_dir: str | Path, split: str = "train", require_labels: boo
         label = label if label.is_file() else None
         if require_labels and label is None:
             continue
+        check_item_files(row["id"], image, label)
         records.append(Record(row["id"], split, (row["finding"] or "").strip().lower(), image, label))
     if not records:
         what = "items with a label map" if require_labels else "items"
         raise InputError(f"{table} has no {what} in the split {split!r}.")
     return records
+
+
+def check_item_files(sample_id: str, image: Path, label: Path | None) -> None:
+    """One sentence, from the PNG headers and before any work, for an item training would read wrongly.
+
+    Every item is resized to image_size x image_size with its label map: a non-square image would be
+    squashed, and a label map of another size than its image is not drawn on it.
+    """
+    size = _png_size(image, f"The image of {sample_id!r} ({image})")
+    if size[0] != size[1]:
+        raise InputError(f"The image of {sample_id!r} ({image}) is {size[0]} x {size[1]} pixels; training images "
+                         "must be square (pad it to a square first, as the shared data's README describes).")
+    if label is not None and _png_size(label, f"The label map of {sample_id!r} ({label})") != size:
+        width, height = _png_size(label, "")
+        raise InputError(f"The label map of {sample_id!r} ({label}) is {width} x {height} pixels, its image "
+                         f"{size[0]} x {size[1]}; a label map must match its image pixel for pixel.")
+
+
+def _png_size(path: Path, what: str) -> tuple[int, int]:
+    """(width, height) from a PNG's header, within the one image side range (``io/formats.py``)."""
+    if sniff_file(path) != "png":
+        raise InputError(f"{what} is not a PNG file.")
+    sizes = header_sizes(path, "png")
+    if len(sizes) != 2:
+        raise InputError(f"{what} is a damaged PNG file (its header does not read).")
+    if not all(MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE for side in sizes):
+        raise InputError(f"{what} is {sizes[0]} x {sizes[1]} pixels; each side must be "
+                         f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE}.")
+    return sizes[0], sizes[1]
 
 
 def load_grey(path: Path) -> np.ndarray:
@@ -300,6 +331,12 @@ def prepare_data(
     if unknown:
         raise InputError(f"--subsets names {', '.join(unknown)}, which {manifest} does not have (it has {', '.join(known)}).")
     rows = [row for row in rows if row["subset"] in subsets]
+    for row in rows:  # every item checked before anything is written
+        source = cxr_dir / row["subset"]
+        image, label = source / "images" / f"{row['image']}.png", source / "labels" / f"{row['image']}.png"
+        if not image.is_file():
+            raise InputError(f"{manifest} lists {row['image']!r} in {row['subset']}, but {image} does not exist.")
+        check_item_files(row["image"], image, label if label.is_file() else None)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
