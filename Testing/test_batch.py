@@ -487,7 +487,16 @@ def test_manifest_rows_carry_controls_in_csv_and_jsonl_alike(tmp_path, capsys):
                                  "controls": [{"name": "sobel", "file": "ref.png", "scale": 0.5}, "attention:fix.csv"]})
                      + "\n")
     assert batch("--manifest", csv_manifest, "--out", tmp_path / "a", "--model", model, *STEPS,
-                 "--no-quality-check", "--format", "monai,nnunet") == 0  # exports skip the attention region
+                 "--no-quality-check", "--format", "monai,imagefolder,nnunet") == 0  # exports skip the attention region
+    # The exports say how each image was steered, so a training framework can select by it.
+    datalist = {item["name"]: item for item in json.loads((tmp_path / "a" / "datalist.json").read_text())["training"]}
+    expected = [{"name": "sobel", "scale": 0.5, "stages": "anatomy", "source": "ref.png"},
+                {"name": "attention", "scale": 1.0, "stages": "anatomy", "source": "fix.csv"}]
+    assert datalist["steered"]["controls"] == expected and datalist["free"]["controls"] == []
+    assert datalist["steered"]["sampler"] == "ddim" and datalist["steered"]["steps"] == int(STEPS[1])
+    lines = (tmp_path / "a" / "imagefolder" / "train" / "metadata.jsonl").read_text().splitlines()
+    metadata = {json.loads(line)["name"]: json.loads(line) for line in lines}
+    assert metadata["steered"]["controls"] == expected and metadata["free"]["controls"] == []
     for name in ("steered", "free"):
         assert (tmp_path / "a" / "labels" / f"{name}.png").is_file() and (tmp_path / "a" / "findings" / f"{name}.png").is_file()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "labels" / "steered.png")),

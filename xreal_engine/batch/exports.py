@@ -100,6 +100,12 @@ def finished_records(rows: list, out_dir: Path) -> list:
             "seed": provenance["seed"],
             "findings": [f for f in provenance.get("findings", []) if f],
             "mode": provenance.get("mode"),
+            # How it was sampled and steered, so a framework can select images by it (scales, stages, sampler).
+            "sampler": provenance.get("sampler"),
+            "steps": provenance.get("steps"),
+            "guidance": provenance.get("guidance"),
+            "controls": [{key: control.get(key) for key in ("name", "scale", "stages", "source")}
+                         for control in provenance.get("controls") or []],
             "template": row.design.get("template"),
             "heart_scale": row.design.get("heart_scale"),
             "lung_width": row.design.get("lung_width"),
