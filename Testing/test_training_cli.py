@@ -7,9 +7,12 @@ well under a minute on one core.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +256,103 @@ def test_resume_with_every_checkpoint_damaged_is_one_sentence(tiny_data, tmp_pat
     err = capsys.readouterr().err
     assert "error: No checkpoint in " in err and "step-4: " in err and "step-2: " in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG in this process, as on a full disk (no mount needed)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_sentence_and_the_run_goes_on_later(tiny_data, tmp_path, capsys):
+    arguments, run_dir = _short_run(tiny_data, tmp_path)  # checkpoints at 2 and 4
+    capsys.readouterr()
+    with file_size_limit(2000):
+        assert main(arguments + ["--resume", "--max-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "error: The checkpoint step-6 could not be written in " in err and "run the same command with --resume" in err
+    assert "Traceback" not in err, err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]  # no .partial left
+    assert main(arguments + ["--resume", "--max-steps", "6"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    # A new run that could not save its first checkpoint may be started again in its folder.
+    fresh = tmp_path / "fresh"
+    again = arguments[:5] + [str(fresh)] + arguments[6:]
+    with file_size_limit(2000):
+        assert main(again) == 2
+    assert "The checkpoint step-2 could not be written" in capsys.readouterr().err
+    assert main(again) == 0
+    steps = [json.loads(line)["step"] for line in (fresh / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (fresh / "model" / "config.json").is_file()
+    assert main(again) == 2  # a finished run is someone's work
+    assert "is not empty; choose a new one or pass --resume" in capsys.readouterr().err
+
+
+def _without(mapping: dict, *path):
+    copy = json.loads(json.dumps(mapping))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return copy
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**TINY_AE, "image_size": 0}, "image_size in bad.yaml must be a whole number of pixels from 32 to 6000, not 0."),
+    ({**TINY_AE, "image_size": -8}, "not -8."),
+    ({**TINY_AE, "image_size": "abc"}, "not 'abc'."),
+    ({**TINY_AE, "image_size": 6001}, "not 6001."),
+    ({**TINY_AE, "image_size": 35}, "image_size 35 in bad.yaml is not a multiple of 2, the downsampling factor"),
+    ({**TINY_AE, "model": {**TINY_AE["model"], "norm_num_groups": 3}}, "The autoencoder could not be made from the model section of"),
+    (_without(TINY_AE, "model"), "needs a 'model' section for `train autoencoder`"),
+    (_without(TINY_AE, "training", "batch_size"), "needs training.batch_size (or --batch-size)"),
+    (_without(TINY_AE, "training", "max_steps"), "needs training.max_steps (or --max-steps)"),
+])
+def test_a_config_that_cannot_make_its_networks_is_one_sentence_before_any_work(tiny_data, tmp_path, capsys, config,
+                                                                                 message):
+    bad = write_yaml(tmp_path / "bad.yaml", config)
+    out = tmp_path / "run"
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(out), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (out / "checkpoints").exists()
+
+
+def test_both_ends_of_the_image_size_range_make_an_autoencoder(tiny_data, tmp_path):
+    for size in (32, 64):  # 6000 would train for minutes; its bound is the same comparison as 6001 above
+        config = write_yaml(tmp_path / f"ae{size}.yaml", {**TINY_AE, "image_size": size,
+                                                           "training": {**TINY_AE["training"], "max_steps": 1}})
+        assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(tmp_path / f"r{size}"),
+                     "--config", str(config)]) == 0
+
+
+def test_damaged_weights_and_fewer_steps_than_made_are_one_sentence(tiny_data, trained_autoencoders, tmp_path, capsys):
+    damaged = tmp_path / "vae"
+    shutil.copytree(trained_autoencoders["autoencoder"] / "model", damaged)
+    weights = damaged / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    ldm = write_yaml(tmp_path / "ldm.yaml", TINY_LDM)
+    assert main(["train", "ldm", "--data", str(tiny_data), "--out", str(tmp_path / "ldm"), "--config", str(ldm),
+                 "--vae", str(damaged), "--anatomy-controller", str(trained_autoencoders["anatomy-controller"] / "model")]) == 2
+    err = capsys.readouterr().err
+    assert f"The autoencoder could not be made from --vae {damaged} (" in err and err.count("\n") == 1, err
+    assert main(["train", "autoencoder", "--data", str(tiny_data), "--out", str(tmp_path / "ae"),
+                 "--init-from", str(damaged)]) == 2
+    assert f"could not be made from --init-from {damaged} (" in capsys.readouterr().err
+    arguments, run_dir = _short_run(tiny_data, tmp_path)  # at step 4
+    shutil.rmtree(run_dir / "model")
+    assert main(arguments + ["--resume", "--max-steps", "3"]) == 2
+    assert "has already made 4 steps, more than --max-steps 3; give --max-steps 4 or more" in capsys.readouterr().err
+    assert not (run_dir / "model").exists()
+    assert main(arguments + ["--num-threads", "100000"]) == 2
+    assert "--num-threads 100000 is more than the" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_kind_or_other_settings(tiny_data, tmp_path, capsys):

@@ -78,6 +78,12 @@ def os_sentence(error: OSError, action: str = "The file could not be written") -
     return f"{action}{where}: {os_reason(error)}."
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of a library's error, shortened: the part of a multi-line message a sentence can quote."""
+    lines = str(error).strip().splitlines()
+    return shown(lines[0] if lines else type(error).__name__, limit)
+
+
 def shown(text, limit: int = 60) -> str:
     """User text as it may be echoed in a message: control characters escaped, long text shortened."""
     text = str(text)

@@ -40,14 +40,15 @@ def default_threads() -> int:
     return max(1, usable_cores() // 2)
 
 
-def resolve_threads(threads: int | None = None) -> int:
+def resolve_threads(threads: int | None = None, option: str = "--threads") -> int:
     """The CPU threads to use: ``threads`` if given, else a valid ``OMP_NUM_THREADS``, else
-    :func:`default_threads`. Needs no torch (``serve`` exports it before torch is loaded)."""
+    :func:`default_threads`. Needs no torch (``serve`` exports it before torch is loaded).
+    ``option``: the flag the user typed, for the message (``train`` calls it ``--num-threads``)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InputError(f"--threads must be a whole number of at least 1, not {threads!r}.")
+            raise InputError(f"{option} must be a whole number of at least 1, not {threads!r}.")
         if threads > usable_cores():  # more threads than cores only spin-wait on each other (default_threads)
-            raise InputError(f"--threads {threads} is more than the {usable_cores()} CPUs this process may use; "
+            raise InputError(f"{option} {threads} is more than the {usable_cores()} CPUs this process may use; "
                              f"give 1 to {usable_cores()}.")
         return threads
     from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -98,12 +98,12 @@ def calibrate_controller(controller_dir: Path, data: Path, out: Path, image_size
     from diffusers import AutoencoderKL
 
     from .data import make_dataset, read_records
-    from .loop import prepare_out_dir, publish
+    from .loop import publish
 
     image_size = check_controller(Path(controller_dir), image_size)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        prepare_out_dir(out, resume=False)  # refuses, as every train command, before any work
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before any work; it has nothing to resume
+        raise InputError(f"The output directory {out} is not empty; choose a new one.")
     records = read_records(data, "train", require_labels=True)
     if not records:
         raise InputError(f"{data} has no training images with anatomy labels to calibrate on.")

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..model.architecture import ANATOMY_LABEL_DIVISOR, scheduler_config
 from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainers here)
     CONFIG_DIR, TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, publish, seed_everything,
-    set_threads, write_resolved_config,
+    INTERRUPTED_RESUME, built, set_threads, write_resolved_config, written_or_removed,
 )
 
 SUBCOMMANDS = {
@@ -67,10 +67,41 @@ def load_config(kind: str, path: Path | None, overrides: dict) -> dict:
         if value is not None:
             config["training"][key] = value
     _check_training_numbers(config["training"], path)
+    _check_model_sections(kind, config, path)
     return config
 
 
-# training settings that must be positive, whether from the YAML or the command line: (kind, option)
+# The config sections each trainer builds its networks from (controlnet copies its model's UNet).
+MODEL_SECTIONS = {"autoencoder": ("model",), "anatomy-controller": ("model",), "ldm": ("unet", "text_encoder"),
+                  "controlnet": ()}
+
+
+def _check_model_sections(kind: str, config: dict, path: Path) -> None:
+    """One sentence before any work for a config that cannot make its networks: a missing section, an image
+    size that is no whole number in the side range, or one the autoencoder cannot halve level by level."""
+    from ..io.formats import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+
+    for section in MODEL_SECTIONS[kind]:
+        if not isinstance(config.get(section), dict):
+            raise InputError(f"The config file {path.name} needs a '{section}' section for `train {kind}`.")
+    size = config["image_size"]
+    if kind == "controlnet" and size in (None, "model"):
+        return  # the model's own (checked against the model by the trainer)
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIDE <= size <= MAX_IMAGE_SIDE:
+        raise InputError(f"image_size in {path.name} must be a whole number of pixels from {MIN_IMAGE_SIDE} to "
+                         f"{MAX_IMAGE_SIDE}, not {size!r}.")
+    if kind in ("autoencoder", "anatomy-controller"):
+        levels = config["model"].get("block_out_channels")
+        if not isinstance(levels, list) or not levels:
+            raise InputError(f"model.block_out_channels in {path.name} must be a list of channel counts.")
+        factor = 2 ** (len(levels) - 1)
+        if size % factor:
+            raise InputError(f"image_size {size} in {path.name} is not a multiple of {factor}, the downsampling "
+                             f"factor of the autoencoder's {len(levels)} levels.")
+
+
+# training settings that must be positive, whether from the YAML or the command line: (kind, option);
+# all of them must be given except checkpoint_every (default 500)
 POSITIVE_TRAINING_SETTINGS = {"max_steps": (int, "--max-steps"), "batch_size": (int, "--batch-size"),
                               "checkpoint_every": (int, "--checkpoint-every"),
                               "learning_rate": (float, "--learning-rate")}
@@ -81,6 +112,8 @@ def _check_training_numbers(training: dict, path: Path) -> None:
     is not a positive number (0 steps would save an untrained model; 0 as interval divides by zero)."""
     for key, (kind, option) in POSITIVE_TRAINING_SETTINGS.items():
         if key not in training:
+            if key != "checkpoint_every":
+                raise InputError(f"The config file {path.name} needs training.{key} (or {option}).")
             continue
         value = training[key]
         if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text; float() does not
@@ -152,7 +185,11 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
     from .adversarial import AdversarialObjective, freeze_for
 
     # --init-from keeps that model's architecture (the config's model section is not used).
-    model = AutoencoderKL.from_pretrained(init_from) if init_from else AutoencoderKL(**autoencoder_config(config))
+    if init_from:
+        model = built("The autoencoder", f"--init-from {init_from}", lambda: AutoencoderKL.from_pretrained(init_from))
+    else:
+        model = built("The autoencoder", f"the model section of {args.config or 'the default config'}",
+                      lambda: AutoencoderKL(**autoencoder_config(config)))
     trained_part = str(training.get("train", "all"))
     parameters = freeze_for(model, trained_part)
     optimizer = torch.optim.AdamW(parameters, lr=float(training["learning_rate"]), weight_decay=0.0)
@@ -191,7 +228,8 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
     if accelerator.is_main_process:
         staging = Path(args.out) / "model.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging)
+        with written_or_removed("The trained model", staging, INTERRUPTED_RESUME):
+            accelerator.unwrap_model(model).save_pretrained(staging)
         publish(staging, final)
     return final
 
@@ -303,8 +341,9 @@ def save_model_directory(out_dir: Path, components: dict, info) -> Path:
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipe = XRealPipeline(**components, model_info=info)
-    pipe.save_pretrained(staging)
-    info.save(staging)
+    with written_or_removed("The trained model", staging, INTERRUPTED_RESUME):
+        pipe.save_pretrained(staging)
+        info.save(staging)
     publish(staging, out_dir)
     return out_dir
 
@@ -326,12 +365,14 @@ def _ldm_init(init_from, vae_dir, vocab_size: int) -> dict | None:
     if weights_hash(Path(vae_dir)) != weights_hash(model_dir / "vae"):
         raise InputError(f"--vae {vae_dir} is not the vae of --init-from {init_from}; fine-tuning keeps the model's "
                          f"latent space, so pass {model_dir / 'vae'}.")
-    text_encoder = LDMBertModel.from_pretrained(str(model_dir / "text_encoder"))
+    text_encoder = built("The text encoder", f"--init-from {init_from}",
+                         lambda: LDMBertModel.from_pretrained(str(model_dir / "text_encoder")))
     if int(text_encoder.config.vocab_size) != vocab_size:
         raise InputError(f"--init-from {init_from}'s text encoder knows {text_encoder.config.vocab_size} words, the "
                          f"vocabulary now has {vocab_size}; train a new model instead of fine-tuning this one.")
     info = ModelInfo.load(model_dir)
-    return {"unet": UNet2DConditionModel.from_pretrained(str(model_dir / "unet")), "text_encoder": text_encoder,
+    unet = built("The UNet", f"--init-from {init_from}", lambda: UNet2DConditionModel.from_pretrained(str(model_dir / "unet")))
+    return {"unet": unet, "text_encoder": text_encoder,
             "scale_factor": info.scale_factor, "defaults": dict(info.defaults)}
 
 
@@ -376,9 +417,16 @@ def train_ldm(args, config: dict) -> Path:
     max_length = int(config["text_encoder"]["max_length"])
     tokenizer = BertTokenizer(str(vocab_file), do_lower_case=True, model_max_length=max_length)
 
-    vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
+    vae = built("The autoencoder", f"--vae {args.vae}", lambda: AutoencoderKL.from_pretrained(args.vae))
+    vae = vae.to(device).eval().requires_grad_(False)
     image_size = int(config["image_size"])
-    latent_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_levels = init["unet"].config.block_out_channels if init else config["unet"].get("block_out_channels") or [0]
+    unet_factor = 2 ** (len(unet_levels) - 1)
+    if image_size % (factor * unet_factor):
+        raise InputError(f"image_size {image_size} cannot be halved by the autoencoder (x{factor}) and then by the "
+                         f"UNet (x{unet_factor}); use a multiple of {factor * unet_factor}.")
+    latent_size = image_size // factor
 
     dataset = make_dataset(records, image_size, with_label=False, augment=bool(config.get("augment", True)))
     means, stds, item_findings = encode_latents(vae, dataset, int(training.get("latent_copies", 4)),
@@ -394,7 +442,9 @@ def train_ldm(args, config: dict) -> Path:
     write_resolved_config(out, config)
 
     if init is None:
-        unet, text_encoder = ldm_components(config, len(words), latent_size, vae.config.latent_channels)
+        unet, text_encoder = built("The UNet and text encoder", f"the unet and text_encoder sections of "
+                                   f"{args.config or 'the default config'}",
+                                   lambda: ldm_components(config, len(words), latent_size, vae.config.latent_channels))
     else:
         unet, text_encoder = init["unet"], init["text_encoder"]
     scheduler = DDIMScheduler(**scheduler_config())
@@ -451,7 +501,9 @@ def train_ldm(args, config: dict) -> Path:
             ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
         present = present_labels([r for r in records if r.label is not None])
         # Read last: the anatomy controller is independent of the LDM and may still be training beside it.
-        anatomy_controller = AutoencoderKL.from_pretrained(args.anatomy_controller).eval()
+        anatomy_controller = built("The anatomy controller", f"--anatomy-controller {args.anatomy_controller}",
+                                   lambda: AutoencoderKL.from_pretrained(args.anatomy_controller),
+                                   f"; the checkpoints are kept: fix it and run the same command with --resume").eval()
         info = ModelInfo(
             model_id=str(config.get("model_id", "xreal-trained")),
             description=str(config.get("description", "XReal model trained with xreal-engine train ldm")),

@@ -154,12 +154,13 @@ def write_model(base_dir: Path, controlnet, name: str, scale: float, final: Path
 
     from ..model.controlnets import save_controlnet
     from ..model.info import controlnet_folder
-    from .loop import publish
+    from .loop import INTERRUPTED_RESUME, publish, written_or_removed
 
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(base_dir, staging, ignore=shutil.ignore_patterns(controlnet_folder(name), "__pycache__"))
-    save_controlnet(controlnet.to("cpu"), staging, name, scale, dtype=torch.float16)
+    with written_or_removed("The model with the trained ControlNet", staging, INTERRUPTED_RESUME):
+        shutil.copytree(base_dir, staging, ignore=shutil.ignore_patterns(controlnet_folder(name), "__pycache__"))
+        save_controlnet(controlnet.to("cpu"), staging, name, scale, dtype=torch.float16)
     publish(staging, final)
     return final
 
@@ -170,10 +171,12 @@ def _finished_controlnet(checkpoints: list[Path], max_steps: int, unet, factor: 
     from safetensors.torch import load_file
 
     from ..model.controlnets import make_controlnet
-    from .loop import checkpoint_step
+    from .loop import checkpoint_step, refuse_steps_below
 
-    if not checkpoints or (checkpoint_step(checkpoints[0]) or 0) < max_steps:
+    step = checkpoint_step(checkpoints[0]) if checkpoints else None
+    if step is None or step < max_steps:
         return None
+    refuse_steps_below(step, max_steps, checkpoints[0].parents[1])
     controlnet = make_controlnet(unet, factor=factor)
     try:
         controlnet.load_state_dict(load_file(str(checkpoints[0] / "model.safetensors")))

@@ -6,6 +6,7 @@ same loop without importing the command module (which imports them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -17,12 +18,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, StorageError, XRealError, first_line, os_reason
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TRAINER_STATE = "trainer_state.json"
+# What to do when the finished model could not be written: its checkpoints are complete.
+INTERRUPTED_RESUME = "the checkpoints are kept; free some space and run the same command with --resume"
 
 
+# What a run writes before its first complete checkpoint; a folder holding only these may be used again.
+UNSAVED_RUN_FILES = ("config.yaml", "vocab.txt", "log.jsonl", "checkpoints")
 # What --resume may change: how long to train and how often to log and save. Anything else in the config
 # (the architecture, the data settings, the learning rate, the seed) would not continue the same run.
 RESUMABLE_CHANGES = ("training.max_steps", "training.checkpoint_every", "training.log_every",
@@ -45,11 +50,14 @@ def prepare_out_dir(out: Path, resume: bool, kind: str | None = None, config: di
             raise InputError(f"--resume was given but {out}/checkpoints holds no complete checkpoint.")
         _check_same_run(out, checkpoints, kind, config)
         return checkpoints
-    # A run that failed before its first step (on its data, say) leaves only its config.yaml: a retry may
-    # use the folder; anything else in it is someone's work.
-    if out.exists() and {path.name for path in out.iterdir()} - {"config.yaml"}:
+    # A run that failed before its first checkpoint (on its data, a full disk) leaves only files of its own:
+    # a retry may use the folder, they are written anew. Anything else in it is someone's work.
+    if checkpoints or (out.exists() and {path.name for path in out.iterdir()} - set(UNSAVED_RUN_FILES)):
         raise InputError(f"The output directory {out} is not empty; choose a new one or pass --resume.")
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # holds no complete checkpoint (above)
+    with contextlib.suppress(FileNotFoundError):
+        (out / "log.jsonl").unlink()
     return []
 
 
@@ -95,6 +103,13 @@ def _trainer_state(checkpoint: Path) -> dict | None:
     return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
 
 
+def refuse_steps_below(step: int, max_steps: int, out: Path) -> None:
+    """--resume with fewer steps than the run has made would publish a model of more steps than asked for."""
+    if step > max_steps:
+        raise InputError(f"The run in {out} has already made {step} steps, more than --max-steps {max_steps}; "
+                         f"give --max-steps {step} or more to resume it.")
+
+
 def checkpoint_step(checkpoint: Path) -> int | None:
     """The step a checkpoint was saved at, or None when its trainer_state.json does not read."""
     state = _trainer_state(checkpoint)
@@ -111,6 +126,17 @@ def make_accelerator(mixed_precision: str):
     if mixed_precision != "no" and not torch.cuda.is_available():
         raise InputError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; use 'no' on a CPU.")
     return Accelerator(mixed_precision=mixed_precision)
+
+
+def built(what: str, source: str, make, then: str = ""):
+    """``make()`` a network from a config section or a model directory, or one sentence naming ``source``
+    and the library's reason (a damaged weights file, a group count that does not divide the channels)."""
+    try:
+        return make()
+    except XRealError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise InputError(f"{what} could not be made from {source} ({first_line(error)}){then}.") from None
 
 
 def infinite(loader):
@@ -136,8 +162,11 @@ class Trainer:
         target = self.out / "checkpoints" / f"step-{self.step}"
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.save_state(str(partial))
-        (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step, "kind": self.args.kind}), encoding="utf-8")
+        with written_or_removed(f"The checkpoint {target.name}", partial, "the earlier checkpoints are kept; free "
+                                "some space and run the same command with --resume"):
+            self.accelerator.save_state(str(partial))
+            (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step, "kind": self.args.kind}),
+                                                 encoding="utf-8")
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         keep = max(int(self.training.get("keep_checkpoints", 2)), 1)
@@ -164,8 +193,9 @@ class Trainer:
             try:
                 self.load_checkpoint(checkpoint)
             except Exception as error:  # noqa: BLE001 (torch, safetensors, pickle and accelerate each raise their own)
-                problems.append(f"{checkpoint.name}: {_first_line(error)}")
+                problems.append(f"{checkpoint.name}: {first_line(error)}")
                 continue
+            refuse_steps_below(self.step, int(self.training["max_steps"]), self.out)
             if problems:
                 print(f"warning: skipped damaged checkpoint(s) ({'; '.join(problems)}); resuming from "
                       f"{checkpoint.name}.", file=sys.stderr)
@@ -201,7 +231,7 @@ class Trainer:
         losses: list[float] = []
         started = time.time()
         bar = tqdm(total=max_steps, initial=self.step, desc=self.args.kind, disable=not self.accelerator.is_main_process)
-        with (self.out / "log.jsonl").open("a", encoding="utf-8") as log:
+        with (self.out / "log.jsonl").open("a", encoding="utf-8") as log, contextlib.closing(bar):
             while self.step < max_steps:
                 loss = float(train_step(next(batches)))
                 if not math.isfinite(loss):
@@ -217,13 +247,7 @@ class Trainer:
                     log.flush()
                 if self.step % every == 0 or self.step == max_steps:
                     self.save_checkpoint()
-        bar.close()
         return losses
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
 
 
 def set_threads(args) -> None:
@@ -235,7 +259,7 @@ def set_threads(args) -> None:
     if args.num_threads:
         from ..model.loading import resolve_threads  # the one rule: 1 to the usable CPUs
 
-        torch.set_num_threads(resolve_threads(args.num_threads))
+        torch.set_num_threads(resolve_threads(args.num_threads, "--num-threads"))
 
 
 def seed_everything(seed: int) -> None:
@@ -248,6 +272,37 @@ def seed_everything(seed: int) -> None:
 
 def write_resolved_config(out: Path, config: dict) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def written_or_removed(what: str, staging: Path, then: str = "free some space and run the same command again"):
+    """Write ``staging`` in the block; on failure remove it and raise one StorageError sentence.
+
+    torch and safetensors report a full disk as a RuntimeError or their own error class, not an OSError, so
+    the CLI's OSError sentence does not catch them.
+    """
+    try:
+        yield
+    except XRealError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except Exception as error:  # noqa: BLE001 (torch, safetensors and accelerate raise their own types)
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = _write_reason(error, staging.parent)
+        raise StorageError(f"{what} could not be written in {staging.parent} ({reason}); {then}.", reason) from None
+
+
+def _write_reason(error: Exception, folder: Path) -> str:
+    if isinstance(error, OSError):
+        return os_reason(error)
+    text = str(error)
+    try:
+        full = shutil.disk_usage(folder).free < (16 << 20)
+    except OSError:
+        full = False
+    if full or "No space left" in text or "unexpected pos" in text:  # torch's zip writer on a full disk
+        return "the disk is full"
+    return first_line(error)
 
 
 def publish(staging: Path, final: Path) -> None:

@@ -229,14 +229,17 @@ def save_segmenter(network: torch.nn.Module, config: dict, out_dir: Path) -> Pat
     """Write weights (float16 safetensors) + config via a temporary sibling: never a half-written segmenter."""
     from safetensors.torch import save_file
 
+    from .loop import written_or_removed
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     state = {name: tensor.detach().cpu().to(torch.float16).contiguous() for name, tensor in network.state_dict().items()}
-    save_file(state, str(staging / WEIGHTS_FILE))
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        (staging / name).chmod(0o644)
+    with written_or_removed("The trained segmenter", staging):
+        save_file(state, str(staging / WEIGHTS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            (staging / name).chmod(0o644)
     if out_dir.is_dir():  # empty, or an older segmenter being replaced file by file
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             (staging / name).replace(out_dir / name)
