@@ -531,6 +531,65 @@ def test_prepare_data_and_training_refuse_items_they_would_read_wrongly(small_cx
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _rewrite_manifest(cxr: Path, change) -> None:
+    manifest = cxr / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open(newline="")))
+    rows = change(rows) or rows
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_prepare_data_refuses_what_it_would_misread_and_reads_spreadsheet_csvs(small_cxr, tmp_path, capsys):
+    out = tmp_path / "out"
+    image = small_cxr / "hannover_unlabeled" / "images" / "hn_synthetic16.png"
+    label = small_cxr / "hannover_unlabeled" / "labels" / "hn_synthetic16.png"
+    label.parent.mkdir()
+    # A byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    manifest = small_cxr / "manifest.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    assert prepare_data(small_cxr, out) == {"train": 2}
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()  # readable as any folder the user makes
+    shutil.rmtree(out)
+    cases = []
+    for mode, name in (("I;16", "a 16-bit PNG"), ("RGB", "a colour (RGB) PNG")):
+        cases.append((lambda mode=mode: Image.new(mode, (64, 64)).save(label), f"is {name}; label maps are 8-bit"))
+    cases.append((lambda: image.write_bytes(image.read_bytes()[:60]), "is a damaged image ("))
+    cases.append((lambda: _rewrite_manifest(small_cxr, lambda rows: rows + [dict(rows[1], split="test")]),
+                  "lists 'hn_synthetic16' twice (rows 3 and 4); every image id must be listed once"))
+    cases.append((lambda: _rewrite_manifest(small_cxr, lambda rows: [dict(rows[0], ctr="abc"), rows[1]]),
+                  "row 2: the cardiothoracic ratio (ctr) 'abc' is not a number"))
+    pristine = image.read_bytes(), manifest.read_bytes()
+    for damage, message in cases:
+        image.write_bytes(pristine[0])
+        manifest.write_bytes(pristine[1])
+        label.unlink(missing_ok=True)
+        damage()
+        for intensity in ("percentile", "none"):
+            assert main(["prepare-data", "--cxr", str(small_cxr), "--out", str(out), "--intensity", intensity]) == 2
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+            assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cxr"]
+    # A damaged image in a DATA folder made by hand stops training with one sentence, not MONAI's traceback.
+    image.write_bytes(pristine[0])
+    manifest.write_bytes(pristine[1])
+    prepare_data(small_cxr, out, intensity="none")
+    kept = out / "images" / "hn_synthetic16.png"
+    kept.write_bytes(kept.read_bytes()[:60])
+    assert main(["train", "autoencoder", "--data", str(out), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"The image {kept} is a damaged image" in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @pytest.mark.parametrize("option, value", [("--max-steps", "0"), ("--max-steps", "-3"), ("--batch-size", "0"),
                                            ("--learning-rate", "-1"), ("--learning-rate", "nan"),
                                            ("--checkpoint-every", "0"), ("--num-threads", "-2")])

@@ -13,17 +13,17 @@ right of a PA film) and a flipped film teaches the model a situs inversus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
-from ..files import PLAIN_NAME_PATTERN  # an image id names files: images/<id>.png
+from ..errors import InputError, first_line
+from ..files import PLAIN_NAME_PATTERN, check_new_directory, staged_directory  # an id names images/<id>.png
 from ..io.formats import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, header_sizes, sniff_file
 
 FINDINGS_FILE = "findings.csv"
@@ -58,6 +58,7 @@ def read_records(data_dir: str | Path, split: str = "train", require_labels: boo
     columns, rows = _csv_rows(table)
     if not {"id", "split", "finding"} <= set(columns):
         raise InputError(f"{table} must have the columns id, split and finding.")
+    refuse_repeated_ids([row["id"] for row in rows], table)
     records = []
     for number, row in enumerate(rows, start=2):
         _check_sample_id(row["id"], table, number)
@@ -88,10 +89,30 @@ def check_item_files(sample_id: str, image: Path, label: Path | None) -> None:
     if size[0] != size[1]:
         raise InputError(f"The image of {sample_id!r} ({image}) is {size[0]} x {size[1]} pixels; training images "
                          "must be square (pad it to a square first, as the shared data's README describes).")
-    if label is not None and _png_size(label, f"The label map of {sample_id!r} ({label})") != size:
+    if label is None:
+        return
+    if _png_size(label, f"The label map of {sample_id!r} ({label})") != size:
         width, height = _png_size(label, "")
         raise InputError(f"The label map of {sample_id!r} ({label}) is {width} x {height} pixels, its image "
                          f"{size[0]} x {size[1]}; a label map must match its image pixel for pixel.")
+    mode = _opened(label, f"The label map of {sample_id!r} ({label})").mode
+    if mode not in LABEL_MODES:
+        raise InputError(f"The label map of {sample_id!r} ({label}) is a {LABEL_MODE_NAMES.get(mode, mode)} PNG; "
+                         f"label maps are 8-bit single-channel PNGs with the values 0..{MAX_LABEL}.")
+
+
+# 8-bit grey or palette (the indices are the labels); 16-bit or colour maps would be misread.
+LABEL_MODES = ("L", "P")
+LABEL_MODE_NAMES = {"I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit", "RGB": "colour (RGB)", "RGBA": "colour (RGBA)",
+                    "LA": "grey + alpha", "1": "1-bit"}
+
+
+def _opened(path: Path, what: str):
+    """The PIL image of ``path`` (header read, pixels not yet), or one sentence for a file PIL cannot read."""
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{what} cannot be read as an image ({first_line(error)}).") from None
 
 
 def _png_size(path: Path, what: str) -> tuple[int, int]:
@@ -107,19 +128,28 @@ def _png_size(path: Path, what: str) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+def _pixels(path: Path, what: str, mode: str | None = None) -> np.ndarray:
+    """The decoded pixels of a PNG (converted to ``mode`` if given); one sentence for a damaged file."""
+    image = _opened(path, what)
+    try:
+        return np.asarray(image.convert(mode) if mode else image)
+    except (OSError, ValueError, SyntaxError) as error:  # a truncated or corrupt file decodes only this far
+        raise InputError(f"{what} is a damaged image ({first_line(error)}).") from None
+
+
 def load_grey(path: Path) -> np.ndarray:
     """(1, H, W) float32 in [0, 1] from an 8- or 16-bit grey (or RGB) PNG, rows top to bottom."""
-    image = Image.open(path)
-    if image.mode in ("I;16", "I;16B", "I"):
-        array = np.asarray(image, dtype=np.float32) / 65535.0
+    what = f"The image {path}"
+    if _opened(path, what).mode in ("I;16", "I;16B", "I"):
+        array = _pixels(path, what).astype(np.float32) / 65535.0
     else:
-        array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        array = _pixels(path, what, "L").astype(np.float32) / 255.0
     return array[None]
 
 
 def load_labels(path: Path) -> np.ndarray:
     """(1, H, W) float32 label values 0..4; InputError for other values."""
-    labels = np.asarray(Image.open(path))
+    labels = _pixels(path, f"The label map {path}")
     if labels.ndim != 2:
         raise InputError(f"The label map {path} must be a single-channel PNG, not {labels.shape}.")
     if labels.max(initial=0) > MAX_LABEL:
@@ -210,13 +240,35 @@ def make_dataset(records: list[Record], image_size: int, with_label: bool, augme
     """A MONAI CacheDataset: files are read and resized once, the random jitter runs every epoch."""
     from monai.data import CacheDataset
 
-    return CacheDataset(
-        data=records,
-        transform=build_transforms(image_size, with_label, augment, counterfactual),
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
-    )
+    class ItemsDataset(CacheDataset):
+        """A transform's InputError as itself: MONAI wraps it in "applying transform ..." (a RuntimeError), when
+        it fills the cache and again for an item it could not cache."""
+
+        def __getitem__(self, index):
+            with _our_error_unwrapped():
+                return super().__getitem__(index)
+
+    with _our_error_unwrapped():
+        return ItemsDataset(
+            data=records,
+            transform=build_transforms(image_size, with_label, augment, counterfactual),
+            cache_rate=1.0,
+            num_workers=0,
+            progress=False,
+        )
+
+
+@contextlib.contextmanager
+def _our_error_unwrapped():
+    try:
+        yield
+    except RuntimeError as error:
+        cause = error
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 # ---------------------------------------------------------------- prepare-data
@@ -253,7 +305,7 @@ def _finding(row: dict, cxr_dir: Path | None = None) -> str:
 def _csv_rows(path: Path) -> tuple[list, list]:
     """(column names, rows) of a UTF-8 CSV; InputError if it is not UTF-8 text."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark is no column name
             reader = csv.DictReader(handle)
             return list(reader.fieldnames or []), list(reader)
     except UnicodeDecodeError:
@@ -278,7 +330,28 @@ def _manifest_rows(manifest: Path) -> list:
         _check_sample_id(row["image"], manifest, number)
         if row["split"] not in SPLITS:
             raise InputError(f"{manifest} row {number}: the split {row['split']!r} is not one of {', '.join(SPLITS)}.")
+        if (row.get("ctr") or "").strip() and not _is_number(row["ctr"]):
+            raise InputError(f"{manifest} row {number}: the cardiothoracic ratio (ctr) {row['ctr']!r} is not a number.")
     return rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def refuse_repeated_ids(ids: list, table: Path) -> None:
+    """One id names one file (images/<id>.png): an id listed twice would overwrite an image, or put one image
+    into two splits (a test image trained on)."""
+    first_row: dict = {}
+    for number, sample_id in enumerate(ids, start=2):
+        if sample_id in first_row:
+            raise InputError(f"{table} lists {sample_id!r} twice (rows {first_row[sample_id]} and {number}); "
+                             "every image id must be listed once.")
+        first_row[sample_id] = number
 
 
 INTENSITY_MODES = ("percentile", "none")
@@ -298,13 +371,14 @@ def stretch_intensity(pixels: np.ndarray) -> np.ndarray:
 def _write_image(source: Path, target: Path, intensity: str) -> None:
     """Copy the PNG as it is (``none``) or percentile-stretched, keeping its bit depth (8 or 16 bit grey)."""
     if intensity == "none":
+        _pixels(source, f"The image {source}")  # decodes: a damaged file is refused here, not in training
         shutil.copyfile(source, target)
         return
-    image = Image.open(source)
-    if image.mode in ("I;16", "I;16B", "I"):
-        pixels = np.asarray(image).astype(np.uint16)
+    what = f"The image {source}"
+    if _opened(source, what).mode in ("I;16", "I;16B", "I"):
+        pixels = _pixels(source, what).astype(np.uint16)
     else:
-        pixels = np.asarray(image.convert("L"))
+        pixels = _pixels(source, what, "L")
     Image.fromarray(stretch_intensity(pixels)).save(target)
 
 
@@ -323,14 +397,14 @@ def prepare_data(
     manifest = cxr_dir / "manifest.csv"
     if not manifest.is_file():
         raise InputError(f"{cxr_dir} is not the shared CXR data directory: manifest.csv is missing.")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"The output directory {out_dir} already exists and is not empty; choose a new one.")
+    check_new_directory(out_dir)
     rows = _manifest_rows(manifest)
     known = sorted({row["subset"] for row in rows})
     unknown = [s for s in subsets if s not in known]
     if unknown:
         raise InputError(f"--subsets names {', '.join(unknown)}, which {manifest} does not have (it has {', '.join(known)}).")
     rows = [row for row in rows if row["subset"] in subsets]
+    refuse_repeated_ids([row["image"] for row in rows], manifest)
     for row in rows:  # every item checked before anything is written
         source = cxr_dir / row["subset"]
         image, label = source / "images" / f"{row['image']}.png", source / "labels" / f"{row['image']}.png"
@@ -338,10 +412,8 @@ def prepare_data(
             raise InputError(f"{manifest} lists {row['image']!r} in {row['subset']}, but {image} does not exist.")
         check_item_files(row["image"], image, label if label.is_file() else None)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     counts: dict[str, int] = {}
-    try:
+    with staged_directory(out_dir) as staging:  # all or nothing, with the user's umask (mkdtemp would make it 0700)
         (staging / "images").mkdir()
         (staging / "labels").mkdir()
         with (staging / FINDINGS_FILE).open("w", newline="", encoding="utf-8") as handle:
@@ -352,18 +424,12 @@ def prepare_data(
                 _write_image(source / "images" / f"{row['image']}.png", staging / "images" / f"{row['image']}.png", intensity)
                 label_path = source / "labels" / f"{row['image']}.png"
                 if label_path.is_file():
-                    labels = np.asarray(Image.open(label_path)).copy()
+                    labels = _pixels(label_path, f"The label map {label_path}").copy()
                     labels[labels > MAX_LABEL] = 0
                     if labels.any():
                         Image.fromarray(labels.astype(np.uint8)).save(staging / "labels" / f"{row['image']}.png")
                 writer.writerow([row["image"], row["split"], _finding(row, cxr_dir)])
                 counts[row["split"]] = counts.get(row["split"], 0) + 1
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return counts
 
 
