@@ -15,7 +15,8 @@ YAML config (``xreal_engine/configs/<name>.yaml`` unless ``--config``), and writ
 
 The loop runs on HuggingFace accelerate, so ``accelerate launch -m xreal_engine.cli train ...``
 scales to several GPUs / nodes unchanged; mixed precision (fp16) is used on CUDA only.
-``--resume`` continues from the newest checkpoint in OUT.
+``--resume`` continues from the newest checkpoint in OUT that reads, exactly: the batches, their jitter and
+every random stream are those of an uninterrupted run (``loop.step_loader``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import yaml
 from ..errors import InputError
 from ..model.architecture import ANATOMY_LABEL_DIVISOR, scheduler_config
 from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainers here)
-    CONFIG_DIR, TRAINER_STATE, Trainer, infinite, make_accelerator, prepare_out_dir, publish, seed_everything,
-    INTERRUPTED_RESUME, built, set_threads, write_resolved_config, written_or_removed,
+    CONFIG_DIR, TRAINER_STATE, Trainer, make_accelerator, prepare_out_dir, publish, seed_everything,
+    INTERRUPTED_RESUME, built, set_threads, step_loader, write_resolved_config, written_or_removed,
 )
 
 SUBCOMMANDS = {
@@ -180,7 +181,7 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
 
     dataset = make_dataset(records, int(config["image_size"]), with_label=mask_input, augment=bool(config.get("augment", True)),
                            counterfactual=config.get("counterfactual") if mask_input else None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(training["batch_size"]), shuffle=True, drop_last=len(dataset) > int(training["batch_size"]))
+    loader = step_loader(dataset, int(training["batch_size"]), int(training.get("seed", 0)))
     accelerator = make_accelerator(args.mixed_precision)
     from .adversarial import AdversarialObjective, freeze_for
 
@@ -222,7 +223,7 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
         return loss.detach().item()
 
     model.train()
-    trainer.run(infinite(loader), step)
+    trainer.run(loader, step)
     accelerator.wait_for_everyone()
     final = Path(args.out) / "model"
     if accelerator.is_main_process:
@@ -428,7 +429,8 @@ def train_ldm(args, config: dict) -> Path:
                          f"UNet (x{unet_factor}); use a multiple of {factor * unet_factor}.")
     latent_size = image_size // factor
 
-    dataset = make_dataset(records, image_size, with_label=False, augment=bool(config.get("augment", True)))
+    dataset = make_dataset(records, image_size, with_label=False, augment=bool(config.get("augment", True)),
+                           seed=int(training.get("seed", 0)))  # the same latents again when resumed
     means, stds, item_findings = encode_latents(vae, dataset, int(training.get("latent_copies", 4)),
                                                 int(training["batch_size"]), device)
     scale_factor = config.get("scale_factor", "auto") if init is None else init["scale_factor"]
@@ -452,8 +454,7 @@ def train_ldm(args, config: dict) -> Path:
     optimizer = torch.optim.AdamW(parameters, lr=float(training["learning_rate"]), weight_decay=0.0)
     warmup = int(training.get("warmup_steps", 0))
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    loader = torch.utils.data.DataLoader(LatentSet(means, stds, item_findings), batch_size=int(training["batch_size"]),
-                                         shuffle=True, drop_last=len(item_findings) > int(training["batch_size"]))
+    loader = step_loader(LatentSet(means, stds, item_findings), int(training["batch_size"]), int(training.get("seed", 0)))
     unet, text_encoder, optimizer, loader, lr_schedule = accelerator.prepare(unet, text_encoder, optimizer, loader, lr_schedule)
     ema_decay = float(training.get("ema_decay", 0.0))
     ema = EMAModel(parameters, decay=ema_decay) if ema_decay > 0 else None
@@ -492,7 +493,7 @@ def train_ldm(args, config: dict) -> Path:
 
     unet.train()
     text_encoder.train()
-    trainer.run(infinite(loader), step)
+    trainer.run(loader, step)
     accelerator.wait_for_everyone()
     final = out / "model"
     if accelerator.is_main_process:

@@ -110,7 +110,8 @@ def cache_items(name: str, records, vae, config: dict, device, rng: np.random.Ge
         for group, with_label in groups:
             if not group:
                 continue
-            dataset = make_dataset(group, size, with_label=with_label, augment=augment)
+            dataset = make_dataset(group, size, with_label=with_label, augment=augment,
+                                   seed=int(training.get("seed", 0)))  # the same cache again when resumed
             loader = torch.utils.data.DataLoader(dataset, batch_size=int(training["batch_size"]), shuffle=False)
             for _ in range(copies):
                 for batch in loader:
@@ -194,7 +195,7 @@ def train_controlnet(args, config: dict) -> Path:
     from ..model.controlnets import make_controlnet
     from ..model.info import resolve_model
     from ..model.pipeline import XRealPipeline
-    from .loop import Trainer, infinite, make_accelerator, prepare_out_dir, seed_everything, write_resolved_config
+    from .loop import Trainer, make_accelerator, prepare_out_dir, seed_everything, step_loader, write_resolved_config
     from .data import read_records
 
     name = check_name(args.control)
@@ -238,7 +239,7 @@ def train_controlnet(args, config: dict) -> Path:
     controlnet = make_controlnet(unet, factor=factor).to(device).train()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=float(training["learning_rate"]), weight_decay=0.0)
     batch_size = int(training["batch_size"])
-    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=len(items) > batch_size)
+    loader = step_loader(items, batch_size, seed)
     controlnet, optimizer, loader = accelerator.prepare(controlnet, optimizer, loader)
     trainer = Trainer(args, config, accelerator)
     if checkpoints:
@@ -266,7 +267,7 @@ def train_controlnet(args, config: dict) -> Path:
         optimizer.step()
         return loss.detach().item()
 
-    trainer.run(infinite(loader), step)
+    trainer.run(loader, step)
     accelerator.wait_for_everyone()
     final = out / "model"
     if accelerator.is_main_process:

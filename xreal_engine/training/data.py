@@ -236,8 +236,12 @@ def build_transforms(image_size: int, with_label: bool, augment: bool, counterfa
 
 
 def make_dataset(records: list[Record], image_size: int, with_label: bool, augment: bool,
-                 counterfactual: dict | None = None):
-    """A MONAI CacheDataset: files are read and resized once, the random jitter runs every epoch."""
+                 counterfactual: dict | None = None, seed: int | None = None):
+    """A MONAI CacheDataset: files are read and resized once, the random jitter runs every epoch.
+
+    ``seed``: the jitter's random state (MONAI's transforms do not follow numpy's or torch's global seed), so
+    a pass over the items in order is the same in every run; the training loaders seed each draw instead
+    (``loop.SeededDraws``)."""
     from monai.data import CacheDataset
 
     class ItemsDataset(CacheDataset):
@@ -248,14 +252,11 @@ def make_dataset(records: list[Record], image_size: int, with_label: bool, augme
             with _our_error_unwrapped():
                 return super().__getitem__(index)
 
+    transform = build_transforms(image_size, with_label, augment, counterfactual)
+    if seed is not None:
+        transform.set_random_state(seed=int(seed))
     with _our_error_unwrapped():
-        return ItemsDataset(
-            data=records,
-            transform=build_transforms(image_size, with_label, augment, counterfactual),
-            cache_rate=1.0,
-            num_workers=0,
-            progress=False,
-        )
+        return ItemsDataset(data=records, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
 
 
 @contextlib.contextmanager

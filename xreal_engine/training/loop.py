@@ -145,6 +145,80 @@ def infinite(loader):
         yield from loader
 
 
+class StepBatches:
+    """A batch sampler whose batch for step k depends only on (seed, k), so a resumed run draws exactly the
+    batches the uninterrupted run would have drawn, also from the middle of an epoch.
+
+    Epoch e is a permutation of the items from ``numpy.random.default_rng([seed, e])``; its batches are
+    consecutive slices (the last, short one dropped when ``drop_last``). Items are ``(draw, index)``: the
+    draw number seeds the item's augmentation (``SeededDraws``). Endless; the Trainer counts the steps.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, drop_last: bool):
+        self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
+        whole, rest = divmod(self.size, self.batch_size)
+        self.per_epoch = max(whole if drop_last else whole + bool(rest), 1)
+        self.start_step = 0  # set by Trainer.run to the step it resumes from
+
+    def batch(self, step: int) -> list:
+        epoch, position = divmod(step, self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        chunk = order[position * self.batch_size:(position + 1) * self.batch_size]
+        return [(step * self.batch_size + offset, int(index)) for offset, index in enumerate(chunk)]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class SeededDraws:
+    """``dataset[index]`` with the randomness of draw ``draw`` seeded by (seed, draw): MONAI's random
+    transforms (``transform.set_random_state``) and torch's generator, the latter restored afterwards, so
+    fetching items (also ahead, as accelerate's loader does) never moves the training's own random stream."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        import torch
+
+        draw, index = key
+        seed = int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transform = getattr(self.dataset, "transform", None)
+            if hasattr(transform, "set_random_state"):
+                transform.set_random_state(seed=seed)
+            return self.dataset[index]
+
+
+def step_loader(dataset, batch_size: int, seed: int):
+    """The training DataLoader of every trainer: ``StepBatches`` over ``SeededDraws`` (exact resume)."""
+    import torch
+
+    batch_size = int(batch_size)
+    sampler = StepBatches(len(dataset), batch_size, seed, drop_last=len(dataset) > batch_size)
+    # Its own generator: starting an iterator draws a base seed, which must not come from the training's
+    # stream (a resumed run starts its iterator at another point of it).
+    return torch.utils.data.DataLoader(SeededDraws(dataset, seed), batch_sampler=sampler,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def _step_batches(loader) -> StepBatches | None:
+    """The StepBatches under a (possibly accelerate-wrapped) loader, or None."""
+    sampler = loader
+    for _ in range(4):
+        sampler = getattr(sampler, "batch_sampler", None)
+        if sampler is None or isinstance(sampler, StepBatches):
+            return sampler
+    return None
+
+
 class Trainer:
     """The shared loop: steps, logging, checkpoints every N steps, resume, progress bar with the loss."""
 
@@ -221,9 +295,20 @@ class Trainer:
         staging.write_text("".join(kept), encoding="utf-8")
         staging.replace(log)
 
-    def run(self, batches, train_step) -> list[float]:
-        """Call ``train_step(batch) -> loss`` until max_steps; returns the losses of this session."""
+    def run(self, loader, train_step) -> list[float]:
+        """Call ``train_step(batch) -> loss`` until max_steps; returns the losses of this session.
+
+        ``loader``: a ``step_loader`` (prepared by accelerate or not), which continues at the resumed step;
+        any other iterable of batches is taken as it is.
+        """
         from tqdm.auto import tqdm
+
+        sampler = _step_batches(loader)
+        if sampler is not None:
+            sampler.start_step = self.step
+            batches = iter(loader)
+        else:
+            batches = loader if hasattr(loader, "__next__") else infinite(loader)
 
         max_steps = int(self.training["max_steps"])
         every = int(self.training.get("checkpoint_every", 500))
