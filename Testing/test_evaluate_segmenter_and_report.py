@@ -127,6 +127,10 @@ def test_evaluate_tiny_model_writes_well_formed_report(tiny_model, untrained_seg
     for values in report["counterfactuals"].values():
         assert 0.0 <= values["follows_request_fraction"] <= 1.0
         assert 0.0 <= values["dice_vs_request"]["mean"] <= 1.0
+    for record in report["per_image"]:  # an image counts as following only if it drew the request at all
+        for run in record["counterfactuals"].values():
+            assert run["follows_request"] == (run["dice_vs_request"] > run["dice_vs_source_anatomy"]
+                                              and run["dice_vs_request"] >= 0.5)
     assert len(report["per_image"]) == 3
     realism = report["realism"]
     assert realism["images"] == {"generated": 6, "real": 3}
@@ -158,3 +162,22 @@ def test_evaluate_refuses_bad_requests_with_one_line(tiny_model, untrained_segme
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1, error
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "--batch-size must be at least 1, not 0."),
+    ("--epochs", "0", "--epochs must be at least 1, not 0."),
+    ("--limit", "0", "--limit must be at least 1, not 0."),
+    ("--limit", "-1", "--limit must be at least 1, not -1."),
+    ("--learning-rate", "-1", "--learning-rate must be a positive number, not -1.0."),
+    ("--learning-rate", "nan", "--learning-rate must be a positive number, not nan."),
+    ("--size", "0", "--size must be a multiple of 16 and at least 32, not 0."),
+    ("--device", "tpu", "Unknown device 'tpu'; use auto, cpu or cuda."),
+    ("--threads", "0", "--threads must be a whole number of at least 1, not 0."),
+])
+def test_train_segmenter_refuses_bad_numbers_with_one_line(data_dir, tmp_path, capsys, option, value, message):
+    out = tmp_path / "seg"
+    assert cli.main(["train", "segmenter", "--data", str(data_dir), "--out", str(out), option, value]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(message) and len(error.splitlines()) == 1, error
+    assert not out.exists()

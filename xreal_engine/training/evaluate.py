@@ -48,6 +48,9 @@ from .segmenter import (
     read_layout,
 )
 
+# The Dice to the requested structure below which a counterfactual never counts as followed.
+FOLLOWS_REQUEST_MIN_DICE = 0.5
+
 REPORT_FILE = "report.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
 # Issue 4 targets (reported, not asserted).
@@ -303,7 +306,9 @@ def evaluate(
                     "dice_vs_request": dice_request,
                     "dice_vs_source_anatomy": dice_source,
                     "request_vs_source_dice": float(np.mean([request_vs_source[s] for s in changed])),
-                    "follows_request": dice_request > dice_source,
+                    # Closer to the request than to the source, and drawn at all: an image with no heart is
+                    # "closer" to an enlarged one (0.010 > 0.000) without following anything.
+                    "follows_request": dice_request > dice_source and dice_request >= FOLLOWS_REQUEST_MIN_DICE,
                 }
                 row.append((np.asarray(image), request, None))
         records.append(record)

@@ -356,29 +356,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--preset", choices=sorted(NETWORK_PRESETS), default="small")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--limit", type=int, default=None, help="use at most N images per split (smoke tests)")
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, args.threads))
+    import math
+
+    from ..model.loading import resolve_threads, select_device
+
+    torch.set_num_threads(resolve_threads(args.threads))
     if args.model is not None and args.size is not None:
         raise InputError("Give either --model or --size, not both: the model fixes the image size.")
-    size = args.size or 128
+    size = 128 if args.size is None else args.size
     if args.model is not None:
         from ..model.info import resolve_model
 
         size = int(resolve_model(args.model).image_size)
     if size < 32 or size % 16:
         raise InputError(f"--size must be a multiple of 16 and at least 32, not {size}.")
-    if args.epochs < 1:
-        raise InputError(f"--epochs must be at least 1, not {args.epochs}.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA device is available.")
+    for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} must be at least 1, not {value}.")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise InputError(f"--learning-rate must be a positive number, not {args.learning_rate}.")
+    device = str(select_device(args.device, "float32")[0])  # the one rule for device words: auto, cpu, cuda[:N]
     config = train_segmenter(
         args.data, args.out, size=size, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, preset=args.preset, seed=args.seed, device=args.device, limit=args.limit,
+        learning_rate=args.learning_rate, preset=args.preset, seed=args.seed, device=device, limit=args.limit,
     )
     print(f"segmenter written to {args.out} ({config['training_seconds']} s)")
     for split in ("val", "test"):
