@@ -76,6 +76,10 @@ def test_generate_writes_complete_reproducible_result(tiny_model, inputs, tmp_pa
     provenance = json.loads((tmp_path / "a" / "provenance.json").read_text())
     assert provenance["seed"] == 7 and provenance["steps"] == 3 and provenance["anatomy_steps"] == 2
     assert provenance["findings"] == ["cardiomegaly"]
+    import hashlib  # which files made it (not their names)
+
+    assert provenance["inputs"] == {"anatomy_sha256": hashlib.sha256(anatomy.read_bytes()).hexdigest(),
+                                    "pathology_sha256": [hashlib.sha256(region.read_bytes()).hexdigest()]}
     assert provenance["model_id"] == ModelInfo.load(tiny_model).model_id
     assert len(provenance["weights_hash"]) == 64
     assert provenance["cpu_threads"] == 1  # float32 CPU results depend on it (by up to one grey level)

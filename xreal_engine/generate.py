@@ -245,6 +245,7 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         "mode": "edit" if prepared.edit_mode else "generate",
         **params.to_public(),  # seed, steps, anatomy_steps, guidance, eta, soft_mask_value
         "findings": findings,
+        "inputs": _inputs_provenance(prepared.request),
         "controls": [_control_provenance(c, params, prepared.edit_mode) for c in prepared.controls],
         **({"source_image": _source_provenance(prepared)} if prepared.edit_mode else {}),
         "device": str(device),
@@ -273,6 +274,16 @@ def generate_to_directory(pipe, prepared: PreparedRequest, out_dir: Path, progre
         _write_segments(staging, segments)
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
+
+
+def _inputs_provenance(request: GenerationRequest) -> dict:
+    """The sha256 of the anatomy map and of each pathology mask (in the order of ``findings``): which files
+    made the image, so a dataset can be checked against its inputs. Not their names (they may carry a
+    patient's name)."""
+    from .io.controls import file_sha256
+
+    return {"anatomy_sha256": file_sha256(request.anatomy_path) if request.anatomy_path else None,
+            "pathology_sha256": [file_sha256(Path(path)) for path, _ in request.pathologies]}
 
 
 def _source_provenance(prepared: PreparedRequest) -> dict:
