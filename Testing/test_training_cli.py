@@ -260,6 +260,7 @@ def _short_run(tiny_data, tmp_path):
 def test_resume_skips_a_damaged_newest_checkpoint(tiny_data, tmp_path, capsys, damage):
     arguments, run_dir = _short_run(tiny_data, tmp_path)
     newest = run_dir / "checkpoints" / "step-4"
+    shutil.copytree(newest, newest.with_name("step-4.bak"))  # a user's copy is not a checkpoint (nor a crash)
     if damage == "weights cut short":
         weights = newest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
