@@ -34,7 +34,7 @@ from xreal_engine.training.segmenter import (
 @pytest.fixture(scope="module")
 def data_dir(shared_dir, tmp_path_factory):
     """The wingspan subset in the training layout (DATA/images, labels, findings.csv), via prepare-data."""
-    from xreal_engine.training.data import prepare_data
+    from xreal_engine.training.prepare_data import prepare_data
 
     out_dir = tmp_path_factory.mktemp("data") / "wingspan"
     prepare_data(shared_dir / "data" / "cxr", out_dir, subsets=("wingspan",))

@@ -23,7 +23,8 @@ from PIL import Image
 
 from xreal_engine.cli import main
 from xreal_engine.errors import InputError
-from xreal_engine.training.data import make_dataset, prepare_data, read_records
+from xreal_engine.training.data import make_dataset, read_records
+from xreal_engine.training.prepare_data import prepare_data
 
 TINY_AE = {
     "image_size": 32,

@@ -31,7 +31,7 @@ SUBCOMMANDS = {
     "serve": ("xreal_engine.service.serve", "run the HTTP engine service"),
     "submit": ("xreal_engine.cli.submit", "submit a job to a running engine service"),
     "train": ("xreal_engine.training.cli", "train an autoencoder, anatomy controller, LDM or segmenter"),
-    "prepare-data": ("xreal_engine.training.data", "convert a data set to the training layout"),
+    "prepare-data": ("xreal_engine.training.prepare_data", "convert a data set to the training layout"),
     "evaluate": ("xreal_engine.training.evaluate", "evaluate a model on held-out anatomy masks"),
     "push": ("xreal_engine.pacs.transfer", "send result DICOM files to a configured PACS destination"),
 }

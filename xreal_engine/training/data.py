@@ -1,4 +1,4 @@
-"""Training data: the ``DATA/`` layout, MONAI loading + augmentation, and the ``prepare-data`` command.
+"""Training data: the ``DATA/`` layout, its checks, MONAI loading + augmentation (``prepare_data.py`` writes it).
 
 Layout (see ``xreal_engine/training/__init__.py``): ``images/<id>.png``, optional
 ``labels/<id>.png`` (0 background, 1 left lung, 2 right lung, 3 heart, 4 aorta) and
@@ -12,10 +12,8 @@ right of a PA film) and a flipped film teaches the model a situs inversus.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +21,12 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError, first_line
-from ..files import PLAIN_NAME_PATTERN, check_new_directory, staged_directory  # an id names images/<id>.png
+from ..files import PLAIN_NAME_PATTERN  # an id names images/<id>.png
 from ..io.formats import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, header_sizes, sniff_file
 
 FINDINGS_FILE = "findings.csv"
 SPLITS = ("train", "val", "test")
 MAX_LABEL = 4
-# Subsets of ../shared/data/cxr whose licences allow redistributing a model trained on them.
-MANIFEST_COLUMNS = ("subset", "image", "split")
-PERMISSIVE_SUBSETS = ("wingspan", "hannover_unlabeled")
-CARDIOMEGALY_CTR = 0.5
 
 
 @dataclass
@@ -55,13 +49,13 @@ def read_records(data_dir: str | Path, split: str = "train", require_labels: boo
             f"{data_dir} is not a training data directory: {FINDINGS_FILE} is missing "
             "(write one with `xreal-engine prepare-data`)."
         )
-    columns, rows = _csv_rows(table)
+    columns, rows = csv_rows(table)
     if not {"id", "split", "finding"} <= set(columns):
         raise InputError(f"{table} must have the columns id, split and finding.")
     refuse_repeated_ids([row["id"] for row in rows], table)
     records = []
     for number, row in enumerate(rows, start=2):
-        _check_sample_id(row["id"], table, number)
+        check_sample_id(row["id"], table, number)
         if row["split"] != split:
             continue
         image = data_dir / "images" / f"{row['id']}.png"
@@ -95,7 +89,7 @@ def check_item_files(sample_id: str, image: Path, label: Path | None) -> None:
         width, height = _png_size(label, "")
         raise InputError(f"The label map of {sample_id!r} ({label}) is {width} x {height} pixels, its image "
                          f"{size[0]} x {size[1]}; a label map must match its image pixel for pixel.")
-    mode = _opened(label, f"The label map of {sample_id!r} ({label})").mode
+    mode = opened_image(label, f"The label map of {sample_id!r} ({label})").mode
     if mode not in LABEL_MODES:
         raise InputError(f"The label map of {sample_id!r} ({label}) is a {LABEL_MODE_NAMES.get(mode, mode)} PNG; "
                          f"label maps are 8-bit single-channel PNGs with the values 0..{MAX_LABEL}.")
@@ -107,7 +101,7 @@ LABEL_MODE_NAMES = {"I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit", "RGB": "
                     "LA": "grey + alpha", "1": "1-bit"}
 
 
-def _opened(path: Path, what: str):
+def opened_image(path: Path, what: str):
     """The PIL image of ``path`` (header read, pixels not yet), or one sentence for a file PIL cannot read."""
     try:
         return Image.open(path)
@@ -128,9 +122,9 @@ def _png_size(path: Path, what: str) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-def _pixels(path: Path, what: str, mode: str | None = None) -> np.ndarray:
+def decoded_pixels(path: Path, what: str, mode: str | None = None) -> np.ndarray:
     """The decoded pixels of a PNG (converted to ``mode`` if given); one sentence for a damaged file."""
-    image = _opened(path, what)
+    image = opened_image(path, what)
     try:
         return np.asarray(image.convert(mode) if mode else image)
     except (OSError, ValueError, SyntaxError) as error:  # a truncated or corrupt file decodes only this far
@@ -140,16 +134,16 @@ def _pixels(path: Path, what: str, mode: str | None = None) -> np.ndarray:
 def load_grey(path: Path) -> np.ndarray:
     """(1, H, W) float32 in [0, 1] from an 8- or 16-bit grey (or RGB) PNG, rows top to bottom."""
     what = f"The image {path}"
-    if _opened(path, what).mode in ("I;16", "I;16B", "I"):
-        array = _pixels(path, what).astype(np.float32) / 65535.0
+    if opened_image(path, what).mode in ("I;16", "I;16B", "I"):
+        array = decoded_pixels(path, what).astype(np.float32) / 65535.0
     else:
-        array = _pixels(path, what, "L").astype(np.float32) / 255.0
+        array = decoded_pixels(path, what, "L").astype(np.float32) / 255.0
     return array[None]
 
 
 def load_labels(path: Path) -> np.ndarray:
     """(1, H, W) float32 label values 0..4; InputError for other values."""
-    labels = _pixels(path, f"The label map {path}")
+    labels = decoded_pixels(path, f"The label map {path}")
     if labels.ndim != 2:
         raise InputError(f"The label map {path} must be a single-channel PNG, not {labels.shape}.")
     if labels.max(initial=0) > MAX_LABEL:
@@ -272,38 +266,7 @@ def _our_error_unwrapped():
         raise cause from None
 
 
-# ---------------------------------------------------------------- prepare-data
-
-# covid_seg_nc's pathology_bits (README of ../shared/data/cxr) -> the vocabulary's finding, first match wins:
-# consolidation, the denser opacity, names an image wherever it is drawn (13 train images, 12 of them with
-# ground-glass opacity too), else ground-glass opacity (23). Effusion (4) and pneumothorax (8) have one region
-# each in the whole set: too few to learn, so they name no image.
-PATHOLOGY_BITS = ((2, "consolidation"), (1, "ground-glass opacity"))
-
-
-def _region_finding(bits_path: Path) -> str:
-    """The image's finding from its drawn regions (``PATHOLOGY_BITS``), "" when none is drawn."""
-    if not bits_path.is_file():
-        return ""
-    bits = np.asarray(Image.open(bits_path)).astype(np.int64)
-    return next((name for bit, name in PATHOLOGY_BITS if ((bits & bit) > 0).any()), "")
-
-
-def _finding(row: dict, cxr_dir: Path | None = None) -> str:
-    """Image-level finding from the shared manifest (issue 4): CTR > 0.5 = cardiomegaly, Hannover = pneumonia,
-    covid_seg_nc = its drawn finding (consolidation, else ground-glass opacity)."""
-    if row["subset"] == "covid_seg_nc" and cxr_dir is not None:
-        return _region_finding(cxr_dir / row["subset"] / "pathology_bits" / f"{row['image']}.png")
-    if row["subset"] == "wingspan":
-        if not row.get("ctr"):
-            return ""
-        return "cardiomegaly" if float(row["ctr"]) > CARDIOMEGALY_CTR else "no finding"
-    if row["subset"] == "hannover_unlabeled":
-        return "pneumonia"
-    return (row.get("finding") or "").strip().lower()
-
-
-def _csv_rows(path: Path) -> tuple[list, list]:
+def csv_rows(path: Path) -> tuple[list, list]:
     """(column names, rows) of a UTF-8 CSV; InputError if it is not UTF-8 text."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark is no column name
@@ -313,35 +276,10 @@ def _csv_rows(path: Path) -> tuple[list, list]:
         raise InputError(f"{path} is not a UTF-8 CSV file.") from None
 
 
-def _check_sample_id(sample_id, table: Path, row_number: int) -> None:
+def check_sample_id(sample_id, table: Path, row_number: int) -> None:
     if not isinstance(sample_id, str) or not PLAIN_NAME_PATTERN.fullmatch(sample_id):
         raise InputError(f"{table} row {row_number}: the id {sample_id!r} is not a plain file name (letters, digits, "
                          "'.', '_', '-'; no folders).")
-
-
-def _manifest_rows(manifest: Path) -> list:
-    """The shared data's manifest rows, checked: UTF-8, its columns, plain image ids, known splits."""
-    columns, rows = _csv_rows(manifest)
-    missing = [column for column in MANIFEST_COLUMNS if column not in columns]
-    if missing:
-        raise InputError(f"{manifest} lacks the columns {', '.join(missing)} (it needs {', '.join(MANIFEST_COLUMNS)}).")
-    if not rows:
-        raise InputError(f"{manifest} has no rows.")
-    for number, row in enumerate(rows, start=2):
-        _check_sample_id(row["image"], manifest, number)
-        if row["split"] not in SPLITS:
-            raise InputError(f"{manifest} row {number}: the split {row['split']!r} is not one of {', '.join(SPLITS)}.")
-        if (row.get("ctr") or "").strip() and not _is_number(row["ctr"]):
-            raise InputError(f"{manifest} row {number}: the cardiothoracic ratio (ctr) {row['ctr']!r} is not a number.")
-    return rows
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def refuse_repeated_ids(ids: list, table: Path) -> None:
@@ -353,111 +291,3 @@ def refuse_repeated_ids(ids: list, table: Path) -> None:
             raise InputError(f"{table} lists {sample_id!r} twice (rows {first_row[sample_id]} and {number}); "
                              "every image id must be listed once.")
         first_row[sample_id] = number
-
-
-INTENSITY_MODES = ("percentile", "none")
-STRETCH_PERCENTILES = (0.5, 99.5)
-
-
-def stretch_intensity(pixels: np.ndarray) -> np.ndarray:
-    """Stretch the 0.5th..99.5th percentile to the full range of the dtype (clipped): the sources differ wildly in exposure."""
-    top = float(np.iinfo(pixels.dtype).max)
-    low, high = np.percentile(pixels, STRETCH_PERCENTILES)
-    if high <= low:
-        return pixels.copy()
-    stretched = (pixels.astype(np.float64) - low) * (top / (high - low))
-    return np.clip(np.rint(stretched), 0, top).astype(pixels.dtype)
-
-
-def _write_image(source: Path, target: Path, intensity: str) -> None:
-    """Copy the PNG as it is (``none``) or percentile-stretched, keeping its bit depth (8 or 16 bit grey)."""
-    if intensity == "none":
-        _pixels(source, f"The image {source}")  # decodes: a damaged file is refused here, not in training
-        shutil.copyfile(source, target)
-        return
-    what = f"The image {source}"
-    if _opened(source, what).mode in ("I;16", "I;16B", "I"):
-        pixels = _pixels(source, what).astype(np.uint16)
-    else:
-        pixels = _pixels(source, what, "L")
-    Image.fromarray(stretch_intensity(pixels)).save(target)
-
-
-def prepare_data(
-    cxr_dir: str | Path, out_dir: str | Path, subsets=PERMISSIVE_SUBSETS, intensity: str = "percentile"
-) -> dict:
-    """Convert ``../shared/data/cxr`` (or a copy) into the training layout; returns counts per split.
-
-    Written into a temporary sibling and renamed, so a failed run leaves nothing behind.
-    Label value 5 (cardiomediastinum, covid_seg_nc only) is not an XReal label and becomes background.
-    ``intensity="percentile"`` stretches every image (see ``stretch_intensity``); ``"none"`` copies it unchanged.
-    """
-    if intensity not in INTENSITY_MODES:
-        raise InputError(f"--intensity must be one of {', '.join(INTENSITY_MODES)}, not {intensity!r}.")
-    cxr_dir, out_dir = Path(cxr_dir), Path(out_dir)
-    manifest = cxr_dir / "manifest.csv"
-    if not manifest.is_file():
-        raise InputError(f"{cxr_dir} is not the shared CXR data directory: manifest.csv is missing.")
-    check_new_directory(out_dir)
-    rows = _manifest_rows(manifest)
-    known = sorted({row["subset"] for row in rows})
-    unknown = [s for s in subsets if s not in known]
-    if unknown:
-        raise InputError(f"--subsets names {', '.join(unknown)}, which {manifest} does not have (it has {', '.join(known)}).")
-    rows = [row for row in rows if row["subset"] in subsets]
-    refuse_repeated_ids([row["image"] for row in rows], manifest)
-    for row in rows:  # every item checked before anything is written
-        source = cxr_dir / row["subset"]
-        image, label = source / "images" / f"{row['image']}.png", source / "labels" / f"{row['image']}.png"
-        if not image.is_file():
-            raise InputError(f"{manifest} lists {row['image']!r} in {row['subset']}, but {image} does not exist.")
-        check_item_files(row["image"], image, label if label.is_file() else None)
-
-    counts: dict[str, int] = {}
-    with staged_directory(out_dir) as staging:  # all or nothing, with the user's umask (mkdtemp would make it 0700)
-        (staging / "images").mkdir()
-        (staging / "labels").mkdir()
-        with (staging / FINDINGS_FILE).open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["id", "split", "finding"])
-            for row in rows:
-                source = cxr_dir / row["subset"]
-                _write_image(source / "images" / f"{row['image']}.png", staging / "images" / f"{row['image']}.png", intensity)
-                label_path = source / "labels" / f"{row['image']}.png"
-                if label_path.is_file():
-                    labels = _pixels(label_path, f"The label map {label_path}").copy()
-                    labels[labels > MAX_LABEL] = 0
-                    if labels.any():
-                        Image.fromarray(labels.astype(np.uint8)).save(staging / "labels" / f"{row['image']}.png")
-                writer.writerow([row["image"], row["split"], _finding(row, cxr_dir)])
-                counts[row["split"]] = counts.get(row["split"], 0) + 1
-    return counts
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cxr", required=True, type=Path, help="the shared CXR directory (with manifest.csv)")
-    parser.add_argument("--out", required=True, type=Path, help="new directory for the training layout")
-    parser.add_argument(
-        "--subsets",
-        default=",".join(PERMISSIVE_SUBSETS),
-        help="comma-separated subsets to include (default: the permissively licensed wingspan,hannover_unlabeled)",
-    )
-    parser.add_argument(
-        "--intensity",
-        choices=INTENSITY_MODES,
-        default="percentile",
-        help="percentile (default): stretch each image's 0.5th..99.5th percentile to the full grey range; none: copy as is",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
-    if not subsets:
-        raise InputError("--subsets is empty; name at least one subset, e.g. wingspan.")
-    counts = prepare_data(args.cxr, args.out, subsets, args.intensity)
-    not_permissive = [s for s in subsets if s not in PERMISSIVE_SUBSETS]
-    if not_permissive:
-        print(f"note: {', '.join(not_permissive)} is not permissively licensed; do not redistribute models trained on it.")
-    summary = ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS)
-    print(f"Wrote {sum(counts.values())} images to {args.out} ({summary}).")
-    return 0
