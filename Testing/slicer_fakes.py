@@ -278,6 +278,8 @@ class Node(Observable):
 
 
 class Volume(Node):
+    MRML_CLASS = "vtkMRMLScalarVolumeNode"  # the class name a parameter-node annotation stands for
+
     def __init__(self, array, ijk_to_ras, name, cls="vtkMRMLScalarVolumeNode"):
         super().__init__(cls, name)
         self.array = np.asarray(array)
@@ -361,7 +363,13 @@ class DisplayNode:
         self.views.append(view)
 
 
+class VectorVolume(Volume):
+    MRML_CLASS = "vtkMRMLVectorVolumeNode"
+
+
 class SegmentationNode(Node):
+    MRML_CLASS = "vtkMRMLSegmentationNode"
+
     def __init__(self, name=""):
         super().__init__("vtkMRMLSegmentationNode", name)
         self.segmentation, self.masks, self.display = Segmentation(), {}, None
@@ -454,7 +462,12 @@ class Recorder:
 
 def _ui_widgets(ui_file: Path):
     root = ET.parse(ui_file).getroot()
-    return {w.get("name"): FakeWidget(w.get("name"), w.get("class")) for w in root.iter("widget")}
+    widgets = {}
+    for element in root.iter("widget"):
+        widget = widgets[element.get("name")] = FakeWidget(element.get("name"), element.get("class"))
+        bound = element.find("./property[@name='SlicerParameterName']/string")
+        widget.parameterName = bound.text if bound is not None else None
+    return widgets
 
 
 def install(monkeypatch, tmp_path: Path, module_dir: Path):
@@ -532,6 +545,7 @@ def install(monkeypatch, tmp_path: Path, module_dir: Path):
     slicer.vtkSegment = types.SimpleNamespace(GetTerminologyEntryTagName=lambda: "TerminologyEntry")
     slicer.vtkMRMLLayoutNode = types.SimpleNamespace(SlicerLayoutOneUpRedSliceView=6, SlicerLayoutSideBySideView=29)
     slicer.vtkMRMLScalarVolumeNode, slicer.vtkMRMLSegmentationNode = Volume, SegmentationNode
+    slicer.vtkMRMLVectorVolumeNode = VectorVolume
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = tr
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
@@ -675,6 +689,13 @@ def parameterNodeWrapper(cls):
             self._node.notify()
 
         def connectGui(self, ui):
+            """As Slicer's qMRMLNodeComboBoxToNodeConnector: a node field's combo box gets the annotation's
+            node types (a Union: each of them), replacing what the module or the .ui set."""
+            for widget in vars(ui).values():
+                field = getattr(widget, "parameterName", None)
+                if field in hints and widget.cls == "qMRMLNodeComboBox":
+                    types_ = typing.get_args(hints[field]) or (hints[field],)
+                    widget.nodeTypes = [t.MRML_CLASS for t in types_ if hasattr(t, "MRML_CLASS")]
             return "tag"
 
         def disconnectGui(self, tag):

@@ -357,3 +357,46 @@ def test_the_modules_own_self_test_without_an_engine_passes_here(widget, module)
     test = module.XRealSlicerTest("test_XRealSlicer_workflow_without_engine")
     test.test_XRealSlicer_workflow_without_engine()
     assert widget.ui.resultsListWidget.count == 5 and len(widget._results) == 5
+    # ... and leaves the panel with the engine it had (none here), not connected to the replaying one
+    assert widget.logic.client is None and widget.logic.engineUrl is None
+
+
+def test_reload_and_test_shows_a_skipped_engine_test_as_skipped(widget, module, monkeypatch):
+    """Slicer's Test button calls runTest outside unittest: a skip there must not end as 'Test failed'."""
+    test = module.XRealSlicerTest("runTest")
+    shown = []
+    monkeypatch.setattr(test, "delayDisplay", lambda message, msec=None: shown.append(message))
+    monkeypatch.setattr(test, "setUp", lambda: None)  # the scene clearing is Slicer's, not modelled here
+    monkeypatch.setattr(module, "requirements_installed", lambda python, env: False)  # no engine environment
+    test.runTest()  # does not raise
+    assert any(message.startswith("The test with a real engine was skipped: no engine Python") for message in shown)
+
+
+def test_nothing_replaces_or_restarts_the_engine_while_a_run_is_going(widget, module, monkeypatch):
+    ui, logic = widget.ui, widget.logic
+    client = ReplayEngineClient(polls=10)
+    logic.useClient(client, client.info(), "replay")
+    widget.applyModelInfo()
+    node, canvas, segmentation = _template_canvas(widget)
+    pathology = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Pathology")
+    logic.setSegmentFinding(segmentation, pathology, "pneumonia")
+    _paint(segmentation, pathology, canvas)
+    widget.onGenerateOrCancel()
+    _drive(widget, lambda: ui.resultsListWidget.count == 1 and not widget._runner.busy)
+    ui.resultsListWidget.setCurrentRow(0)
+    stopped = []
+    monkeypatch.setattr(logic, "stopLocalEngine", lambda: stopped.append(True))
+    widget.onGenerateOrCancel()  # a second run (10 polls)
+    assert widget._runner.busy and ui.generateButton.text == "Cancel"
+    widget.updateEngineDependentWidgets()
+    assert not any(getattr(ui, name).enabled for name in ("startEngineButton", "connectButton", "stopEngineButton",
+                                                           "removeEnvironmentButton", "generateAgainButton"))
+    seed = node.seed
+    for press in (widget.onGenerateAgain, widget.onConnect, widget.onStartEngine, widget.onStopEngine,
+                  widget.onRemoveEnvironment):
+        press()  # a click that reached the slot anyway (a keyboard shortcut, a queued event)
+    assert widget._runner.busy and not widget._runner._cancel.is_set() and node.seed == seed
+    assert not stopped and logic.client is client and widget._task is None or widget._task.done
+    _drive(widget, lambda: not widget._runner.busy and ui.resultsListWidget.count == 2)
+    widget.updateEngineDependentWidgets()
+    assert ui.connectButton.enabled and ui.generateAgainButton.enabled

@@ -147,8 +147,9 @@ def _parameter_node_class():
                and node.module.split(".")[0] in ("XRealSlicerLib", "xreal_engine")]
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "XRealSlicerParameterNode")
     wrapper.decorator_list = []  # @parameterNodeWrapper needs Slicer; the annotations and defaults do not
-    namespace = {"Annotated": typing.Annotated, "WithinRange": _WithinRange,
+    namespace = {"Annotated": typing.Annotated, "Union": typing.Union, "WithinRange": _WithinRange,
                  "vtkMRMLScalarVolumeNode": type("vtkMRMLScalarVolumeNode", (), {}),
+                 "vtkMRMLVectorVolumeNode": type("vtkMRMLVectorVolumeNode", (), {}),
                  "vtkMRMLSegmentationNode": type("vtkMRMLSegmentationNode", (), {})}
     code = compile(ast.Module(body=imports + [wrapper], type_ignores=[]), str(MODULE_PY), "exec", dont_inherit=True)
     exec(code, namespace)  # dont_inherit: the annotations are evaluated as in XRealSlicer.py, not as strings

@@ -24,8 +24,9 @@ import queue
 import random
 import shutil
 import time
+import unittest
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Union
 
 import numpy as np
 import qt
@@ -42,6 +43,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLVectorVolumeNode  # Slicer source: Libs/MRML/Core/vtkMRMLVectorVolumeNode.h
 
 from XRealSlicerLib import connection, controls, enginepath, environment, planning, results
 from XRealSlicerLib import parameters as sampling
@@ -133,7 +135,11 @@ class XRealSlicerParameterNode:
     connectGui gives each spin box its field's WithinRange.
     """
 
-    canvasVolume: vtkMRMLScalarVolumeNode
+    # A Union of node types is how connectGui lets the combo box show both (it sets nodeTypes from the
+    # annotation; showChildNodeTypes is off, so labelmaps stay hidden). An RGB X-ray (PNG) loads as a vector volume.
+    # Slicer source: Base/Python/slicer/parameterNodeWrapper/guiConnectors.py (qMRMLNodeComboBoxToNodeConnector)
+    # Slicer source: Docs/developer_guide/parameter_nodes/gui_connection.md (a Union of nodes needs None in it)
+    canvasVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
     segmentation: vtkMRMLSegmentationNode
     editMode: bool = False
     seed: Annotated[int, WithinRange(*sampling.node_range("seed"))] = 0
@@ -204,9 +210,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNodeSelectorVisible(False)  # the Masks section's own selector drives it
         editor.setSourceVolumeNodeSelectorVisible(False)  # the canvas is the source volume
         editor.connect("currentSegmentIDChanged(QString)", self.updateFindingChoice)
-        # an RGB X-ray (PNG) loads as a vector volume: choosable as canvas, converted to grey when chosen
-        # Slicer source: Libs/MRML/Core/vtkMRMLVectorVolumeNode.h (a vtkMRMLScalarVolumeNode subclass)
-        self.ui.canvasVolumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"]
+        # an RGB X-ray (PNG) loads as a vector volume: choosable as canvas (canvasVolume's Union type, which
+        # connectGui turns into the selector's node types), converted to grey when chosen
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -428,6 +433,13 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True
         return False
 
+    def generating(self):
+        """A run is going: the engine must not be replaced or stopped under it, nor a second run started."""
+        if self._runner is not None and self._runner.busy:
+            slicer.util.showStatusMessage(_("XReal: generating; wait for it or press Cancel first."), 3000)
+            return True
+        return False
+
     def runInBackground(self, function, onDone, *args):
         """Run ``function(task, *args)`` in a thread; ``onDone(task)`` runs on the main thread after.
 
@@ -448,7 +460,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStartEngine(self, thenGenerate=False):
         self._generateAfterStart = thenGenerate
-        if self.isBusy():
+        if self.generating() or self.isBusy():
             return
         python = self.ui.enginePythonPathLineEdit.currentPath.strip()
         model = self.ui.modelLineEdit.text.strip() or "demo"
@@ -513,7 +525,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStopEngine(self):
         """Shut the engine down through its API (in the background: it may finish a diffusion step first)."""
-        if self.isBusy():
+        if self.generating() or self.isBusy():
             return
         self.ui.engineStatusLabel.text = _("Stopping the local engine ...")
         self.runInBackground(lambda task: self.logic.stopLocalEngine(), self._afterStop)
@@ -524,7 +536,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRemoveEnvironment(self):
         """Delete the private engine environment (several GB) after asking; the local engine is stopped first."""
-        if self.isBusy():
+        if self.generating() or self.isBusy():
             return
         configured, legacy = self.environmentDirs()
         found = environment.removable_environments(configured, legacy)
@@ -560,7 +572,7 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QSettings().remove(SETTINGS_PREFIX + "token")
 
     def onConnect(self):
-        if self.isBusy():
+        if self.generating() or self.isBusy():
             return
         with slicer.util.tryWithErrorDisplay(_("Not connected.")):
             url = connection.normalize_url(self.ui.serverUrlComboBox.currentText)
@@ -639,7 +651,10 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).visible = bool(destinations)
         for name in ("pacsSourceLabel", "pacsSourceComboBox"):
             getattr(self.ui, name).visible = bool(sources)
-        self.ui.stopEngineButton.enabled = self.logic.launcher is not None and self.logic.launcher.is_running()
+        self.ui.stopEngineButton.enabled = not running and self.logic.launcher is not None \
+            and self.logic.launcher.is_running()
+        for name in ("startEngineButton", "connectButton", "removeEnvironmentButton", "generateAgainButton"):
+            getattr(self.ui, name).enabled = not running  # they would replace, stop or restart the running engine
 
     # ------------------------------------------------------------------ canvas and masks
 
@@ -896,6 +911,8 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerateAgain(self):
         """Generate again with the selected result's settings (seed, steps, anatomy steps, guidance, sampler,
         ControlNet settings)."""
+        if self.generating():  # Generate would be Cancel now
+            return
         record = self.selectedResult()
         if record is None:
             slicer.util.errorDisplay(_("Select a result first."))
@@ -1346,7 +1363,11 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_XRealSlicer_workflow_without_engine()
         self.setUp()
-        self.test_XRealSlicer_generate_from_template()
+        try:
+            self.test_XRealSlicer_generate_from_template()
+        except unittest.SkipTest as skipped:  # Reload and Test calls runTest itself, outside unittest's runner,
+            # so a skip would show as "Test failed". Slicer source: Base/Python/slicer/ScriptedLoadableModule.py
+            self.delayDisplay(f"The test with a real engine was skipped: {skipped}")
 
     def _paintDisc(self, segmentation, segmentId, volume, insideName, radius=4):
         inside = slicer.util.arrayFromSegmentBinaryLabelmap(
@@ -1366,11 +1387,21 @@ class XRealSlicerTest(ScriptedLoadableModuleTest):
             slicer.app.processEvents()
 
     def test_XRealSlicer_workflow_without_engine(self):
+        slicer.util.selectModule("XRealSlicer")
+        widget = slicer.util.getModuleWidget("XRealSlicer")
+        logic = widget.logic
+        engine = (logic.client, logic.info, logic.engineUrl, logic.samplingDefaults)
+        try:
+            self._workflowWithReplayingEngine(widget)
+        finally:  # the panel goes back to the engine it had (none, or a running local one), not the replaying one
+            logic.client, logic.info, logic.engineUrl, logic.samplingDefaults = engine
+            widget.applyModelInfo()
+            widget.updateEngineDependentWidgets()
+
+    def _workflowWithReplayingEngine(self, widget):
         from DICOMLib import DICOMUtils
         from XRealSlicerLib.testing import ReplayEngineClient
 
-        slicer.util.selectModule("XRealSlicer")
-        widget = slicer.util.getModuleWidget("XRealSlicer")
         logic, node, ui = widget.logic, widget._parameterNode, widget.ui
         client = ReplayEngineClient(polls=3)
         logic.useClient(client, client.info(), "replay")
