@@ -400,3 +400,29 @@ def test_nothing_replaces_or_restarts_the_engine_while_a_run_is_going(widget, mo
     _drive(widget, lambda: not widget._runner.busy and ui.resultsListWidget.count == 2)
     widget.updateEngineDependentWidgets()
     assert ui.connectButton.enabled and ui.generateAgainButton.enabled
+
+
+def test_a_local_engine_that_dies_is_noticed_and_the_next_generate_starts_a_new_one(widget, module):
+    ui, logic = widget.ui, widget.logic
+    client = ReplayEngineClient(polls=1)
+
+    class EndedLauncher:
+        running = True
+
+        def is_running(self):
+            return self.running
+
+        def stop(self, timeout=None):
+            self.running = False
+
+    launcher = EndedLauncher()
+    logic.launcher = launcher
+    logic.useClient(client, client.info(), "http://127.0.0.1:1")
+    widget._timer.start()
+    widget.onTimer()
+    assert logic.client is client and logic.launcher is launcher  # alive: kept
+    launcher.running = False  # the process crashed
+    widget.onTimer()
+    assert logic.client is None and logic.launcher is None
+    assert "The local engine has stopped" in ui.engineStatusLabel.text
+    assert ui.generateButton.enabled  # local mode: Generate starts a new engine

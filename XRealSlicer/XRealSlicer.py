@@ -844,7 +844,12 @@ class XRealSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.onJobEvent(event)
         if self.logic.launcher is not None:
             self.appendLog(self.logic.drainEngineLog())
-            return  # keep showing the local engine's output while it runs
+            starting = self._task is not None and not self._task.done  # a start or stop is under way
+            if starting or not self.logic.forgetEndedEngine():
+                return  # keep showing the local engine's output while it runs
+            self.ui.engineStatusLabel.text = _("The local engine has stopped (see the log); Generate or Start "
+                                               "engine starts it again.")
+            self.updateEngineDependentWidgets()
         if (self._task is None or self._task.done) and (self._runner is None or
                                                         (not self._runner.busy and self._runner.events.empty())):
             self._timer.stop()
@@ -1059,6 +1064,15 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
             self.launcher.stop()
             self.launcher = None
             self.dropConnection()
+
+    def forgetEndedEngine(self):
+        """The local engine's process ended by itself (a crash, killed): drop it and its client, so the next
+        Generate starts a new one instead of failing with "not reachable". True if it had ended."""
+        if self.launcher is not None and not self.launcher.is_running():
+            self.launcher = None
+            self.dropConnection()
+            return True
+        return False
 
     def engineDescription(self):
         return _("The local engine") if self.launcher is not None else _("The engine at {url}").format(url=self.engineUrl)
