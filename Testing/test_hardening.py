@@ -578,6 +578,35 @@ def test_an_incomplete_or_unknown_form_is_refused_never_run_with_defaults(engine
     assert list((engine.data_dir / "incoming").iterdir()) == []
 
 
+@pytest.mark.slow
+def test_a_single_valued_job_field_sent_twice_is_refused_and_lists_repeat(open_server, files):
+    """FastAPI takes the last of two 'steps' silently (steps=5 and steps=7 ran 7 steps): a 400 naming the field;
+    pathology / finding (and control / control_file) are lists and repeat."""
+    port, client = open_server["port"], open_server["client"]
+    anatomy = ("anatomy", "anatomy.png", "image/png", files["anatomy"].read_bytes())
+    region = ("pathology", "region.png", "image/png", files["region"].read_bytes())
+    headers = {"X-XReal-Client": "1"}
+    before = job_count_of(client)
+    for fields, uploads, name in (([("steps", "5"), ("steps", "7")], [anatomy], "steps"),
+                                  ([("seed", "1")], [anatomy, anatomy], "anatomy"),
+                                  ([("request_id", "a"), ("request_id", "b")], [anatomy], "request_id")):
+        body, content_type = multipart(fields, uploads)
+        error = error_of(*http_request(port, "POST", "/api/v1/jobs", body, {"Content-Type": content_type, **headers})
+                         [::2], 400, "repeated_field")
+        assert f"the field '{name}' more than once" in error["message"], error
+    assert job_count_of(client) == before
+    body, content_type = multipart([("finding", "cardiomegaly"), ("finding", "pneumonia"), ("steps", "1")],
+                                   [anatomy, region, region])
+    status, _, answer = http_request(port, "POST", "/api/v1/jobs", body, {"Content-Type": content_type, **headers})
+    assert status == 202, answer[:300]
+    job = client.wait(json.loads(answer)["id"], timeout=300)
+    assert job["state"] == "succeeded" and job["findings"] == ["cardiomegaly", "pneumonia"], job
+
+
+def job_count_of(client: EngineClient) -> int:
+    return len(client.jobs(limit=1000))
+
+
 # ============================================================================= 6. disk, data directory, start-up
 
 

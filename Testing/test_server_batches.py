@@ -245,3 +245,35 @@ def test_without_a_token_a_page_shaped_batch_is_refused_and_the_client_header_pa
     assert status == 202, answer[:300]
     final = client.wait_batch(json.loads(answer)["id"], poll_interval=0.3, timeout=BATCH_TIMEOUT)
     assert final["state"] == "finished" and final["counts"]["succeeded"] == 1, final
+
+
+def test_a_bad_file_is_named_as_the_manifest_names_it_and_a_field_sent_twice_is_refused(open_server, files):
+    """The server stores uploads as file-0001.png ...; a refusal says masks/bad.png, the name the client sent.
+    A single-valued field sent twice would silently take the last value: refused, naming it; 'file' repeats."""
+    port, client = open_server["port"], open_server["client"]
+    truncated = (files / "masks" / "region.png").read_bytes()[:60]  # a PNG header, no image data
+    manifest = b"name,anatomy,pathology_masks,findings,seed,steps\nr,anatomy.png,masks/bad.png,cardiomegaly,1,1\n"
+    uploads = [("manifest", "m.csv", "text/csv", manifest),
+               ("file", "masks/bad.png", "image/png", truncated),
+               ("file", "anatomy.png", "image/png", (files / "anatomy.png").read_bytes())]
+    headers = {"X-XReal-Client": "1"}
+    before = len(client.jobs(limit=1000))
+    body, content_type = multipart([], uploads)
+    status, _, answer = http_request(port, "POST", "/api/v1/batches", body, {"Content-Type": content_type, **headers})
+    error = json.loads(answer)["error"]
+    assert status == 422 and error["code"] == "invalid_manifest", answer[:300]
+    assert len(error["rows"]) == 1 and error["rows"][0].startswith("row 2: masks/bad.png is not a readable mask"), error
+    assert "file-0001" not in answer.decode()
+
+    for fields in ([("min_dice", "0.5"), ("min_dice", "0.9")], [("formats", "monai"), ("formats", "nnunet")]):
+        body, content_type = multipart(fields, uploads)
+        status, _, answer = http_request(port, "POST", "/api/v1/batches", body,
+                                         {"Content-Type": content_type, **headers})
+        error = json.loads(answer)["error"]
+        assert status == 400 and error["code"] == "repeated_field", answer[:300]
+        assert f"the field '{fields[0][0]}' more than once" in error["message"]
+    multipart_twice, content_type = multipart([], [uploads[0], uploads[0]])
+    status, _, answer = http_request(port, "POST", "/api/v1/batches", multipart_twice,
+                                     {"Content-Type": content_type, **headers})
+    assert status == 400 and "'manifest' more than once" in json.loads(answer)["error"]["message"], answer[:300]
+    assert len(client.jobs(limit=1000)) == before

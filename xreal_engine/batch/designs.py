@@ -33,27 +33,36 @@ MAX_ROWS = 10_000_000
 class Design:
     templates: Optional[list]  # template names; None = every anatomy_*.png
     findings: list
-    seeds: list
+    seeds: object  # a list or a range (parse_seeds)
     heart_scales: tuple = (1.0,)
     lung_widths: tuple = (1.0,)
 
 
-def parse_seeds(text: str) -> list:
-    """``0:1000`` (start included, stop excluded, like range), ``3,7,9`` or ``5``."""
+def parse_seeds(text: str):
+    """``0:1000`` (start included, stop excluded, like range), ``3,7,9`` or ``5``.
+
+    A range stays a ``range``: its length and ends are arithmetic, so ``0:4294967295`` is refused
+    by the row limit before a list of four billion seeds is built.
+    """
     try:
         if ":" in text:
             start, _, stop = text.partition(":")
-            seeds = list(range(int(start), int(stop)))
+            seeds = range(int(start), int(stop))
         else:
             seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise InputError(f"--seeds must be START:STOP or a comma-separated list of whole numbers, not '{shown(text)}'.")
     if not seeds:
         raise InputError(f"--seeds '{shown(text)}' gives no seed.")
-    refuse_repeats("--seeds", seeds)
-    if len(seeds) > MAX_ROWS:
-        raise InputError(f"--seeds '{shown(text)}' gives {len(seeds)} seeds; at most {MAX_ROWS} rows are possible.")
-    for seed in (min(seeds), max(seeds)):
+    count = seeds.stop - seeds.start if isinstance(seeds, range) else len(seeds)  # len() overflows past 2**63
+    if count > MAX_ROWS:
+        raise InputError(f"--seeds '{shown(text)}' gives {count} seeds; at most {MAX_ROWS} rows are possible.")
+    if isinstance(seeds, range):  # no repeats in a range; its ends are its first and last
+        low, high = seeds[0], seeds[-1]
+    else:
+        refuse_repeats("--seeds", seeds)
+        low, high = min(seeds), max(seeds)
+    for seed in (low, high):
         SETTINGS["seed"].check(seed)
     return seeds
 
@@ -84,7 +93,9 @@ def _slug(text: str) -> str:
 
 
 def _factor(value: float) -> str:
-    return f"{value:g}"
+    """A factor in a row name: short (1.25, 2), yet exact, so two factors never share a name (1.0000001)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def plan_design(design: Design, model_info, templates: Optional[Path], inputs_dir: Path, sampling: dict):

@@ -181,6 +181,10 @@ def _csv_records(path: Path):
         if header is None:
             return
         header = [name.strip() for name in header]
+        repeated = next((name for k, name in enumerate(header) if name in header[:k]), None)
+        if repeated is not None:  # csv's dict would keep only the last cell of a repeated column
+            yield 1, InputError(f"the column '{shown(repeated)}' appears twice in the header; give each column once.")
+            return
         unknown = [name for name in header if name not in CSV_COLUMNS]
         if unknown:
             yield 1, InputError(f"unknown columns {unknown}; the known ones are {', '.join(CSV_COLUMNS)}.")
@@ -321,7 +325,8 @@ def check_rows(rows: list, model_info, skip: frozenset = frozenset()) -> list:
     """Problems of ``rows`` (duplicate names; every input through ``prepare_request``), as ``row N: ...``.
 
     Rows named in ``skip`` (finished earlier) are checked for duplicate names only. Rows that differ
-    only in the seed share one reading of their files.
+    only in the seed share one reading of their files; the seed is checked per row first, so one row's
+    bad seed is never another row's reason.
     """
     problems, seen, checked = [], {}, {}
     for row in rows:
@@ -334,17 +339,15 @@ def check_rows(rows: list, model_info, skip: frozenset = frozenset()) -> list:
             continue
         inputs = json.dumps([row.anatomy, row.pathologies, row.image, row.sampling, row.controls], sort_keys=True)
         try:
-            if inputs in checked:
-                SETTINGS["seed"].check(row.seed)
-                if checked[inputs]:
-                    raise InputError(checked[inputs])
-            else:
+            SETTINGS["seed"].check(row.seed)  # the one input the shared reading below does not cover
+            if inputs not in checked:
                 checked[inputs] = ""
                 try:
                     prepare_request(row.request(), model_info)
                 except XRealError as error:
                     checked[inputs] = str(error)
-                    raise
+            if checked[inputs]:
+                raise InputError(checked[inputs])
         except XRealError as error:
             problems.append(f"row {row.row}: {error}")
     return problems

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import InputError, XRealError
 from ..model.info import weights_hash
-from ..training.segmenter import SHIPPED_SEGMENTER_DIR, STRUCTURES, Segmenter, dice_per_structure, labels_to_channels
+from ..training.segmenter import (SHIPPED_SEGMENTER_DIR, STRUCTURES, Segmenter, check_segmenter_files,
+                                  dice_per_structure, labels_to_channels)
 
 
 def check_min_dice(value: Optional[float], name: str = "--min-dice") -> Optional[float]:
@@ -28,6 +29,11 @@ def check_min_dice(value: Optional[float], name: str = "--min-dice") -> Optional
     if value is not None and not 0 <= value <= 1:
         raise InputError(f"{name} must be from 0 to 1, not {value:g}.")
     return value
+
+
+def check_segmenter(directory: Path) -> Path:
+    """``--segmenter`` before a batch writes anything (its workers load it only later)."""
+    return check_segmenter_files(directory)
 
 
 class QualityRejected(XRealError):

@@ -17,12 +17,9 @@ finished, 1 when a row failed or was dropped, 2 for bad input, 130 when interrup
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from ..errors import DISK_FULL, InputError, StorageError
@@ -32,13 +29,14 @@ from ..batch import backends
 from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, parse_scales, parse_seeds, plan_design
 from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
                       write_text_atomic)
-from ..batch.manifest import BatchRow, check_rows, read_manifest, report_problems
-from ..batch.quality import check_min_dice
+from ..batch.manifest import check_rows, read_manifest, report_problems
+from ..batch.plan import PLAN_FILE, check_same_min_dice, check_same_plan, read_plan, write_plan
+from ..batch.progress import FailureLog, Progress
+from ..batch.quality import check_min_dice, check_segmenter
 from ..batch.worker import IMAGES_DIR, STOPPED, WorkerSettings, is_finished
 from . import Terminated
 from .arguments import add_quality_arguments, add_sampling_arguments, quality_arguments, sampling_arguments
 
-PLAN_FILE = "plan.jsonl"
 FAILURES_FILE = "failures.csv"
 INPUTS_DIR = "inputs"
 LOCK_FILE = ".lock"
@@ -104,8 +102,12 @@ def _check_arguments(args) -> list:
         raise InputError("With --backend accelerate the processes are accelerate launch's: use --num_processes.")
     if args.ray_address and args.backend != "ray":
         raise InputError("--ray-address needs --backend ray.")
+    if args.threads is not None and not args.ray_address:  # a cluster's nodes have their own CPUs
+        resolve_threads(args.threads)  # 1 to the usable CPUs: refused now, not by the first worker
     args.quality_check, _, _ = quality_arguments(args, checked_by_default=True)
     check_min_dice(args.min_dice)
+    if args.quality_check and args.segmenter is not None:
+        check_segmenter(args.segmenter)
     return formats
 
 
@@ -138,7 +140,7 @@ def run(args) -> int:
         rows, problems = read_manifest(args.manifest, args.templates, sampling)
     else:
         rows, files = plan_design(_design(args), info, args.templates, out / INPUTS_DIR, sampling)
-    _check_same_plan(read_plan(out / PLAN_FILE), rows, out)
+    check_same_plan(read_plan(out / PLAN_FILE), rows, out)
     done = frozenset(row.name for row in rows if is_finished(out / IMAGES_DIR / row.name))
     if args.manifest is not None:
         problems += check_rows(rows, info, skip=done)
@@ -146,6 +148,7 @@ def run(args) -> int:
         raise report_problems(problems, Path(args.manifest).name)
     weights = weights_hash(model_dir)
     previous = _read_json(out / SUMMARY_FILE)
+    check_same_min_dice(previous, args.min_dice, len(done), out)
     if previous.get("weights_hash") not in (None, weights):
         raise InputError(f"{out} was made with the model {previous.get('model_id')} (other weights); "
                          "use the same --model or a new --out.")
@@ -260,35 +263,6 @@ def _check_output_directory(out: Path) -> None:
         raise InputError(f"--out {out} is not empty and was not made by generate-batch; choose a new directory.")
 
 
-def write_plan(rows: list, path: Path) -> None:
-    """The rows as JSON lines with absolute paths: what this output directory is being made of."""
-    write_text_atomic(path, "".join(json.dumps(row.to_json(), sort_keys=True) + "\n" for row in rows))
-
-
-def read_plan(path: Path) -> list:
-    if not Path(path).is_file():
-        return []
-    return [BatchRow.from_json(json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-
-
-def _check_same_plan(previous: list, rows: list, out: Path) -> None:
-    """A restart must ask for every row the directory was planned with, each with the same settings."""
-    if not previous:
-        return
-    new = {row.name: row for row in rows}
-    missing = [old.name for old in previous if old.name not in new]
-    if missing:
-        raise InputError(f"{out} was planned with {len(missing)} row(s) that this command does not ask for (first: "
-                         f"'{missing[0]}'); run the same command again, or choose a new --out.")
-    changed = [(old, new[old.name]) for old in previous if new[old.name].content() != old.content()]
-    if changed:
-        old, row = changed[0]
-        keys = sorted(k for k in row.content() if row.content()[k] != old.content().get(k))
-        raise InputError(f"{out} was planned with other settings for {len(changed)} row(s) (first: row {row.row}, "
-                         f"'{row.name}': {', '.join(keys)}); run the same command again, or choose a new --out.")
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -329,72 +303,3 @@ def _remove_leftovers(out: Path) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-
-
-class FailureLog:
-    """failures.csv: the latest failed or dropped attempt of each row that is not finished, rewritten whole."""
-
-    COLUMNS = ("row", "name", "kind", "reason")
-
-    def __init__(self, path: Path, unfinished: set):
-        self.path = Path(path)
-        self.entries = {}
-        if self.path.is_file():
-            with self.path.open(newline="") as handle:
-                for entry in csv.DictReader(handle):
-                    if entry.get("name") in unfinished:
-                        self.entries[entry["name"]] = entry
-        self._save()
-
-    def record(self, outcome: dict) -> None:
-        if outcome["status"] == "finished":
-            if self.entries.pop(outcome["name"], None) is not None:
-                self._save()
-            return
-        self.entries[outcome["name"]] = {"row": outcome["row"], "name": outcome["name"], "kind": outcome["status"],
-                                         "reason": outcome["reason"]}
-        self._save()
-
-    def _save(self) -> None:
-        if not self.entries and not self.path.exists():
-            return
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for entry in sorted(self.entries.values(), key=lambda e: int(e["row"])):
-            writer.writerow({key: entry[key] for key in self.COLUMNS})
-        write_text_atomic(self.path, buffer.getvalue())
-
-
-class Progress:
-    """One tqdm bar on stderr: rows done (finished + failed + dropped), failures, images per minute, ETA."""
-
-    def __init__(self, total: int, done: int, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=done, unit="row", desc="generate-batch", file=sys.stderr,
-                        disable=not enabled, dynamic_ncols=True)
-        self.started = time.monotonic()
-        self.attempted = self.finished = self.failed = self.dropped = 0
-
-    def count(self, outcome: dict) -> None:
-        self.attempted += 1
-        status = outcome["status"]
-        self.finished += status == "finished"
-        self.failed += status == "failed"
-        self.dropped += status == "dropped"
-
-    def update(self, outcome: dict) -> None:
-        self.count(outcome)
-        self.bar.set_postfix_str(f"failed {self.failed}, dropped {self.dropped}, {self.rate():.1f} img/min",
-                                 refresh=False)
-        self.bar.update(1)
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.started
-
-    def rate(self) -> float:
-        return 60.0 * self.finished / max(self.seconds(), 1e-9)
-
-    def close(self) -> None:
-        self.bar.close()

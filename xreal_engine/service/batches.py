@@ -32,7 +32,7 @@ from ..batch.exports import SUMMARY_FILE, summary, write_exports
 from ..batch.manifest import MAX_PROBLEMS_SHOWN, BatchRow, check_rows, find_templates, read_manifest
 from ..batch.worker import IMAGES_DIR
 from ..errors import InputError, shown
-from .errors import ApiError, scrub
+from .errors import ApiError, client_names, scrub
 from .spec import BatchMember, JobSpec
 from .store import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, QueueFull, clear_job_dir, new_job_id
 from .views import _iso
@@ -72,7 +72,7 @@ class BatchService:
             raise ApiError(422, "invalid_manifest", str(error)) from None
         self._check_room(len(rows) + len(problems))  # before the rows' files are read
         templates = _templates_folder()
-        names = {str(path): key for key, path in uploads.items()}  # for messages: server file -> manifest's name
+        in_client_names = client_names(uploads)
         mapped = []
         for row in rows:
             try:
@@ -82,8 +82,7 @@ class BatchService:
         problems += check_rows(mapped, self.model_info)
 
         def readable(text: str) -> str:  # the manifest's file names, never a server path
-            for server, key in sorted(names.items(), key=lambda item: -len(item[0])):
-                text = text.replace(server, key)
+            text = in_client_names(text)
             if templates is not None:
                 text = text.replace(str(templates) + os.sep, "")
             return scrub(text, folder)

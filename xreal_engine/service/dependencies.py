@@ -40,6 +40,26 @@ def service_of(request: Request) -> JobService:
     return request.app.state.service
 
 
+def known_form_fields(what: str, fields: tuple, repeatable: tuple):
+    """A dependency refusing (400) a form field the endpoint does not know, or a single-valued one sent twice.
+
+    FastAPI would take the last of two values silently (``steps=5`` and ``steps=7`` runs 7 steps), and a
+    misspelt setting ("step") must never be replaced by the default; ``repeatable``: the list fields.
+    """
+    async def check(request: Request) -> None:
+        form = await request.form()
+        names = [name for name, _ in form.multi_items()]
+        unknown = sorted(set(names) - set(fields))
+        if unknown:
+            raise ApiError(400, "unknown_field", f"The {what} has a field the engine does not know: "
+                                                 f"'{shown(unknown[0])}'; the fields are {', '.join(fields)}.")
+        repeated = next((name for k, name in enumerate(names) if name in names[:k] and name not in repeatable), None)
+        if repeated is not None:
+            raise ApiError(400, "repeated_field", f"The {what} has the field '{repeated}' more than once; send it once "
+                                                  f"(only {', '.join(repeatable)} may repeat).")
+    return check
+
+
 def job_or_404(service: JobService, job_id: str) -> dict:
     job = service.store.get(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
     if job is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -65,6 +66,23 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 def scrub(message: str, folder: Path) -> str:
     """Remove server paths from a validation message, keeping the server-chosen file name."""
     return message.replace(str(folder) + os.sep, "").replace(str(folder), "")
+
+
+def client_names(uploads: dict):
+    """text -> text with each stored upload, by full path or bare name ('file-0001.png'), as the manifest names it.
+
+    One pass, so a manifest name that looks like another stored file's name is not replaced again; a bare
+    name only where it stands alone (not inside a longer name).
+    """
+    keys = {}
+    for key, path in uploads.items():
+        keys[str(path)] = keys[Path(path).name] = key
+    if not keys:
+        return lambda text: text
+    pattern = re.compile("|".join(
+        re.escape(name) if name.startswith(os.sep) else rf"(?<![\w.-]){re.escape(name)}(?![\w-])"
+        for name in sorted(keys, key=len, reverse=True)))
+    return lambda text: pattern.sub(lambda match: keys[match.group(0)], text)
 
 
 def install_error_handlers(app: FastAPI) -> None:

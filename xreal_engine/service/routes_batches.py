@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 from ..errors import InputError, StorageError, shown
 from ..batch.exports import FORMATS
 from .batches import BatchService
-from .dependencies import protected, service_of
+from .dependencies import known_form_fields, protected, service_of
 from .errors import ApiError, storage_refusal
 from .routes_jobs import REQUEST_ID_PATTERN
 from .views import JsonErrorFileResponse
@@ -25,21 +25,15 @@ from .uploads import store_control_upload, store_upload
 
 # The fields of POST /batches; any other is refused (a misspelt "format" must not silently mean the default).
 BATCH_FIELDS = ("manifest", "file", "formats", "quality_check", "min_dice", "request_id")
+REPEATABLE_BATCH_FIELDS = ("file",)
 MANIFEST_SUFFIXES = {".csv": ".csv", ".jsonl": ".jsonl", ".ndjson": ".jsonl"}
 
 router = APIRouter()
+only_batch_fields = known_form_fields("batch", BATCH_FIELDS, REPEATABLE_BATCH_FIELDS)
 
 
 def batches_of(request: Request) -> BatchService:
     return request.app.state.batches
-
-
-async def only_batch_fields(request: Request) -> None:
-    form = await request.form()
-    unknown = sorted(set(form.keys()) - set(BATCH_FIELDS))
-    if unknown:
-        raise ApiError(400, "unknown_field", f"The batch has a field the engine does not know: '{shown(unknown[0])}'; "
-                                             f"the fields are {', '.join(BATCH_FIELDS)}.")
 
 
 @router.post("/batches", status_code=202, dependencies=[*protected, Depends(only_batch_fields)],

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from ..control_spec import ControlRequest, check_requests, needs_file, parse_name_and_scale
 from ..errors import InputError, XRealError, shown
 from ..model.sampling import MAX_SEED, SamplingParameters
-from .dependencies import EngineContext, context_of, job_or_404, protected, service_of
+from .dependencies import EngineContext, context_of, job_or_404, known_form_fields, protected, service_of
 from .errors import ApiError, scrub, storage_refusal
 from .pacs_access import fetch_source, require_pacs
 from .settings import MAX_PATHOLOGIES
@@ -39,21 +39,13 @@ SSE_REPEAT_SECONDS = 1.0
 JOB_FIELDS = ("anatomy", "pathology", "finding", "image", "seed", "steps", "anatomy_steps", "guidance", "eta",
               "sampler", "fast", "request_id", "push_to", "source", "study", "series", "instance", "control",
               "control_file", "control_stages", "keep_outside_region")
+REPEATABLE_JOB_FIELDS = ("pathology", "finding", "control", "control_file")  # the list parameters below
 
 router = APIRouter()
+only_job_fields = known_form_fields("job", JOB_FIELDS, REPEATABLE_JOB_FIELDS)
 
 
-async def only_known_fields(request: Request) -> None:
-    """Refuse (400) a job form with a field this endpoint does not know (the form is parsed already)."""
-    form = await request.form()
-    unknown = sorted(set(form.keys()) - set(JOB_FIELDS))
-    if unknown:
-        raise ApiError(400, "unknown_field",
-                       f"The job has a field the engine does not know: '{shown(unknown[0])}'; the fields are "
-                       f"{', '.join(JOB_FIELDS)}.")
-
-
-@router.post("/jobs", status_code=202, dependencies=[*protected, Depends(only_known_fields)],
+@router.post("/jobs", status_code=202, dependencies=[*protected, Depends(only_job_fields)],
              summary="Submit a generation job",
              responses={200: {"description": "A job with this request_id already exists; it is returned."},
                         429: {"description": "The queue is full; retry after Retry-After seconds."}})

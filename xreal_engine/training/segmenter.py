@@ -120,6 +120,18 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+def check_segmenter_files(directory: Path | None = None) -> Path:
+    """The segmenter directory (None: the shipped one) if it holds a segmenter's files, else ModelError.
+
+    Cheap (no network built): generate-batch asks it before writing anything, ``Segmenter.load`` again.
+    """
+    directory = Path(directory) if directory is not None else SHIPPED_SEGMENTER_DIR
+    if not ((directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()):
+        raise ModelError(f"{directory} holds no segmenter ({CONFIG_FILE} + {WEIGHTS_FILE}); "
+                         "train one with `xreal-engine train segmenter --data DATA --out DIR`.")
+    return directory
+
+
 class Segmenter:
     """A trained segmenter directory (safetensors weights + segmenter.json) ready to predict."""
 
@@ -133,13 +145,8 @@ class Segmenter:
     def load(cls, directory: Path | None = None, device: str = "cpu") -> "Segmenter":
         from safetensors.torch import load_file
 
-        directory = Path(directory) if directory is not None else SHIPPED_SEGMENTER_DIR
+        directory = check_segmenter_files(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        if not (config_path.is_file() and weights_path.is_file()):
-            raise ModelError(
-                f"{directory} holds no segmenter ({CONFIG_FILE} + {WEIGHTS_FILE}); "
-                "train one with `xreal-engine train segmenter --data DATA --out DIR`."
-            )
         config = json.loads(config_path.read_text())
         network = build_network(config["preset"])
         state = {name: tensor.float() for name, tensor in load_file(str(weights_path)).items()}

@@ -1,0 +1,58 @@
+"""An output directory's plan (``OUT/plan.jsonl``) and what a restart may change about it.
+
+A restart must ask for every planned row with the same settings (``check_same_plan``), and for the
+same ``--min-dice`` once a row is finished (``check_same_min_dice``): finished images are not checked
+again, so a changed minimum would make ``dataset.json`` claim a threshold its images were never held to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from .exports import write_text_atomic
+from .manifest import BatchRow
+
+PLAN_FILE = "plan.jsonl"
+
+
+def write_plan(rows: list, path: Path) -> None:
+    """The rows as JSON lines with absolute paths: what this output directory is being made of."""
+    write_text_atomic(path, "".join(json.dumps(row.to_json(), sort_keys=True) + "\n" for row in rows))
+
+
+def read_plan(path: Path) -> list:
+    if not Path(path).is_file():
+        return []
+    return [BatchRow.from_json(json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def check_same_plan(previous: list, rows: list, out: Path) -> None:
+    """A restart must ask for every row the directory was planned with, each with the same settings."""
+    if not previous:
+        return
+    new = {row.name: row for row in rows}
+    missing = [old.name for old in previous if old.name not in new]
+    if missing:
+        raise InputError(f"{out} was planned with {len(missing)} row(s) that this command does not ask for (first: "
+                         f"'{missing[0]}'); run the same command again, or choose a new --out.")
+    changed = [(old, new[old.name]) for old in previous if new[old.name].content() != old.content()]
+    if changed:
+        old, row = changed[0]
+        keys = sorted(k for k in row.content() if row.content()[k] != old.content().get(k))
+        raise InputError(f"{out} was planned with other settings for {len(changed)} row(s) (first: row {row.row}, "
+                         f"'{row.name}': {', '.join(keys)}); run the same command again, or choose a new --out.")
+
+
+def check_same_min_dice(previous: dict, min_dice, finished: int, out: Path) -> None:
+    """Refuse another --min-dice than the finished images of ``out`` were held to (``previous``: dataset.json)."""
+    if not finished or "quality" not in previous:
+        return
+    before = previous["quality"].get("min_dice")
+    if before != min_dice:
+        shown_before = "no --min-dice" if before is None else f"--min-dice {before:g}"
+        shown_now = "none" if min_dice is None else f"{min_dice:g}"
+        raise InputError(f"{out} holds {finished} finished image(s) made with {shown_before}, which are not checked "
+                         f"again; give the same setting (not {shown_now}), or choose a new --out.")
