@@ -22,7 +22,7 @@ from ..control_spec import ControlRequest, check_requests, needs_file, parse_nam
 from ..errors import InputError, XRealError, shown
 from ..model.sampling import MAX_SEED, SamplingParameters
 from .dependencies import EngineContext, context_of, job_or_404, known_form_fields, protected, service_of
-from .errors import ApiError, scrub, storage_refusal
+from .errors import ApiError, client_names, scrub, storage_refusal
 from .pacs_access import fetch_source, require_pacs
 from .settings import MAX_PATHOLOGIES
 from .spec import JobSpec, prepare_job
@@ -298,13 +298,9 @@ def _in_client_names(message: str, spec: JobSpec, anatomy, pathology, image, con
     pairs = [(spec.anatomy, anatomy), *((name, upload) for (name, _), upload in zip(spec.pathologies, pathology)),
              (spec.image, image),
              *((stored, upload) for (_, stored, _), (_, upload, _) in zip(spec.controls, controls))]
-    names = {stored: shown(upload.filename, 80) for stored, upload in pairs
-             if stored and upload is not None and upload.filename}
-    if not names:
-        return message
-    # One pass (a client name that looks like another server name is not replaced again); longest first.
-    pattern = "|".join(re.escape(stored) for stored in sorted(names, key=len, reverse=True))
-    return re.sub(pattern, lambda match: names[match.group(0)], message)
+    uploads = {shown(upload.filename, 80): stored for stored, upload in pairs
+               if stored and upload is not None and upload.filename}
+    return client_names(uploads)(message)  # the one replacement rule (POST /batches uses it too)
 
 
 def _result_gone(name: str) -> ApiError:
