@@ -97,6 +97,22 @@ def test_generate_edit_mode_joins_the_source_study(tiny_model, inputs, tmp_path)
     assert [float(v) for v in sc.PixelSpacing] == [1.4, 1.4]  # the source's field of view is carried over
 
 
+def test_an_edit_of_a_source_without_pixel_spacing_says_the_spacing_is_assumed(tiny_model, inputs, tmp_path):
+    source = pydicom.dcmread(inputs["dx"])
+    del source.ImagerPixelSpacing
+    source.SOPInstanceUID = generate_uid()
+    source.save_as(tmp_path / "nospacing.dcm", enforce_file_format=True)
+    out = tmp_path / "edited"
+    assert main(["generate", "--model", str(tiny_model), "--image", str(tmp_path / "nospacing.dcm"), "--pathology-mask",
+                 str(inputs["nodule"]), "--finding", "nodule", "--seed", "0", "--out", str(out)]) == 0
+    warnings = json.loads((out / "provenance.json").read_text())["warnings"]
+    assert any(w.startswith("The X-ray to edit records no pixel spacing; the results assume") for w in warnings), warnings
+    with_spacing = tmp_path / "with"
+    assert main(["generate", "--model", str(tiny_model), "--image", str(inputs["dx"]), "--pathology-mask",
+                 str(inputs["nodule"]), "--finding", "nodule", "--seed", "0", "--out", str(with_spacing)]) == 0
+    assert not any("pixel spacing" in w for w in json.loads((with_spacing / "provenance.json").read_text())["warnings"])
+
+
 def test_edit_that_only_removes_a_finding_still_records_its_region_in_the_seg(tiny_model, inputs, tmp_path):
     """The removal region is one of the masks that produced the image, so the SEG carries it (coded as a region of interest)."""
     import highdicom as hd

@@ -120,6 +120,44 @@ def test_jpeg_baseline_decodes(tmp_path):
     np.testing.assert_allclose(pixels, expected, atol=2 / 255)
 
 
+def _jpeg_xray(tmp_path, name="jpeg.dcm", **attributes):
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    stored = (gradient(high=255)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=90)
+    ds = pydicom.dcmread(make_xray(tmp_path / f"plain-{name}", stored, bits_stored=8, PixelSpacing=[0.2, 0.2]))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / name)
+    return tmp_path / name, stored.nbytes / len(ds.PixelData)
+
+
+def test_an_edit_of_a_lossy_source_stays_marked_lossy(tmp_path):
+    """PS3.3 C.7.6.1.1.5: once lossy-compressed, every derived image says so (an edit keeps the source's
+    pixels outside its regions) -- whether the source says it, or only its transfer syntax shows it."""
+    image = np.full((128, 96), 0.5, dtype=np.float32)
+    said, _ = _jpeg_xray(tmp_path, "said.dcm", LossyImageCompression="01", LossyImageCompressionRatio="7.5",
+                         LossyImageCompressionMethod="ISO_10918_1")
+    silent, ratio = _jpeg_xray(tmp_path, "silent.dcm")
+    for source, expected_ratio in ((said, "7.5"), (silent, f"{ratio:.2f}")):
+        sc = build_secondary_capture(image, (0.2, 0.2), {"model_id": "m"}, source=read_xray(source).dataset)
+        assert sc.LossyImageCompression == "01", source.name
+        assert str(sc.LossyImageCompressionRatio) == expected_ratio
+        assert sc.LossyImageCompressionMethod == "ISO_10918_1"
+    lossless = make_xray(tmp_path / "plain.dcm", gradient(), PixelSpacing=[0.2, 0.2])
+    sc = build_secondary_capture(image, (0.2, 0.2), {"model_id": "m"}, source=read_xray(lossless).dataset)
+    assert sc.LossyImageCompression == "00" and "LossyImageCompressionRatio" not in sc
+    assert build_secondary_capture(image, (0.2, 0.2), {"model_id": "m"}).LossyImageCompression == "00"
+
+
 def test_our_own_secondary_capture_reads_back(tmp_path):
     image = np.linspace(0, 1, 200 * 160, dtype=np.float32).reshape(200, 160)
     build_secondary_capture(image, (0.7, 0.6), {"model_id": "m"}).save_as(tmp_path / "sc.dcm", enforce_file_format=True)

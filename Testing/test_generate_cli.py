@@ -189,6 +189,12 @@ def _bad_cases(tmp_path: Path, anatomy: Path, region: Path):
         "no anatomy": [],
         "bad device": base + ["--device", "tpu"],
         "source without study": base + ["--source", "pacs"],
+        "study without source": base + ["--study", "1.2.3", "--series", "1.2.4"],
+        "instance without source": base + ["--instance", "1.2.5"],
+        "steps not a number": base + ["--steps", "abc"],  # argparse's refusal, in one line too
+        "seed not whole": base + ["--seed", "1.5"],
+        "unknown sampler": base + ["--sampler", "foo"],
+        "unknown option": base + ["--stepz", "5"],
     }
 
 

@@ -139,6 +139,9 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
                 )
             spacing = source_spacing or spacing
             warnings.append(EDIT_KEEPS_ANATOMY)
+    if source_pixels is not None and source_spacing is None:
+        warnings.append(f"The X-ray to edit records no pixel spacing; the results assume {spacing[0]:.4g} x "
+                        f"{spacing[1]:.4g} mm per pixel (rows x columns), not a calibrated spacing.")
     controls = _prepare_controls(request, model_info, parameters, anatomy,
                                  tuple(source_pixels.shape) if source_pixels is not None else tuple(anatomy.shape),
                                  warnings)

@@ -37,13 +37,22 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, as every other refusal (argparse prints the whole usage first);
+    its sub-command parsers are of this class too (``add_subparsers`` uses the parent's type)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {shown(message, MESSAGE_LIMIT)} ({self.prog} --help lists the options)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All subcommands are listed; only ``command``'s module is imported (it may need torch)."""
-    parser = argparse.ArgumentParser(prog="xreal-engine", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="xreal-engine", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"xreal-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.command_parsers = {}  # an unknown option is refused by its command's parser (main)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser = parser.command_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         command_parser.set_defaults(_module=module_name)
         if name == command:
             importlib.import_module(module_name).configure_parser(command_parser)
@@ -54,7 +63,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.command_parsers.get(getattr(args, "command", None), parser).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as stop:  # --help, --version, or OneLineParser's refusal (already printed)
+        return stop.code if isinstance(stop.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -72,6 +72,10 @@ def check_request_arguments(args) -> None:
         raise InputError("Use either --image or --source, not both.")
     if args.source is not None and not (args.study and args.series):
         raise InputError("--source needs --study and --series (and optionally --instance).")
+    given = [flag for flag, value in (("--study", args.study), ("--series", args.series), ("--instance", args.instance))
+             if value is not None]
+    if args.source is None and given:  # they name the PACS image to edit; alone they would be ignored
+        raise InputError(f"{' and '.join(given)} name the image to fetch from a PACS; give --source NAME too.")
     control_requests(args)  # a bad --control is refused before any work
 
 

@@ -168,6 +168,32 @@ def _without_pixels(ds) -> str:
     return f"the DICOM file is a {kind} object, not an image; give a DX, CR or SC X-ray."
 
 
+# Transfer syntaxes whose compression may lose information, and the method's name for Lossy Image
+# Compression Method (PS3.3 C.7.6.1.1.5). JPEG 2000 "Image Compression" may be either: lossy unless the file says not.
+LOSSY_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+                           "1.2.840.10008.1.2.4.81": "ISO_14495_1", "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+                           "1.2.840.10008.1.2.4.93": "ISO_15444_2", "1.2.840.10008.1.2.4.203": "ISO_15444_15"}
+
+
+def _lossy_history(ds) -> dict:
+    """Lossy Image Compression (and its ratio and method) of a source whose pixels were lossy-compressed, as
+    the source says or its transfer syntax shows; {} if they were not. Once lossy, every derived image is."""
+    said = str(ds.get("LossyImageCompression", "")).strip()
+    if said == "01":
+        return {keyword: ds[keyword].value for keyword in ("LossyImageCompression", "LossyImageCompressionRatio",
+                                                           "LossyImageCompressionMethod") if keyword in ds}
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax not in LOSSY_TRANSFER_SYNTAXES or (said == "00" and syntax == "1.2.840.10008.1.2.4.91"):
+        return {}  # not lossy, or JPEG 2000 that the file says was lossless
+    history = {"LossyImageCompression": "01", "LossyImageCompressionMethod": LOSSY_TRANSFER_SYNTAXES[syntax]}
+    try:
+        raw = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) / 8
+        history["LossyImageCompressionRatio"] = f"{raw / max(len(ds.PixelData), 1):.2f}"[:16]
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return history
+
+
 def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     """Read a DX, CR or SC chest X-ray: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1].
 
@@ -231,6 +257,8 @@ def read_xray(path, *, default_field_of_view_mm: float = 400.0) -> XRayImage:
     if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         pixels = 1.0 - pixels
     header = ds.copy()
+    for keyword, value in _lossy_history(ds).items():  # kept in the header: the edit inherits it
+        setattr(header, keyword, value)
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in header:
             delattr(header, keyword)
@@ -345,7 +373,12 @@ def build_secondary_capture(image, pixel_spacing_mm, provenance: dict, source: p
     sc.BodyPartExamined = "CHEST"
     sc.ManufacturerModelName = MODEL_NAME
     sc.SoftwareVersions = __version__
-    sc.LossyImageCompression = "00"
+    # Once lossy, always (PS3.3 C.7.6.1.1.5): an edit keeps the source's pixels outside its regions.
+    lossy = _lossy_history(source) if source is not None else {}
+    sc.LossyImageCompression = "01" if lossy else "00"
+    for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if keyword in lossy:
+            setattr(sc, keyword, lossy[keyword])
 
     # Display: full 16-bit range, so the model's [0, 1] output shows as generated.
     sc.WindowCenter = "32767.5"

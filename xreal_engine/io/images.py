@@ -19,7 +19,8 @@ def read_source_image(path: Path):
         from .dicom import read_xray
 
         xray = read_xray(path)
-        return xray.pixels.astype(np.float32), tuple(xray.pixel_spacing_mm), xray.dataset
+        spacing = tuple(xray.pixel_spacing_mm) if xray.spacing_from_file else None  # None: not recorded
+        return xray.pixels.astype(np.float32), spacing, xray.dataset
     if fmt == "png":
         return _read_png_xray(path), None, None
     import SimpleITK as sitk
