@@ -392,6 +392,25 @@ def test_dicom_seg_fractional_and_3d(tmp_path):
         read_pathology_mask(volume)
 
 
+@pytest.mark.parametrize("segmentation_type", ["BINARY", "LABELMAP"])
+def test_a_2d_dicom_seg_without_slice_thickness_and_a_label_map_seg_are_read(tmp_path, segmentation_type):
+    """Slice Thickness in Pixel Measures is Type 1C (for volumes): a 2D SEG may lack it, which highdicom's
+    reader would refuse; and a Label Map Segmentation (SOP class ...66.7) holds the same masks."""
+    import highdicom as hd
+    import pydicom
+
+    source = _geometry_sc(0.0, hd.UID())
+    path = _seg_from([source], nodule()[np.newaxis].astype(np.uint8), segmentation_type, tmp_path / "seg.dcm")
+    dataset = pydicom.dcmread(path)
+    measures = dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if "SliceThickness" in measures:
+        del measures.SliceThickness
+        dataset.save_as(path)
+    assert ("1.2.840.10008.5.1.4.1.1.66.7" if segmentation_type == "LABELMAP" else "1.2.840.10008.5.1.4.1.1.66.4") \
+        == pydicom.dcmread(path).SOPClassUID
+    np.testing.assert_array_equal(read_pathology_mask(path), nodule())
+
+
 def test_a_nrrd_whose_pixels_are_another_file_is_refused(tmp_path):
     """ITK would read whatever path ``data file:`` names (any file the engine can read) as pixels."""
     secret = tmp_path / "secret.raw"

@@ -139,6 +139,20 @@ def _code_dict(code) -> dict:
     return {"scheme": str(code.scheme_designator), "value": str(code.value), "meaning": str(code.meaning)}
 
 
+# Segmentation Storage and Label Map Segmentation Storage (highdicom reads both).
+SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+
+
+def _add_missing_slice_thickness(dataset) -> None:
+    """Pixel Measures without Slice Thickness are valid for a 2D plane (the attribute is Type 1C, for volumes),
+    but highdicom's reader requires it: a placeholder (never used for one plane) lets it decode the frames."""
+    groups = [*dataset.get("SharedFunctionalGroupsSequence", []), *dataset.get("PerFrameFunctionalGroupsSequence", [])]
+    for group in groups:
+        for measures in group.get("PixelMeasuresSequence", []):
+            if "SliceThickness" not in measures:
+                measures.SliceThickness = 1.0
+
+
 def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | None]:
     """Segments of a single-plane DICOM-SEG (any segmentation type), with its pixel spacing."""
     import highdicom as hd
@@ -149,10 +163,11 @@ def _read_dicom_seg(path: Path) -> tuple[list[_Segment], tuple[float, float] | N
     except Exception:
         raise InputError(f"{path.name} is a corrupt DICOM file that cannot be read.") from None
     sop_class, give = dataset.get("SOPClassUID"), "give the masks as a DICOM-SEG, PNG, NRRD or NIfTI."
-    if sop_class != "1.2.840.10008.5.1.4.1.1.66.4":
+    if sop_class not in SEGMENTATION_SOP_CLASSES:
         raise InputError(f"{path.name} is a DICOM image, not a DICOM Segmentation "
                          f"({shown(getattr(sop_class, 'name', sop_class), 80)}); {give}" if sop_class else
                          f"{path.name} is a corrupt or incomplete DICOM file (it has no SOP Class UID); {give}")
+    _add_missing_slice_thickness(dataset)
     try:
         seg = hd.seg.Segmentation.from_dataset(dataset, copy=False)
         instances = [sop for _, _, sop in seg.get_source_image_uids()]
