@@ -140,3 +140,26 @@ def test_a_resumed_directory_keeps_the_min_dice_its_finished_images_were_held_to
     assert (out / "dataset.json").read_text() == before
     assert json.loads(before)["quality"]["min_dice"] is None
     assert batch(*common) == 0  # the same setting resumes
+
+
+def test_a_restart_refuses_a_finished_rows_input_file_that_was_rewritten(tiny_model, templates, tmp_path, capsys):
+    """The plan names files; one rewritten in place (another anatomy under the same name) would mix two
+    datasets. Its finished image's provenance records the sha256 it was made from."""
+    import shutil
+
+    anatomy = tmp_path / "a.png"
+    shutil.copyfile(templates / "anatomy_01.png", anatomy)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("name,anatomy,seed\nr1,a.png,1\n")
+    out = tmp_path / "out"
+    assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, *STEPS, "--no-quality-check") == 0
+    manifest.write_text("name,anatomy,seed\nr1,a.png,1\nr2,a.png,2\n")
+    shutil.copyfile(templates / "anatomy_02.png", anatomy)  # another anatomy, same name
+    capsys.readouterr()
+    assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, *STEPS, "--no-quality-check") == 2
+    err = capsys.readouterr().err
+    assert "Row 2 ('r1') is finished, but its anatomy map a.png has changed since its image was made" in err, err
+    assert not (out / "images" / "r2").exists()
+    shutil.copyfile(templates / "anatomy_01.png", anatomy)  # put back: the restart goes on
+    assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, *STEPS, "--no-quality-check") == 0
+    assert (out / "images" / "r2" / "provenance.json").is_file()

@@ -3,6 +3,8 @@
 A restart must ask for every planned row with the same settings (``check_same_plan``), and for the
 same ``--min-dice`` once a row is finished (``check_same_min_dice``): finished images are not checked
 again, so a changed minimum would make ``dataset.json`` claim a threshold its images were never held to.
+Nor may a finished row's input files have changed since its image was made (``check_inputs_unchanged``):
+the plan names files, and a file rewritten in place would mix two datasets silently.
 """
 
 from __future__ import annotations
@@ -56,3 +58,24 @@ def check_same_min_dice(previous: dict, min_dice, finished: int, out: Path) -> N
         shown_now = "none" if min_dice is None else f"{min_dice:g}"
         raise InputError(f"{out} holds {finished} finished image(s) made with {shown_before}, which are not checked "
                          f"again; give the same setting (not {shown_now}), or choose a new --out.")
+
+
+def check_inputs_unchanged(rows: list, finished: frozenset, images_dir: Path) -> None:
+    """Refuse a restart whose finished rows' anatomy map or pathology masks are not the files their images
+    were made from (by the sha256 their provenance records; results made before it was recorded pass)."""
+    from ..io.controls import file_sha256
+
+    for row in rows:
+        if row.name not in finished:
+            continue
+        recorded = json.loads((images_dir / row.name / "provenance.json").read_text(encoding="utf-8")).get("inputs")
+        if not recorded:
+            continue
+        files = [("anatomy map", row.anatomy, recorded.get("anatomy_sha256"))]
+        files += [(f"pathology mask {k}", mask, digest) for k, ((mask, _), digest)
+                  in enumerate(zip(row.pathologies, recorded.get("pathology_sha256") or []), start=1)]
+        for what, path, digest in files:
+            if path and digest and Path(path).is_file() and file_sha256(path) != digest:
+                raise InputError(f"Row {row.row} ('{row.name}') is finished, but its {what} {Path(path).name} has "
+                                 "changed since its image was made; put the file back, or choose a new --out "
+                                 "for the new inputs.")

@@ -30,7 +30,8 @@ from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, p
 from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
                       write_text_atomic)
 from ..batch.manifest import check_rows, read_manifest, report_problems
-from ..batch.plan import PLAN_FILE, check_same_min_dice, check_same_plan, read_plan, write_plan
+from ..batch.plan import (PLAN_FILE, check_inputs_unchanged, check_same_min_dice, check_same_plan, read_plan,
+                          write_plan)
 from ..batch.progress import FailureLog, Progress
 from ..batch.quality import check_min_dice, check_segmenter
 from ..batch.worker import IMAGES_DIR, STOPPED, WorkerSettings, is_finished
@@ -142,6 +143,7 @@ def run(args) -> int:
         rows, files = plan_design(_design(args), info, args.templates, out / INPUTS_DIR, sampling)
     check_same_plan(read_plan(out / PLAN_FILE), rows, out)
     done = frozenset(row.name for row in rows if is_finished(out / IMAGES_DIR / row.name))
+    check_inputs_unchanged(rows, done, out / IMAGES_DIR)
     if args.manifest is not None:
         problems += check_rows(rows, info, skip=done)
     if problems:
