@@ -122,12 +122,10 @@ def test_long_lived_commands_freeze_on_a_cpu_only_and_generate_has_no_eager_flag
     assert check_unet_runtime("compiled", cpu, demo) == "compiled"
     assert "--freeze, --compile and --eager cannot" in _sentence(lambda: unet_runtime(True, True, True))
     assert "use eager, frozen, compiled, auto" in _sentence(lambda: check_unet_runtime("jit", cpu, demo))
-    with pytest.raises(SystemExit):
-        cli.main(["generate", "--help"])
+    assert cli.main(["generate", "--help"]) == 0  # help is printed and main returns, it does not exit
     assert "--eager" not in capsys.readouterr().out
     for command in ("serve", "generate-batch"):
-        with pytest.raises(SystemExit):
-            cli.main([command, "--help"])
+        assert cli.main([command, "--help"]) == 0
         assert "--eager" in capsys.readouterr().out
 
 
