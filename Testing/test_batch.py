@@ -165,6 +165,8 @@ def test_jsonl_manifest_makes_the_same_images_as_csv_and_edits_xrays(tiny_model,
     assert np.abs(edited - original)[outside].mean() < np.abs(edited - original)[~outside].mean()
     items = json.loads((tmp_path / "b" / "datalist.json").read_text())["training"]
     assert [item["name"] for item in items] == ["plain", "heart", "edit"] and items[2]["anatomy_dice"] is None
+    # a row naming a template records it, as a design's rows do; a file path or an X-ray edit names none
+    assert [item["template"] for item in items] == ["anatomy_01", None, None]
 
 
 def test_rows_sharing_an_anatomy_and_seed_share_its_anatomy_stage_and_the_unet_is_frozen_on_a_cpu(
@@ -338,6 +340,26 @@ def test_from_templates_design_is_balanced_and_uses_the_evaluation_edits(tiny_mo
     assert sorted(p.name for p in (out / "inputs").iterdir()) == [
         "anatomy_01-heart1.25.png", "anatomy_01-heart1.25__cardiomegaly.png", "anatomy_01__cardiomegaly.png",
         "anatomy_03-heart1.25.png", "anatomy_03-heart1.25__cardiomegaly.png", "anatomy_03__cardiomegaly.png"]
+
+
+def test_a_design_output_directory_moved_elsewhere_still_resumes(tiny_model, tmp_path, monkeypatch):
+    """The plan names the design's generated masks relative to OUT: a moved or copied OUT resumes, and a
+    relative --out (as a user types it) resumes from another spelling of the same directory."""
+    monkeypatch.chdir(tmp_path)
+    design = ["--from-templates", "anatomy_01", "--findings", "cardiomegaly", "--heart-scales", "1.25",
+              "--model", tiny_model, *STEPS, "--no-quality-check"]
+    assert batch(*design, "--seeds", "7", "--out", "first") == 0
+    plan = (tmp_path / "first" / "plan.jsonl").read_text()
+    assert str(tmp_path) not in plan and '"inputs/anatomy_01-heart1.25.png"' in plan
+    made = pixels(tmp_path / "first" / "images" / "anatomy_01-heart1.25-cardiomegaly-s000007")
+    (tmp_path / "first").rename(tmp_path / "moved")
+    assert batch(*design, "--seeds", "7:9", "--out", tmp_path / "moved") == 0  # one more seed, the first kept
+    images = tmp_path / "moved" / "images"
+    assert sorted(p.name for p in images.iterdir()) == [
+        "anatomy_01-heart1.25-cardiomegaly-s000007", "anatomy_01-heart1.25-cardiomegaly-s000008"]
+    assert np.array_equal(pixels(images / "anatomy_01-heart1.25-cardiomegaly-s000007"), made)
+    summary = json.loads((tmp_path / "moved" / "dataset.json").read_text())
+    assert summary["counts"]["finished"] == 2 and summary["counts"]["rows"] == 2, summary["counts"]
 
 
 def test_design_refusals_name_the_option(tiny_model, tmp_path, capsys):

@@ -292,9 +292,12 @@ def _row(row_number: int, record: dict, resolve: _Resolver, defaults: dict) -> B
         raise InputError(f"the name '{shown(name)}' is not a usable directory name (letters, digits, '.', '_', '-'; "
                          "not starting with '.' or '-').")
     sampling = {**defaults, **{key: record[key] for key in SAMPLING_KEYS if record.get(key) is not None}}
-    return BatchRow(row=row_number, name=name, anatomy=resolve(record.get("anatomy"), "anatomy"),
+    anatomy = record.get("anatomy")
+    design = {"template": anatomy} if isinstance(anatomy, str) and anatomy and is_template_name(anatomy) else {}
+    return BatchRow(row=row_number, name=name, anatomy=resolve(anatomy, "anatomy"),
                     pathologies=tuple(pathologies), image=resolve(record.get("image"), "image"),
-                    seed=record["seed"], sampling=sampling, controls=_controls(record.get("controls"), resolve))
+                    seed=record["seed"], sampling=sampling, controls=_controls(record.get("controls"), resolve),
+                    design=design)
 
 
 def _controls(value, resolve: _Resolver) -> tuple:

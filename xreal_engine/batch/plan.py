@@ -10,6 +10,7 @@ the plan names files, and a file rewritten in place would mix two datasets silen
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -20,15 +21,39 @@ PLAN_FILE = "plan.jsonl"
 
 
 def write_plan(rows: list, path: Path) -> None:
-    """The rows as JSON lines with absolute paths: what this output directory is being made of."""
-    write_text_atomic(path, "".join(json.dumps(row.to_json(), sort_keys=True) + "\n" for row in rows))
+    """The rows as JSON lines: what this output directory is being made of. Input files inside the
+    directory (a design's generated masks) are stored relative to it, so a moved or copied directory
+    still resumes; files elsewhere keep their absolute paths."""
+    home = Path(path).parent.resolve()
+    lines = (json.dumps(_moved(row, lambda file: _relative_inside(file, home)).to_json(), sort_keys=True) + "\n"
+             for row in rows)
+    write_text_atomic(path, "".join(lines))
 
 
 def read_plan(path: Path) -> list:
+    """The rows of a plan with every input path absolute again (relative ones are inside its directory)."""
     if not Path(path).is_file():
         return []
-    return [BatchRow.from_json(json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    home = Path(path).parent.resolve()
+    return [_moved(BatchRow.from_json(json.loads(line)), lambda file: str(home / file))
+            for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _relative_inside(file: str, home: Path) -> str:
+    try:
+        return Path(file).relative_to(home).as_posix()
+    except ValueError:
+        return file
+
+
+def _moved(row: BatchRow, where) -> BatchRow:
+    """``row`` with ``where`` applied to each input file path it names."""
+    def moved(file):
+        return where(file) if file else file
+
+    return replace(row, anatomy=moved(row.anatomy), image=moved(row.image),
+                   pathologies=tuple((moved(mask), finding) for mask, finding in row.pathologies),
+                   controls=tuple((name, moved(file), scale) for name, file, scale in row.controls))
 
 
 def check_same_plan(previous: list, rows: list, out: Path) -> None:

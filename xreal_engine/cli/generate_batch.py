@@ -2,7 +2,8 @@
 
 The output directory::
 
-    OUT/plan.jsonl      the rows this directory makes (absolute paths): a restart must ask for the same rows (or more)
+    OUT/plan.jsonl      the rows this directory makes (inputs inside OUT relative to it, so OUT may move):
+                        a restart must ask for the same rows (or more)
     OUT/images/<name>/  one result directory per finished row, as ``generate`` writes them (+ ``quality``)
     OUT/inputs/         the edited anatomies and drawn regions of a --from-templates design
     OUT/failures.csv    row, name, kind (failed | dropped), reason: the latest attempt of each unfinished row
@@ -140,7 +141,7 @@ def run(args) -> int:
     if args.manifest is not None:
         rows, problems = read_manifest(args.manifest, args.templates, sampling)
     else:
-        rows, files = plan_design(_design(args), info, args.templates, out / INPUTS_DIR, sampling)
+        rows, files = plan_design(_design(args), info, args.templates, out.resolve() / INPUTS_DIR, sampling)
     check_same_plan(read_plan(out / PLAN_FILE), rows, out)
     done = frozenset(row.name for row in rows if is_finished(out / IMAGES_DIR / row.name))
     check_inputs_unchanged(rows, done, out / IMAGES_DIR)
