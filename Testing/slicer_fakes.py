@@ -348,7 +348,13 @@ class Segmentation:
 
 class DisplayNode:
     def __init__(self):
-        self.visible, self.views = True, []
+        self.visible, self.views, self.hidden_segments = True, [], set()
+
+    def SetSegmentVisibility(self, segment_id, visible):
+        (self.hidden_segments.discard if visible else self.hidden_segments.add)(segment_id)
+
+    def GetSegmentVisibility(self, segment_id):
+        return segment_id not in self.hidden_segments
 
     def SetVisibility(self, visible):
         self.visible = bool(visible)

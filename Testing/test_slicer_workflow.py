@@ -67,6 +67,27 @@ def _run(client, jobs, seconds=60):
 # ----------------------------------------------------------------------------- defects 4 and 5: pathology segments
 
 
+def test_a_hidden_painted_segment_is_used_and_said_to_be(vocabulary):
+    """Hiding a segment in the views is a display setting: its mask is still sent, and Generate says so."""
+    info = replay_info()
+    labels, findings = list(connection.model_anatomy_labels(info)), connection.model_findings(info)
+    shown = build_inputs(_segments(vocabulary), CANVAS, vocabulary, labels, findings)
+    segments = _segments(vocabulary)
+    segments[2].visible = False  # the heart
+    segments[3].visible = False  # the pneumonia
+    segments[4].visible = False  # the unpainted one: left out as before, nothing more to say
+    hidden = build_inputs(segments, CANVAS, vocabulary, labels, findings)
+    assert hidden.warnings == [
+        f"The segment '{segments[2].name}' is hidden but painted, so it is used; delete it or erase it to leave "
+        "it out.",
+        "The segment 'Pneumonia' is hidden but painted, so it is used; delete it or erase it to leave it out.",
+        "The segment 'Pathology' is empty and was left out."]
+    assert np.array_equal(hidden.anatomy, shown.anatomy)
+    assert [name for _mask, _finding, name in hidden.pathologies] == ["Pneumonia"]
+    segments[1].array, segments[1].visible = np.zeros((1, SIZE, SIZE), np.uint8), False  # hidden and unpainted
+    assert len(build_inputs(segments, CANVAS, vocabulary, labels, findings).warnings) == 3  # nothing said of it
+
+
 def test_an_unpainted_pathology_without_finding_is_left_out_with_a_note(vocabulary):
     """Defect 4: emptiness is checked before the finding, so the new 'Pathology' cannot stop Generate."""
     segments = _segments(vocabulary)

@@ -1255,9 +1255,12 @@ class XRealSlicerLogic(ScriptedLoadableModuleLogic):
         segment.SetName(name)
 
     def readSegments(self, segmentation, canvas):
-        """Every segment as an array on the canvas grid (per segment, so overlaps are kept)."""
+        """Every segment as an array on the canvas grid (per segment, so overlaps are kept); hidden ones
+        too, marked so that Generate can say it uses them."""
+        display = segmentation.GetDisplayNode()
         return [SegmentInput(name, slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, canvas),
-                             terminology) for segmentId, name, terminology in self.segments(segmentation)]
+                             terminology, visible=display is None or bool(display.GetSegmentVisibility(segmentId)))
+                for segmentId, name, terminology in self.segments(segmentation)]
 
     # ------------------------------------------------------------------ edit mode sources
 

@@ -31,6 +31,7 @@ class SegmentInput:
     array: np.ndarray  # (1, rows, columns) or (rows, columns), non-zero inside
     terminology: str = ""
     finding: Optional[str] = None  # chosen in the panel; overrides what the terminology says
+    visible: bool = True  # hidden in the views: still sent (hiding is a display setting), but said so
 
 
 @dataclass
@@ -94,6 +95,13 @@ def _segment_plane(segment: SegmentInput, rows: int, columns: int, canvas_name: 
     return array != 0
 
 
+def _note_if_hidden(segment: SegmentInput, mask: np.ndarray, warnings: List[str]) -> None:
+    """A hidden segment that is sent: hiding is only a display setting in Slicer, so say it is used."""
+    if not segment.visible and mask.any():
+        warnings.append(f"The segment '{segment.name}' is hidden but painted, so it is used; delete it or erase it "
+                        "to leave it out.")
+
+
 def build_inputs(
     segments: Sequence[SegmentInput],
     canvas: CanvasGeometry,
@@ -120,6 +128,7 @@ def build_inputs(
             warnings.append(f"The segment '{segment.name}' is empty and was left out.")
             continue
         if meaning is not None and meaning.kind == ATTENTION:  # sent as the attention control (planning)
+            _note_if_hidden(segment, mask, warnings)
             attention = mask if attention is None else (attention | mask)
             continue
         if segment.finding is not None and (meaning is None or meaning.kind == PATHOLOGY):
@@ -138,6 +147,7 @@ def build_inputs(
                 if mask.any():
                     warnings.append(f"This model has no label for '{segment.name}'; that segment is ignored.")
                 continue
+            _note_if_hidden(segment, mask, warnings)
             previous = anatomy_masks.get(meaning.label)
             anatomy_masks[meaning.label] = mask if previous is None else (previous | mask)
             continue
@@ -155,6 +165,7 @@ def build_inputs(
             raise InputError(
                 f"The finding '{finding}' of segment '{segment.name}' is not known to this model; it knows: {known}."
             )
+        _note_if_hidden(segment, mask, warnings)
         pathologies.append((mask, model_finding, segment.name))
 
     anatomy = None
