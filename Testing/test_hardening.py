@@ -252,7 +252,8 @@ def open_server(tiny_model, tmp_path_factory):
     from xreal_engine.service.settings import ServiceSettings
 
     settings = ServiceSettings(model=str(tiny_model), device="cpu", data_dir=tmp_path_factory.mktemp("open") / "data",
-                               token=None, allowed_hosts=("xreal.test",), allowed_origins=("https://viewer.example",))
+                               token=None, allowed_hosts=("xreal.test",),
+                               allowed_origins=("https://Viewer.Example/",))  # as a user may type it
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -436,12 +437,26 @@ def test_an_allowed_origin_gets_cors_and_others_do_not(open_server):
     assert status == 200 and headers.get("access-control-allow-origin") == "https://viewer.example"
     status, headers, _ = http_request(port, "GET", "/api/v1/info", None, {"Origin": "https://viewer.example"})
     assert status == 200 and headers.get("access-control-allow-origin") == "https://viewer.example"
-    status, headers, answer = http_request(port, "OPTIONS", "/api/v1/jobs", None,
-                                           {**preflight, "Origin": "https://viewer.example.evil"})
-    error_of(status, answer, 403, "cross_origin_refused")
+    for other in ("https://viewer.example.evil", "https://viewer.example/", "http://viewer.example"):
+        # what a browser never sends as this origin is refused by the guard, as JSON (CORS sees only the rest)
+        status, headers, answer = http_request(port, "OPTIONS", "/api/v1/jobs", None, {**preflight, "Origin": other})
+        error_of(status, answer, 403, "cross_origin_refused")
 
 
 # ============================================================================= 2. DNS rebinding
+
+
+@pytest.mark.slow
+def test_a_request_path_cannot_write_escape_sequences_or_forged_lines_into_the_log(engine):
+    forged = "/api/v1/jobs/x%0a2026-12-04%2000:00:00%20INFO%20job%20deadbeef%20succeeded%1b%5b2J"
+    status, _, answer = engine.request("GET", forged)
+    assert status in (400, 404), answer[:200]
+    deadline = time.monotonic() + 60
+    while "refused GET /api/v1/jobs/x" not in engine.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logged = [line for line in engine.log().splitlines() if "refused GET /api/v1/jobs/x" in line]
+    assert logged and "\x1b" not in engine.log() and "\\x1b" in logged[0], logged
+    assert all("job deadbeef succeeded" not in line or "refused" in line for line in engine.log().splitlines())
 
 
 @pytest.mark.slow
@@ -750,6 +765,46 @@ def test_a_deleted_data_directory_makes_the_engine_unhealthy_and_refuse_jobs(tin
         assert engine.process.poll() is None
 
 
+def test_the_data_directory_is_writable_by_this_user_only_and_must_be_theirs(tmp_path, monkeypatch):
+    from xreal_engine.errors import StorageError
+    from xreal_engine.service.store import JobStore
+
+    shared = tmp_path / "group-writable"
+    shared.mkdir()
+    shared.chmod(0o775)  # what a umask of 002 makes
+    JobStore(shared).close()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755  # no one else can rename jobs/ or incoming/ any more
+    assert all(stat.S_IMODE((shared / name).stat().st_mode) == 0o700 for name in ("jobs", "incoming", "batches"))
+    monkeypatch.setattr(os, "getuid", lambda: shared.stat().st_uid + 1)  # the folder is now another user's
+    with pytest.raises(StorageError, match="belongs to another user; give a directory of your own"):
+        JobStore(shared)
+
+
+def test_serve_raises_its_open_file_limit_so_idle_connections_cannot_exhaust_it():
+    """Every connection holds a file: at a desktop's soft limit of 1024, another local user's thousand idle
+    connections would lock every client out, so serve takes the soft limit up to the hard one."""
+    script = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+              "from xreal_engine.service.serve import _raise_open_file_limit; _raise_open_file_limit(); "
+              "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    soft, hard = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                         check=True).stdout.split())
+    assert soft == (hard if hard != -1 else 1 << 20) and soft > 256
+
+
+def test_a_token_file_other_users_can_read_is_warned_about(tmp_path):
+    from xreal_engine.client import resolve_token
+
+    secret = tmp_path / "token.txt"
+    secret.write_text("a-token-from-a-file-0123456789\n")
+    secret.chmod(0o600)
+    assert resolve_token(None, secret) == ("a-token-from-a-file-0123456789", None)
+    secret.chmod(0o644)
+    token, warning = resolve_token(None, secret)
+    assert token == "a-token-from-a-file-0123456789"
+    assert "can be read by other users of this machine (mode 644); make it private with chmod 600" in warning
+
+
 @pytest.mark.slow
 def test_starting_on_an_unwritable_data_directory_is_one_line(tiny_model, tmp_path, read_only_dir):
     blocker = tmp_path / "a-file"
@@ -763,6 +818,11 @@ def test_starting_on_an_unwritable_data_directory_is_one_line(tiny_model, tmp_pa
         subprocess.run([sys.executable, "-c", "import sys; from xreal_engine.service.store import JobStore; "
                         "JobStore(sys.argv[1]).close()", str(existing)], check=True)
         cases["with an immutable database"] = existing
+    if os.getuid() == 0:  # root can give a folder to another user: one that user could swap jobs/ in
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o777)
+        os.chown(foreign, 65534, 65534)
+        cases["owned by another user"] = foreign
     for name, data_dir in cases.items():
         locks = [locked] if name == "in an immutable folder" else (
             [existing / "jobs.sqlite3"] if name == "with an immutable database" else [])

@@ -64,3 +64,45 @@ def test_directories_missing_files_and_nan_images_get_their_own_sentence(tmp_pat
     sitk.WriteImage(sitk.GetImageFromArray(image), str(tmp_path / "nan.nrrd"))
     with pytest.raises(InputError, match="NaN or infinite"):
         read_source_image(tmp_path / "nan.nrrd")
+
+
+def test_a_deflated_dicom_is_refused_from_its_file_meta_before_anything_is_inflated(tmp_path):
+    """Deflate can hide gigabytes in a small upload; only the (never deflated) file meta is read."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    def dicom(path, syntax):
+        dataset = pydicom.Dataset()
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = syntax
+        dataset.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        dataset.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        dataset.SOPClassUID, dataset.SOPInstanceUID = SecondaryCaptureImageStorage, pydicom.uid.generate_uid()
+        dataset.Rows, dataset.Columns, dataset.SamplesPerPixel, dataset.BitsAllocated = 64, 64, 1, 8
+        dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 7, 0
+        dataset.PhotometricInterpretation, dataset.PixelData = "MONOCHROME2", bytes(64 * 64)
+        dataset.save_as(path, enforce_file_format=True)
+        return path
+
+    assert check_image_header(dicom(tmp_path / "plain.dcm", ExplicitVRLittleEndian)) == "dicom"
+    deflated = dicom(tmp_path / "deflated.dcm", DeflatedExplicitVRLittleEndian)
+    for read in (check_image_header, read_pathology_mask, read_source_image):
+        with pytest.raises(InputError, match="uses the Deflated transfer syntax"):
+            read(deflated)
+
+
+@pytest.mark.parametrize("offset", [1e15, -1.0, float("nan")])
+def test_a_nifti_whose_voxels_start_far_beyond_its_header_is_refused(tmp_path, offset):
+    """A gzipped NIfTI could otherwise make the engine inflate a terabyte to reach its voxels."""
+    import gzip
+
+    path = tmp_path / "far.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 40), np.float32)), str(path))
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    assert check_image_header(path) == "nifti.gz"  # as written: voxels right after the header
+    raw[108:112] = struct.pack("<f", offset)
+    path.write_bytes(gzip.compress(bytes(raw)))
+    for read in (check_image_header, read_pathology_mask):
+        with pytest.raises(InputError, match="puts its voxels .* bytes in; it is not a valid image"):
+            read(path)

@@ -165,7 +165,9 @@ def test_batched_guidance_equals_two_sequential_passes(pipe):
         eps_uncond = pipe.unet(latents, t, encoder_hidden_states=uncond).sample
         eps_cond = pipe.unet(latents, t, encoder_hidden_states=cond).sample
     sequential = eps_uncond + 7.0 * (eps_cond - eps_uncond)
-    assert (batched - sequential).abs().max() < 1e-5
+    # batch 2 and batch 1 may take other kernels (float32 rounding ~1e-6 per UNet output, more on a busy
+    # machine whose thread split differs); guidance 7 multiplies that by up to 1 + 2 x 7
+    assert (batched - sequential).abs().max() < 1e-4
     assert (eps_cond - eps_uncond).abs().max() > 1e-3  # the prompts really differ
 
 

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -250,7 +251,13 @@ def test_openapi_page_documents_every_endpoint(engine):
         assert path in paths, path
     form = paths["/api/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form
-    assert raw_request(engine["url"], "GET", "/docs", token=None)[0] == 200
+    status, _, page = raw_request(engine["url"], "GET", "/docs", token=None)
+    assert status == 200 and b"swagger-ui-bundle.js" in page
+    # Swagger UI comes from the engine itself: nothing is fetched from another site (no CDN, works offline)
+    assert re.findall(rb"""(?:src|href)=["']([^"']+)""", page), page[:500]
+    for reference in re.findall(rb"""(?:src|href)=["']([^"']+)""", page) + re.findall(rb"url: *'([^']+)'", page):
+        assert reference.startswith(b"/"), reference
+        assert raw_request(engine["url"], "GET", reference.decode(), token=None)[0] == 200, reference
 
 
 def test_fifty_concurrent_clients_every_job_completes_or_is_refused(engine, inputs):
@@ -409,6 +416,9 @@ def malformed_cases(inputs: dict) -> list:
                  "invalid_input")
     with_anatomy("path-like file name", "../../../../tmp/evil.png", "image/png", anatomy, 400, "bad_filename")
     with_anatomy("file name '..'", "..", "image/png", anatomy, 400, "bad_filename")
+    with_anatomy("escape sequence in the file name", "a\x1b[2J.png", "image/png", anatomy, 400, "bad_filename")
+    with_anatomy("right-to-left override in the file name", "x\u202egnp.exe", "image/png", anatomy, 400,
+                 "bad_filename")
     with_anatomy("unknown label value 7", "anatomy.png", "image/png",
                  png_bytes(np.where(anatomy_array(size) == 3, 7, anatomy_array(size))), 422, "invalid_input")
     with_anatomy("empty anatomy", "anatomy.png", "image/png", png_bytes(np.zeros((size, size))), 422, "invalid_input")

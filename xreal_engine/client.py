@@ -497,11 +497,23 @@ def resolve_token(token: str | None, token_file, environ=None) -> tuple:
             raise ValueError(f"The token file {token_file} cannot be read ({getattr(error, 'strerror', None) or error}).") from None
         if not token:
             raise ValueError(f"The token file {token_file} is empty.")
-        return token, None
+        return token, _readable_by_others(token_file)
     if token is not None:
         return token, (f"--token puts the access token in the process list, visible to every user of this machine; "
                        f"set {TOKEN_ENVIRONMENT} or use --token-file instead.")
     return environ.get(TOKEN_ENVIRONMENT) or None, None
+
+
+def _readable_by_others(token_file) -> str | None:
+    """A warning when other local users can read the token file (they could then drive the engine)."""
+    try:
+        mode = os.stat(token_file).st_mode
+    except OSError:
+        return None
+    if os.name != "posix" or not mode & 0o044:
+        return None
+    return (f"The token file {token_file} can be read by other users of this machine (mode {mode & 0o777:o}); "
+            f"make it private with chmod 600.")
 
 
 def extract_zip_safely(zip_path, dest_dir) -> list:

@@ -93,6 +93,10 @@ def check_image_header(path: Path, what: str | None = None) -> str:
         return None
     if fmt == "nrrd":
         _refuse_detached_nrrd(path, name)
+    if fmt == "dicom":
+        _refuse_deflated_dicom(path, name)
+    if fmt in ("nifti", "nifti.gz"):
+        _refuse_far_nifti_voxels(path, name, fmt == "nifti.gz")
     sizes = header_sizes(path, fmt)
     if any(side > MAX_IMAGE_SIDE for side in sizes[:2]):
         raise ImageTooLarge(f"{name} is {' x '.join(str(s) for s in sizes)} pixels; the engine accepts at most "
@@ -132,6 +136,44 @@ def _refuse_detached_nrrd(path: Path, name: str) -> None:
         if field in _NRRD_DATA_FILE_FIELDS:
             raise InputError(f"{name} is a NRRD header whose pixels are in a separate data file; save the image "
                              "as a single .nrrd file (data included).")
+
+
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+
+
+def _refuse_deflated_dicom(path: Path, name: str) -> None:
+    """Refuse Deflated Explicit VR Little Endian, from the file meta alone (read without inflating).
+
+    Reading any of its header inflates the whole data set in memory, and a 2 MB upload can inflate to
+    gigabytes. No modality writes it for radiographs or SEGs; the usual transfer syntaxes are read.
+    """
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+    except Exception:  # noqa: BLE001 - an unreadable meta header is refused by the reader, with the reason
+        return
+    if syntax == DEFLATED_TRANSFER_SYNTAX:
+        raise InputError(f"{name} uses the Deflated transfer syntax, which the engine does not read; save it "
+                         "uncompressed, or as JPEG, JPEG 2000 or RLE.")
+
+
+# NIfTI-1: the header is 348 bytes; extensions may follow before the voxels (vox_offset). More than this
+# before the voxels is no image anyone wrote, and would have to be decompressed to reach them.
+MAX_NIFTI_VOXEL_OFFSET = 1 << 20
+
+
+def _refuse_far_nifti_voxels(path: Path, name: str, compressed: bool) -> None:
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
+            header = handle.read(348)
+        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+        offset = struct.unpack(endian + "f", header[108:112])[0]
+    except (OSError, EOFError, zlib.error, struct.error):
+        return  # unreadable: the reader refuses it with its own reason
+    if not 0 <= offset <= MAX_NIFTI_VOXEL_OFFSET:  # also NaN
+        raise InputError(f"{name} is a NIfTI file whose header puts its voxels {offset:g} bytes in; it is not a "
+                         "valid image.")
 
 
 # NIfTI-1 datatype codes of floating-point voxels -> numpy dtype.

@@ -10,7 +10,8 @@ Security (``middleware.py``, threat model in docs/architecture.md): only Host na
 address listened on; no requests from other web origins; any ``/api/v1`` endpoint except
 ``health`` requires the token, when one is configured, as ``Authorization: Bearer <token>``;
 state-changing requests must carry ``X-XReal-Client`` (or the token, or a JSON body).
-``/docs`` and ``/openapi.json`` describe the API and are open.
+``/docs`` (Swagger UI, its files served from ``/docs/assets``, nothing from elsewhere) and
+``/openapi.json`` describe the API and are open.
 
 Every refusal is ``{"error": {"code": ..., "message": ...}}`` with a 4xx status:
 400 malformed request or Host, 401 token, 403 cross-origin or plain form request, 404 unknown
@@ -31,6 +32,7 @@ import contextlib
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from fastapi.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
@@ -44,6 +46,9 @@ from .pacs_access import load_pacs
 from .settings import API_PREFIX, CLIENT_HEADER, ServiceSettings
 from .store import JobStore
 from .worker import JobService, run_generation
+
+
+DOCS_ASSETS_URL = "/docs/assets"
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -82,7 +87,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             await run_in_threadpool(service.stop)
             store.close()
 
-    app = FastAPI(
+    # The OpenAPI page with Swagger UI served by the engine itself (fastapi-offline's copy): FastAPI's own
+    # /docs loads it from a CDN, i.e. a download at run time and third-party script beside the token.
+    app = FastAPIOffline(
+        docs_url="/docs", redoc_url=None, static_url=DOCS_ASSETS_URL,
         title="XReal engine",
         version=__version__,
         description="Synthetic chest X-rays from anatomy and pathology masks (XReal latent diffusion). "
@@ -94,7 +102,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.request_shutdown = lambda: None  # serve.run replaces both with the server's
     app.state.exiting = lambda: False
     if settings.allowed_origins:  # inside the guard, which has refused every other origin already
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.web_origins()),
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", CLIENT_HEADER])
     app.add_middleware(GuardMiddleware, settings=settings)

@@ -85,10 +85,15 @@ def client_names(uploads: dict):
     return lambda text: pattern.sub(lambda match: keys[match.group(0)], text)
 
 
+def _logged_path(request: Request) -> str:
+    """The request path as the log may show it: a client's escape sequences or forged lines stay inert."""
+    return shown(request.url.path, 200)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
-        log.info("refused %s %s: %d %s", request.method, request.url.path, error.status, error.code)  # no content
+        log.info("refused %s %s: %d %s", request.method, _logged_path(request), error.status, error.code)  # no content
         return error_response(error.status, error.code, error.message, error.headers, error.details)
 
     @app.exception_handler(RequestValidationError)
@@ -97,7 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StorageError)
     async def storage_error(request: Request, error: StorageError):
-        log.error("refused %s %s: %s", request.method, request.url.path, error.reason)
+        log.error("refused %s %s: %s", request.method, _logged_path(request), error.reason)
         refusal = storage_refusal(error, request.app.state.context.data_dir)
         return error_response(refusal.status, refusal.code, refusal.message, refusal.headers)
 
@@ -115,7 +120,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
-        log.exception("unexpected error while handling %s %s", request.method, request.url.path)
+        log.exception("unexpected error while handling %s %s", request.method, _logged_path(request))
         return error_response(500, "internal_error",
                               "The engine hit an unexpected problem; the engine log has the details.")
 

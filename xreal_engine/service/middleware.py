@@ -57,7 +57,7 @@ class GuardMiddleware:
         self.app = app
         self.settings = settings
         self.hosts = settings.accepted_hosts()
-        self.origins = {origin.rstrip("/").lower() for origin in settings.allowed_origins}
+        self.origins = set(settings.web_origins())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -79,7 +79,7 @@ class GuardMiddleware:
         origin = headers.get("origin")
         same_origin = origin is not None and origin.lower() in (f"http://{headers['host']}".lower(),
                                                                 f"https://{headers['host']}".lower())
-        allowed_origin = origin is not None and (same_origin or origin.rstrip("/").lower() in self.origins)
+        allowed_origin = origin is not None and (same_origin or origin in self.origins)
         from_page = origin is not None or headers.get("sec-fetch-site") in ("cross-site", "same-site")
         if from_page and not allowed_origin:
             return error_response(

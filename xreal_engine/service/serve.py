@@ -156,6 +156,7 @@ def run(args) -> int:
         print(f"xreal-engine serve: access token in {token_path} (readable only by you; xreal-engine submit and "
               f"EngineClient on this machine read it there)", file=sys.stderr, flush=True)
     url_host = f"[{args.host.strip('[]')}]" if ":" in args.host else args.host
+    _raise_open_file_limit()
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
                             log_level=args.log_level)
     server = uvicorn.Server(config)
@@ -187,3 +188,20 @@ def _shutdown_at_stdin_eof(request_shutdown) -> None:
         pass
     log.info("standard input closed: the launcher is gone, shutting down")
     request_shutdown()
+
+
+def _raise_open_file_limit() -> None:
+    """Take the soft limit of open files up to the hard one (1024 on many desktops): every connection
+    holds a file, so another local user opening a thousand idle ones could otherwise lock every client out."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux refuses an unlimited soft limit
+    if soft != resource.RLIM_INFINITY and wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass  # keep the limit the engine was given
+

@@ -47,6 +47,11 @@ class ServiceSettings:
     allowed_hosts: tuple = ()  # further host names clients use (--allow-host); "*" accepts any
     allowed_origins: tuple = ()  # web origins allowed to call the API from a browser (--allow-origin)
 
+    def web_origins(self) -> tuple:
+        """--allow-origin as browsers send an Origin (lower case, no trailing '/'): the guard and CORS
+        compare a request's Origin with these exactly, so both agree on every origin."""
+        return tuple(dict.fromkeys(origin.rstrip("/").lower() for origin in self.allowed_origins))
+
     def accepted_hosts(self) -> tuple:
         """Host names a request may address: the bound address, loopback names on loopback, --allow-host.
 

@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -101,11 +102,26 @@ def _make_private(data_dir: Path, *folders: Path, database: Path) -> None:
     uploads, an edited patient's X-ray among them, and the results, so no other local user may read them."""
     if not data_dir.exists():
         data_dir.mkdir(parents=True, mode=0o700)
+    _refuse_foreign(data_dir)
     for folder in folders:
         folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)  # also when an older engine made it with the umask's mode
     os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
     os.chmod(database, 0o600)
+
+
+def _refuse_foreign(data_dir: Path) -> None:
+    """The data directory must be this user's, and no one else may write it: another user who can rename
+    its folders could swap ``jobs/`` for one they read. Group or other write permission is taken away
+    (a umask of 002 gives it); a directory of another user is refused."""
+    if os.name != "posix":
+        return
+    status = data_dir.stat()
+    if status.st_uid != os.getuid():
+        raise StorageError(f"The data directory {data_dir} belongs to another user; give a directory of your own "
+                           "(--data-dir).", "the data directory belongs to another user")
+    if status.st_mode & 0o022:
+        os.chmod(data_dir, stat.S_IMODE(status.st_mode) & ~0o022)
 
 
 class JobStore:

@@ -34,7 +34,8 @@ def suffix_for(fmt: str, client_name: str | None) -> str:
 
 
 def _check_client_name(client_name: str, what: str) -> None:
-    if any(bad in client_name for bad in ("/", "\\", "\x00")) or client_name in (".", ".."):
+    # folders, or anything not printable: control characters, escape sequences, bidirectional overrides
+    if any(bad in client_name for bad in ("/", "\\")) or not client_name.isprintable() or client_name in (".", ".."):
         raise ApiError(400, "bad_filename",
                        f"The {what} has a file name with folders or control characters; send a plain file name.")
 
