@@ -282,7 +282,12 @@ def test_a_restart_must_ask_for_the_same_rows(tiny_model, templates, tmp_path, c
     assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, *STEPS, "--no-quality-check") == 0
     assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, "--steps", "3", "--device", "cpu",
                  "--no-quality-check") == 2
-    assert "was planned with other settings for 1 row(s) (first: row 2, 'plain': sampling)" in capsys.readouterr().err
+    assert ("was planned with other settings for 1 row(s) (first: row 2, 'plain': steps 2 before, 3 now)"
+            in capsys.readouterr().err)
+    # finished images are not checked again: the quality check cannot be switched on half-way
+    assert batch("--manifest", manifest, "--out", out, "--model", tiny_model, *STEPS) == 2
+    assert "made without the quality check, which are not checked again; run the same command again (not " \
+           "--quality-check)" in capsys.readouterr().err
     from xreal_engine.model.random_model import create_random_model
 
     other_model = create_random_model(tmp_path / "other-model", preset="tiny", seed=1)
@@ -348,7 +353,7 @@ def test_a_design_output_directory_moved_elsewhere_still_resumes(tiny_model, tmp
     monkeypatch.chdir(tmp_path)
     design = ["--from-templates", "anatomy_01", "--findings", "cardiomegaly", "--heart-scales", "1.25",
               "--model", tiny_model, *STEPS, "--no-quality-check"]
-    assert batch(*design, "--seeds", "7", "--out", "first") == 0
+    assert batch(*design, "--seeds", "7", "--out", "first", "--format", "monai") == 0
     plan = (tmp_path / "first" / "plan.jsonl").read_text()
     assert str(tmp_path) not in plan and '"inputs/anatomy_01-heart1.25.png"' in plan
     made = pixels(tmp_path / "first" / "images" / "anatomy_01-heart1.25-cardiomegaly-s000007")
@@ -360,6 +365,9 @@ def test_a_design_output_directory_moved_elsewhere_still_resumes(tiny_model, tmp
     assert np.array_equal(pixels(images / "anatomy_01-heart1.25-cardiomegaly-s000007"), made)
     summary = json.loads((tmp_path / "moved" / "dataset.json").read_text())
     assert summary["counts"]["finished"] == 2 and summary["counts"]["rows"] == 2, summary["counts"]
+    # the restart gave no --format: the MONAI export made before is kept up to date, not left stale
+    assert summary["formats"] == ["results", "monai"]
+    assert json.loads((tmp_path / "moved" / "datalist.json").read_text())["numTraining"] == 2
 
 
 def test_design_refusals_name_the_option(tiny_model, tmp_path, capsys):

@@ -115,6 +115,11 @@ def test_non_square_input_keeps_its_grid(pipe, tmp_path):
     assert (sc.Rows, sc.Columns) == (200, 300)
     assert [float(v) for v in sc.PixelSpacing] == pytest.approx([400 / 200, 400 / 300])
     assert provenance["findings"] == []
+    assert any("300 x 200 pixels, not square" in w and "(1.50x along one axis)" in w for w in prepared.warnings)
+    assert any("not square" in w for w in provenance["warnings"])
+    square = prepare_request(GenerationRequest(anatomy_path=write_png(tmp_path / "square.png", chest_labels(200, 200)),
+                                               seed=1), pipe.model_info)
+    assert not any("not square" in w for w in square.warnings)
 
 
 def test_different_seeds_differ(pipe, inputs, tmp_path):
@@ -258,3 +263,12 @@ def test_two_regions_with_one_finding_get_numbered_names(pipe, inputs, tmp_path)
     assert names[-2:] == ["pneumonia", "pneumonia 2"] and len(set(names)) == len(names)
     labels = [item.SegmentLabel for item in pydicom.dcmread(tmp_path / "out" / "seg.dcm").SegmentSequence]
     assert labels[-2:] == ["Pneumonia", "Pneumonia 2"]
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tiny_model):
+    """`xreal-engine info --json | head -c 10`: the closed pipe is the reader's choice, not an error."""
+    process = subprocess.Popen([sys.executable, "-m", "xreal_engine.cli", "info", "--model", str(tiny_model), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command has written anything (it takes a second to start)
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and error == "", error

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -216,12 +218,25 @@ def test_dicom_seg_as_anatomy_and_as_pathology(tmp_path):
 def test_unreadable_files_are_refused(tmp_path):
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"\x89PNG but not really" * 10)
-    with pytest.raises(InputError, match=r"^garbage.png is not a readable mask"):
+    with pytest.raises(InputError, match=r"^garbage.png is not a PNG, NRRD, NIfTI or DICOM file"):
         load_masks(garbage, [], known_labels=KNOWN)
     text = tmp_path / "notes.txt"
     text.write_text("left lung here")
-    with pytest.raises(InputError, match=r"^notes.txt is not a readable mask"):
+    with pytest.raises(InputError, match=r"^notes.txt is not a PNG, NRRD, NIfTI or DICOM file"):
         load_masks(text, [], known_labels=KNOWN)
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".mha", ".tif", ".jpg"])
+def test_formats_simpleitk_reads_but_the_engine_does_not_are_refused_by_the_one_sniff(tmp_path, suffix):
+    """A MetaImage header may name any file as its pixels (like a detached NRRD); TIFF and JPEG are not
+    label maps. Only PNG, NRRD, NIfTI and DICOM are read, by the CLI as by the service."""
+    from xreal_engine.io.images import read_source_image
+
+    path = tmp_path / f"anatomy{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(anatomy_map()), str(path))
+    for read in (lambda p: load_masks(p, [], known_labels=KNOWN), read_source_image):
+        with pytest.raises(InputError, match=rf"anatomy{re.escape(suffix)} is not a PNG, NRRD, NIfTI or DICOM file"):
+            read(path)
     with pytest.raises(InputError, match="missing.png does not exist"):
         load_masks(tmp_path / "missing.png", [], known_labels=KNOWN)
 

@@ -139,12 +139,15 @@ def prepare_request(request: GenerationRequest, model_info) -> PreparedRequest:
                 )
             spacing = source_spacing or spacing
             warnings.append(EDIT_KEEPS_ANATOMY)
+    grid = tuple(source_pixels.shape) if source_pixels is not None else tuple(anatomy.shape)
+    if grid[0] != grid[1]:
+        warnings.append(f"The input is {grid[1]} x {grid[0]} pixels, not square; the model works on a square image, "
+                        f"so the X-ray is made stretched to a square and resized back ({max(grid) / min(grid):.2f}x "
+                        "along one axis); draw on a square canvas for an undistorted image.")
     if source_pixels is not None and source_spacing is None:
         warnings.append(f"The X-ray to edit records no pixel spacing; the results assume {spacing[0]:.4g} x "
                         f"{spacing[1]:.4g} mm per pixel (rows x columns), not a calibrated spacing.")
-    controls = _prepare_controls(request, model_info, parameters, anatomy,
-                                 tuple(source_pixels.shape) if source_pixels is not None else tuple(anatomy.shape),
-                                 warnings)
+    controls = _prepare_controls(request, model_info, parameters, anatomy, grid, warnings)
     return PreparedRequest(
         request=request,
         anatomy=anatomy,

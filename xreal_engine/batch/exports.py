@@ -210,7 +210,7 @@ def export_nnunet(out_dir: Path, records: list, tables: tuple) -> None:
 
 
 def summary(previous: dict, *, model_info, weights_hash: str, model: str, rows: list, records: list,
-            failures: dict, formats: list, min_dice, last_run: dict) -> dict:
+            failures: dict, formats: list, quality_check: bool, min_dice, last_run: dict) -> dict:
     """The provenance summary of the whole output directory (OUT/dataset.json)."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     kinds = [entry["kind"] for entry in failures.values()]
@@ -221,6 +221,7 @@ def summary(previous: dict, *, model_info, weights_hash: str, model: str, rows: 
     checked = [r["anatomy_dice"] for r in records if r["anatomy_dice"]]
     structures = sorted({name for dice in checked for name in dice})
     quality = {
+        "check": bool(quality_check),  # every image made with the shipped segmenter's check, or none
         "checked": len(checked),
         "segmenter": next((r["segmenter"] for r in records if r["segmenter"]), None),
         "min_dice": min_dice,

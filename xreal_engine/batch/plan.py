@@ -1,7 +1,7 @@
 """An output directory's plan (``OUT/plan.jsonl``) and what a restart may change about it.
 
 A restart must ask for every planned row with the same settings (``check_same_plan``), and for the
-same ``--min-dice`` once a row is finished (``check_same_min_dice``): finished images are not checked
+same quality check and ``--min-dice`` once a row is finished (``check_same_quality``): finished images are not checked
 again, so a changed minimum would make ``dataset.json`` claim a threshold its images were never held to.
 Nor may a finished row's input files have changed since its image was made (``check_inputs_unchanged``):
 the plan names files, and a file rewritten in place would mix two datasets silently.
@@ -68,15 +68,37 @@ def check_same_plan(previous: list, rows: list, out: Path) -> None:
     changed = [(old, new[old.name]) for old in previous if new[old.name].content() != old.content()]
     if changed:
         old, row = changed[0]
-        keys = sorted(k for k in row.content() if row.content()[k] != old.content().get(k))
         raise InputError(f"{out} was planned with other settings for {len(changed)} row(s) (first: row {row.row}, "
-                         f"'{row.name}': {', '.join(keys)}); run the same command again, or choose a new --out.")
+                         f"'{row.name}': {', '.join(_differences(old.content(), row.content()))}); run the same "
+                         "command again, or choose a new --out.")
 
 
-def check_same_min_dice(previous: dict, min_dice, finished: int, out: Path) -> None:
-    """Refuse another --min-dice than the finished images of ``out`` were held to (``previous``: dataset.json)."""
+def _differences(before: dict, now: dict) -> list:
+    """What differs, by name; a sampling setting with both values ("steps 2 before, 3 now")."""
+    names = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += [f"{name} {old.get(name, 'unset')} before, {new.get(name, 'unset')} now"
+                      for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        else:
+            names.append(key)
+    return names
+
+
+def check_same_quality(previous: dict, quality_check: bool, min_dice, finished: int, out: Path) -> None:
+    """Refuse another quality check or --min-dice than the finished images of ``out`` had (``previous``:
+    dataset.json): they are not checked again, so rows with and without Dice, or held to two minimums,
+    would be mixed in one data set under one summary."""
     if not finished or "quality" not in previous:
         return
+    before = previous["quality"].get("check")  # None in directories made before it was recorded
+    if before is not None and before != quality_check:
+        was, now = ("with", "--no-quality-check") if before else ("without", "--quality-check")
+        raise InputError(f"{out} holds {finished} finished image(s) made {was} the quality check, which are not "
+                         f"checked again; run the same command again (not {now}), or choose a new --out.")
     before = previous["quality"].get("min_dice")
     if before != min_dice:
         shown_before = "no --min-dice" if before is None else f"--min-dice {before:g}"

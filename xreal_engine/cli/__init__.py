@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -83,6 +84,12 @@ def main(argv=None) -> int:
     except XRealError as error:  # one sentence; control characters escaped, so a file name cannot drive the terminal
         print(f"xreal-engine {args.command}: error: {shown(error, MESSAGE_LIMIT)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if _stdout_closed():  # `xreal-engine info --json | head`: the reader has all it wanted, as for any tool
+            return 128 + signal.SIGPIPE
+        print(f"xreal-engine {args.command}: error: a connection or pipe was closed by the other end.",
+              file=sys.stderr)
+        return 2
     except OSError as error:  # a file that cannot be read or written where no reader said so more precisely
         print(f"xreal-engine {args.command}: error: {shown(os_sentence(error, 'A file could not be used'), MESSAGE_LIMIT)}",
               file=sys.stderr)
@@ -91,6 +98,22 @@ def main(argv=None) -> int:
         print(f"xreal-engine {args.command}: interrupted; {INTERRUPTED_KEEPS.get(args.command, 'nothing was written')}.",
               file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
+
+
+def _stdout_closed() -> bool:
+    """True when standard output's reader went away; it is then pointed at /dev/null, so that the
+    interpreter's final flush does not complain about it a second time."""
+    import select
+
+    try:
+        poller = select.poll()  # a pipe without readers reports POLLERR to its writer
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _fd, events in poller.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no poll here, or no real standard output
+        return False
+    return True
 
 
 class Terminated(KeyboardInterrupt):

@@ -77,12 +77,12 @@ def run(args) -> int:
         if quality_check:  # the per-image check of generate-batch: Dice per requested structure in provenance.json
             check = AnatomyCheck.load(segmenter, device=str(pipe.device), min_dice=min_dice)
         print(f"Generating on {pipe.device} (seed {seed}) ...", file=sys.stderr)
-        with _ProgressBars() as progress:
-            try:
+        try:
+            with _ProgressBars() as progress:  # closed before anything else is printed
                 provenance = generate_to_directory(pipe, prepared, out_dir, progress=progress, quality=check)
-            except QualityRejected as rejected:  # --min-dice: nothing was written
-                print(f"xreal-engine generate: the image was not written: {rejected}", file=sys.stderr)
-                return 1
+        except QualityRejected as rejected:  # --min-dice: nothing was written
+            print(f"xreal-engine generate: the image was not written: {rejected}", file=sys.stderr)
+            return 1
     print(f"Wrote {out_dir}/: sc.dcm, seg.dcm, preview.png, provenance.json, segments.json "
           f"({provenance['generation_seconds']:.1f} s)")
     if provenance.get("quality"):

@@ -31,7 +31,7 @@ from ..batch.designs import AUGMENT_HEART_SCALES, AUGMENT_LUNG_WIDTHS, Design, p
 from ..batch.exports import (FINDINGS_DIR, FORMATS, LABELS_DIR, SUMMARY_FILE, finished_records, summary, write_exports,
                       write_text_atomic)
 from ..batch.manifest import check_rows, read_manifest, report_problems
-from ..batch.plan import (PLAN_FILE, check_inputs_unchanged, check_same_min_dice, check_same_plan, read_plan,
+from ..batch.plan import (PLAN_FILE, check_inputs_unchanged, check_same_plan, check_same_quality, read_plan,
                           write_plan)
 from ..batch.progress import FailureLog, Progress
 from ..batch.quality import check_min_dice, check_segmenter
@@ -151,7 +151,9 @@ def run(args) -> int:
         raise report_problems(problems, Path(args.manifest).name)
     weights = weights_hash(model_dir)
     previous = _read_json(out / SUMMARY_FILE)
-    check_same_min_dice(previous, args.min_dice, len(done), out)
+    check_same_quality(previous, args.quality_check, args.min_dice, len(done), out)
+    # exports are derived files: one asked for before is kept up to date too, never left stale beside the rest
+    formats += [name for name in previous.get("formats", []) if name in FORMATS and name not in formats]
     if previous.get("weights_hash") not in (None, weights):
         raise InputError(f"{out} was made with the model {previous.get('model_id')} (other weights); "
                          "use the same --model or a new --out.")
@@ -170,7 +172,8 @@ def run(args) -> int:
             failures = FailureLog(out / FAILURES_FILE, {row.name for row in rows} - done)
             started = summary(previous, model_info=info, weights_hash=weights, model=str(args.model), rows=rows,
                               records=finished_records(rows, out), failures=failures.entries, formats=formats,
-                              min_dice=args.min_dice, last_run={"backend": args.backend, "running": True})
+                              quality_check=args.quality_check, min_dice=args.min_dice,
+                              last_run={"backend": args.backend, "running": True})
             write_text_atomic(out / SUMMARY_FILE, json.dumps(started, indent=2) + "\n")  # the model, from now on
             previous = started
         if state is not None:
@@ -229,8 +232,8 @@ def run(args) -> int:
                     "seconds": round(progress.seconds(), 1), "images_per_minute": round(progress.rate(), 2),
                     "interrupted": bool(interrupted)}
         dataset = summary(previous, model_info=info, weights_hash=weights, model=str(args.model), rows=rows,
-                          records=records, failures=failures.entries, formats=formats, min_dice=args.min_dice,
-                          last_run=last_run)
+                          records=records, failures=failures.entries, formats=formats,
+                          quality_check=args.quality_check, min_dice=args.min_dice, last_run=last_run)
         write_text_atomic(out / SUMMARY_FILE, json.dumps(dataset, indent=2) + "\n")
         if state is not None:
             state.wait_for_everyone()

@@ -84,13 +84,15 @@ def header_sizes(path: Path, fmt: str) -> list[int]:
 def check_image_header(path: Path, what: str | None = None) -> str:
     """Sniff ``path`` and refuse, from its header alone, images too large or with more than one slice.
 
-    Returns the sniffed format (None for an unknown one: the reader then says what is wrong).
+    Returns the sniffed format. Any other format is refused here, for every reader: SimpleITK would read
+    many more (MetaImage, TIFF, JPEG), some of them with headers that name another file to read.
     """
     path = Path(path)
     name = what or path.name
     fmt = sniff_file(path)
     if fmt is None:
-        return None
+        raise InputError(f"{name} is not a {FORMAT_NAMES} file (other formats are not read); save it as one of "
+                         "those.")
     if fmt == "nrrd":
         _refuse_detached_nrrd(path, name)
     if fmt == "dicom":

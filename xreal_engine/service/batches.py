@@ -290,7 +290,8 @@ class BatchService:
                 self._weights_hash = weights_hash(self.model_dir)
             dataset = summary({}, model_info=self.model_info, weights_hash=self._weights_hash,
                               model=self.model_info.model_id, rows=rows, records=records, failures=failures,
-                              formats=formats, min_dice=settings.get("min_dice"),
+                              formats=formats, quality_check=settings.get("quality_check", True),
+                              min_dice=settings.get("min_dice"),
                               last_run={"backend": "service", "batch": batch["id"]})
             (work / SUMMARY_FILE).write_text(json.dumps(dataset, indent=2) + "\n")
             if failures:
