@@ -226,6 +226,8 @@ def test_bad_rows_are_reported_with_their_row_numbers_and_nothing_is_written(tin
     assert "bad.csv row 9: malformed CSV line" in err
     assert "row 2:" not in err
     assert "7 manifest rows have problems (listed above); nothing was generated" in err
+    listed = [int(line.split("bad.csv row ")[1].split(":")[0]) for line in err.splitlines() if "bad.csv row " in line]
+    assert listed == sorted(listed) == [3, 4, 5, 6, 7, 8, 9]  # in the file's order, however they were found
     assert not out.exists()
 
     jsonl = tmp_path / "bad.jsonl"

@@ -447,6 +447,15 @@ def test_an_allowed_origin_gets_cors_and_others_do_not(open_server):
 
 
 @pytest.mark.slow
+def test_a_missing_and_a_wrong_token_are_told_apart(engine):
+    status, _, answer = engine.request("GET", "/api/v1/jobs", token=False)
+    assert "requires an access token" in error_of(status, answer, 401, "unauthorized")["message"]
+    status, _, answer = engine.request("GET", "/api/v1/jobs", token=False,
+                                       headers={"Authorization": "Bearer not-the-token-0123"})
+    assert "The access token sent is not this engine's" in error_of(status, answer, 401, "unauthorized")["message"]
+
+
+@pytest.mark.slow
 def test_a_request_path_cannot_write_escape_sequences_or_forged_lines_into_the_log(engine):
     forged = "/api/v1/jobs/x%0a2026-12-04%2000:00:00%20INFO%20job%20deadbeef%20succeeded%1b%5b2J"
     status, _, answer = engine.request("GET", forged)

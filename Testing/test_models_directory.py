@@ -55,6 +55,9 @@ def test_resolve_model(model_dir, tmp_path, monkeypatch):
     assert resolve_model(str(model_dir)) == model_dir.resolve()
     with pytest.raises(ModelError, match="neither 'demo' nor an existing directory"):
         resolve_model(tmp_path / "missing")
+    for empty in ("", "  "):  # not the current folder
+        with pytest.raises(ModelError, match="The model name is empty"):
+            resolve_model(empty)
     with pytest.raises(ModelError, match="xreal_model.json is missing"):
         resolve_model(tmp_path)
     ModelInfo(model_id="half").save(tmp_path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -360,10 +361,16 @@ def report_problems(problems: list, source: str) -> InputError:
     """Print the problems (at most MAX_PROBLEMS_SHOWN) and return the one-line error to raise."""
     import sys
 
+    problems = sorted(problems, key=_row_number)  # reading and checking find them in two passes
     for problem in problems[:MAX_PROBLEMS_SHOWN]:
         print(f"  {source} {problem}", file=sys.stderr)
     if len(problems) > MAX_PROBLEMS_SHOWN:
         print(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
     return InputError(f"{len(problems)} manifest row{'s have' if len(problems) != 1 else ' has a'} "
                       f"problem{'s' if len(problems) != 1 else ''} (listed above); nothing was generated.")
+
+
+def _row_number(problem: str) -> int:
+    match = re.match(r"row (\d+):", problem)
+    return int(match.group(1)) if match else 0
 

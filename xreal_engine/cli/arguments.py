@@ -64,10 +64,9 @@ def add_sampling_arguments(parser) -> None:
 def check_request_arguments(args) -> None:
     """Refusals that need no model and no engine: pairing of masks and findings, image vs source."""
     if len(args.pathology_mask) != len(args.finding):
-        raise InputError(
-            f"Give exactly one --finding per --pathology-mask ({len(args.pathology_mask)} masks, "
-            f"{len(args.finding)} findings)."
-        )
+        masks, findings = len(args.pathology_mask), len(args.finding)
+        raise InputError(f"Give exactly one --finding per --pathology-mask ({masks} mask{'s' * (masks != 1)}, "
+                         f"{findings} finding{'s' * (findings != 1)}).")
     if args.image is not None and args.source is not None:
         raise InputError("Use either --image or --source, not both.")
     if args.source is not None and not (args.study and args.series):
@@ -75,7 +74,8 @@ def check_request_arguments(args) -> None:
     given = [flag for flag, value in (("--study", args.study), ("--series", args.series), ("--instance", args.instance))
              if value is not None]
     if args.source is None and given:  # they name the PACS image to edit; alone they would be ignored
-        raise InputError(f"{' and '.join(given)} name the image to fetch from a PACS; give --source NAME too.")
+        raise InputError(f"{' and '.join(given)} {'names' if len(given) == 1 else 'name'} the image to fetch from a "
+                         "PACS; give --source NAME too.")
     control_requests(args)  # a bad --control is refused before any work
 
 

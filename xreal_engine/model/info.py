@@ -238,6 +238,8 @@ def resolve_model(name_or_path: str | Path) -> Path:
                 "pass --model with the path of a model directory."
             )
         return check_model_dir(DEMO_MODEL_DIR)
+    if not str(name_or_path).strip():  # Path("") would be the current folder
+        raise ModelError("The model name is empty; give 'demo' or the path of a model directory.")
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise ModelError(f"The model {name_or_path} is neither 'demo' nor an existing directory.")

@@ -91,8 +91,11 @@ class GuardMiddleware:
             return None  # a CORS preflight of an allowed origin: CORSMiddleware answers it
         if path.startswith(API_PREFIX + "/") and path != f"{API_PREFIX}/health":
             if not token_matches(self.settings.token, headers.get("authorization")):
+                sent = headers.get("authorization")
                 return error_response(
                     401, "unauthorized",
+                    "The access token sent is not this engine's; use the token it was started with."
+                    if sent and sent.lower().startswith("bearer ") else
                     "This engine requires an access token; send it as 'Authorization: Bearer <token>'.",
                     {"WWW-Authenticate": "Bearer"})
         if method in STATE_CHANGING and not _needs_preflight(headers):
