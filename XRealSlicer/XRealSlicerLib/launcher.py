@@ -294,7 +294,8 @@ def install_requirements_command(python: str, requirements_file: Path) -> List[s
     return [str(python), "-m", "pip", "install", "--upgrade", "--progress-bar", "off", "-r", str(requirements_file)]
 
 
-CHECK_IMPORTS = ("torch", "diffusers", "transformers", "highdicom", "fastapi", "uvicorn", "SimpleITK", "PIL")
+CHECK_IMPORTS = ("torch", "diffusers", "transformers", "highdicom", "fastapi", "fastapi_offline", "uvicorn", "SimpleITK",
+                 "PIL")  # one module a release added (fastapi_offline) makes an older environment install again
 
 
 def check_requirements_command(python: str) -> List[str]:
