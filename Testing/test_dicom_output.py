@@ -92,6 +92,17 @@ def written(request, tmp_path_factory):
     return {"dir": out_dir, "uids": uids, "image": image, "spacing": spacing, "segments": kept, "shape": shape}
 
 
+def test_local_times_say_their_offset_from_utc(written):
+    """Content/Study/Instance Creation times are local; TimezoneOffsetFromUTC makes them comparable with
+    provenance.json's UTC "created" (one clock, two notations)."""
+    import datetime
+
+    for name in ("sc.dcm", "seg.dcm"):
+        dataset = pydicom.dcmread(written["dir"] / name, stop_before_pixels=True)
+        assert dataset.TimezoneOffsetFromUTC == datetime.datetime.now().astimezone().strftime("%z"), name
+        assert len(dataset.TimezoneOffsetFromUTC) == 5 and dataset.TimezoneOffsetFromUTC[0] in "+-"
+
+
 def dciodvfy_messages(path: Path) -> list[str]:
     run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith(("Error", "Warning"))]

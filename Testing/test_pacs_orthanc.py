@@ -31,6 +31,7 @@ from xreal_engine.pacs.transfer import fetch_source, push_files, push_result
 
 CALLING_AET = "XREALTEST"
 FAST = {"retries": 3, "backoff_s": 0.05}  # real backoff, short waits
+TEMPLATES = Path(__file__).resolve().parents[1] / "Resources" / "Templates"
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -333,6 +334,18 @@ def test_unreachable_destination_is_retried_then_reported(tmp_path, capsys):
     assert "failed after 2 attempts" in captured.err and captured.err.count("\n") == 1
     assert "0 accepted, 2 failed" in captured.out
     assert file_digests(files) == before
+    # generate --push-to: the image is made and kept, so the failed push is exit 1 (as submit), and said so
+    from xreal_engine.model.random_model import create_random_model
+
+    model = create_random_model(tmp_path / "model", preset="tiny")
+    out = tmp_path / "generated"
+    exit_code = cli.main(["generate", "--model", str(model), "--anatomy", str(TEMPLATES / "anatomy_01.png"),
+                          "--steps", "2", "--anatomy-steps", "1", "--seed", "0", "--device", "cpu",
+                          "--pacs-config", str(config_file), "--push-to", "web-down", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert exit_code == 1, captured.err
+    assert f"the result is kept in {out}/, but sending it failed: " in captured.err and "failed after" in captured.err
+    assert (out / "sc.dcm").is_file() and (out / "seg.dcm").is_file()
 
 
 class _BusyHandler(http.server.BaseHTTPRequestHandler):

@@ -98,10 +98,12 @@ def run(args) -> int:
 
     try:
         report = push_result(args.push_to, out_dir, config=pacs_config)  # the local result stays whatever happens
-    except PacsError as error:
+    except PacsError as error:  # the result is written: exit 1 as for a refused instance (submit does the same)
         if error.report:  # what was sent before the destination failed (as `push` shows it)
             print(format_report(error.report))
-        raise
+        print(f"xreal-engine generate: the result is kept in {out_dir}/, but sending it failed: "
+              f"{shown(str(error), 500)}", file=sys.stderr)
+        return 1
     print(format_report(report))
     return 0 if report["failed"] == 0 else 1
 

@@ -553,6 +553,11 @@ def write_dicom_pair(out_dir, image, pixel_spacing_mm, segments, provenance, sou
     seg = build_segmentation(sc, segments, provenance) if has_segments else None
     out_dir.mkdir(parents=True, exist_ok=True)
     to_write = [("sc.dcm", sc)] + ([("seg.dcm", seg)] if seg is not None else [])
+    # Content, Study and Instance Creation times are this machine's local time (highdicom's and ours);
+    # the offset says which, as provenance.json's UTC "created" does (SOP Common Module).
+    offset = datetime.datetime.now().astimezone().strftime("%z")
+    for _name, dataset in to_write:
+        dataset.TimezoneOffsetFromUTC = offset
     written = []
     try:
         for name, dataset in to_write:
