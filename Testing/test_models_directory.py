@@ -129,3 +129,20 @@ def test_info_command(model_dir, capsys):
     assert cli.main(["info", "--model", str(model_dir / "nowhere")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "neither 'demo' nor an existing directory" in error
+
+
+def test_a_saved_model_directory_follows_the_umask_not_safetensors_0600(tmp_path):
+    """safetensors writes 0600; a model directory (random, converted, trained) is meant to be shared."""
+    import os
+    import stat
+
+    from xreal_engine.model.random_model import create_random_model
+
+    previous = os.umask(0o022)
+    try:
+        model = create_random_model(tmp_path / "tiny", preset="tiny")
+    finally:
+        os.umask(previous)
+    weights = list(model.rglob("*.safetensors"))
+    assert weights and {stat.S_IMODE(path.stat().st_mode) for path in model.rglob("*") if path.is_file()} == {0o644}
+

@@ -210,6 +210,15 @@ def test_resume_continues_from_the_newest_checkpoint(tiny_data, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]  # 5 and 6 came from the resumed run, nothing was repeated
     assert json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text()) == {
         "step": 6, "kind": "autoencoder"}
+    # safetensors writes 0600; checkpoints and the model follow the umask like every other file written
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    written = [p for folder in ("checkpoints", "model") for p in (run_dir / folder).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in written)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o666 & ~umask}
     resumed = torch.load(run_dir / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
     # Adam's step counter continued from the checkpoint instead of restarting at 0.
     first = next(iter(state["state"].values()))["step"]

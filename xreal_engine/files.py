@@ -91,6 +91,30 @@ def _new_sibling(out_dir: Path) -> Path:
             continue
 
 
+def give_umask_modes(folder: Path) -> None:
+    """Every file below ``folder`` gets the mode a plain ``open`` would give it (0666 less the umask).
+
+    safetensors writes its files 0600, which would keep a trained model from the colleagues it is
+    meant for; everything else a command writes already follows the umask.
+    """
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _storage_error(out_dir: Path, error: OSError) -> StorageError:
     reason = os_reason(error)
     return StorageError(f"The output directory {out_dir} cannot be written: {reason}.", reason)

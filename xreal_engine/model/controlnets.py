@@ -24,6 +24,7 @@ import torch
 
 from ..control_spec import check_name, check_scale
 from ..errors import InputError, ModelError, shown
+from ..files import give_umask_modes
 from .info import MODEL_INFO_FILE, ModelInfo, controlnet_folder, missing_controlnet_sentence
 
 CONDITIONING_CHANNELS = 1  # every control map is one grey channel
@@ -104,6 +105,7 @@ def save_controlnet(controlnet, model_dir, name: str, scale: float = 1.0, dtype:
     info = ModelInfo.load(model_dir)
     target = controlnet if dtype is None else copy.deepcopy(controlnet).to(dtype=dtype)
     target.save_pretrained(str(model_dir / controlnet_folder(name)), safe_serialization=True)
+    give_umask_modes(model_dir / controlnet_folder(name))  # safetensors writes 0600; a model is for sharing
     info.controlnets = {**info.controlnets, name: scale}
     info.validate(str(model_dir / MODEL_INFO_FILE))
     info.save(model_dir)

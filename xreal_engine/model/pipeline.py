@@ -168,6 +168,9 @@ class XRealPipeline(DiffusionPipeline):
             controlnet.save_pretrained(str(Path(save_directory) / controlnet_folder(name)), safe_serialization=True)
         self.model_info.controlnets = {name: self.model_info.controlnets.get(name, 1.0) for name in self.controlnets}
         self.model_info.save(save_directory)
+        from ..files import give_umask_modes
+
+        give_umask_modes(save_directory)  # safetensors writes 0600; a model is for sharing
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

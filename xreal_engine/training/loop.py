@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from ..errors import InputError, ModelError, StorageError, XRealError, first_line, os_reason
+from ..files import give_umask_modes
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TRAINER_STATE = "trainer_state.json"
@@ -241,6 +242,7 @@ class Trainer:
             self.accelerator.save_state(str(partial))
             (partial / TRAINER_STATE).write_text(json.dumps({"step": self.step, "kind": self.args.kind}),
                                                  encoding="utf-8")
+        give_umask_modes(partial)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
         keep = max(int(self.training.get("keep_checkpoints", 2)), 1)
@@ -391,7 +393,8 @@ def _write_reason(error: Exception, folder: Path) -> str:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Replace ``final`` by the completely written ``staging`` directory."""
+    """Replace ``final`` by the completely written ``staging`` directory (its files with the umask's modes)."""
+    give_umask_modes(staging)
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError, ModelError
+from ..files import give_umask_modes
 
 # label value in the anatomy label map -> structure name; the output channels follow this order.
 STRUCTURES = {1: "left lung", 2: "right lung", 3: "heart"}
@@ -245,8 +246,7 @@ def save_segmenter(network: torch.nn.Module, config: dict, out_dir: Path) -> Pat
     with written_or_removed("The trained segmenter", staging):
         save_file(state, str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            (staging / name).chmod(0o644)
+        give_umask_modes(staging)
     if out_dir.is_dir():  # empty, or an older segmenter being replaced file by file
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             (staging / name).replace(out_dir / name)
