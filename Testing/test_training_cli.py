@@ -375,7 +375,7 @@ def test_both_ends_of_the_image_size_range_make_an_autoencoder(tiny_data, tmp_pa
                      "--config", str(config)]) == 0
 
 
-def test_an_ldm_run_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_data, trained_autoencoders, tmp_path):
+def test_an_ldm_run_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_data, trained_autoencoders, tmp_path, capsys):
     """Latents re-encoded with the same jitter, batches from the same step, EMA and learning-rate state restored."""
     from safetensors.torch import load_file
 
@@ -390,6 +390,17 @@ def test_an_ldm_run_resumed_mid_epoch_equals_the_uninterrupted_run(tiny_data, tr
 
     through = train("through")
     train("resumed", "--max-steps", "3")
+    # --resume continues from the same inputs or refuses: another autoencoder as --vae or --anatomy-controller
+    # (the latents and the scale factor would no longer match), or another data set
+    vae, controller = common[3], common[5]
+    other_data = tmp_path / "other-data"
+    shutil.copytree(tiny_data, other_data)
+    (other_data / "findings.csv").write_text((tiny_data / "findings.csv").read_text().replace(",train,", ",test,", 1))
+    for flag, (data, swapped) in {"vae": (tiny_data, [*common[:3], controller, *common[4:]]),
+                                  "anatomy-controller": (tiny_data, [*common[:5], vae]),
+                                  "data": (other_data, common)}.items():
+        assert main(["train", "ldm", "--data", str(data), "--out", str(tmp_path / "resumed"), *swapped, "--resume"]) == 2
+        assert f"--resume was given another {flag} than the run in" in capsys.readouterr().err
     resumed = train("resumed", "--resume")
     assert all(torch.equal(through[k], resumed[k]) for k in through)
     assert losses(tmp_path / "through") == losses(tmp_path / "resumed")

@@ -32,7 +32,7 @@ import yaml
 from ..errors import InputError
 from ..model.architecture import ANATOMY_LABEL_DIVISOR, scheduler_config
 from .loop import (  # noqa: F401  (the shared loop; re-exported for the trainers here)
-    CONFIG_DIR, TRAINER_STATE, Trainer, make_accelerator, prepare_out_dir, publish, seed_everything,
+    CONFIG_DIR, TRAINER_STATE, Trainer, make_accelerator, prepare_out_dir, publish, run_inputs, seed_everything,
     INTERRUPTED_RESUME, built, set_threads, step_loader, write_resolved_config, written_or_removed,
 )
 
@@ -173,6 +173,7 @@ def train_autoencoder(args, config: dict, mask_input: bool) -> Path:
         raise InputError(f"training.train must be one of {', '.join(TRAIN_PARTS)}, not {training.get('train')!r}.")
     if init_from and not (Path(init_from) / "config.json").is_file():
         raise InputError(f"--init-from {init_from} is not an AutoencoderKL directory (config.json is missing).")
+    config["inputs"] = run_inputs(args.data, init_from=init_from)
     checkpoints = prepare_out_dir(Path(args.out), args.resume, args.kind, config)
     write_resolved_config(Path(args.out), config)
     from .data import make_dataset, read_records
@@ -403,6 +404,7 @@ def train_ldm(args, config: dict) -> Path:
     words = vocab_words(vocabulary_findings() + findings)
     init = _ldm_init(training.get("init_from"), args.vae, len(words))  # refused before anything is written
     out = Path(args.out)
+    config["inputs"] = run_inputs(args.data, vae=args.vae, anatomy_controller=args.anatomy_controller)
     checkpoints = prepare_out_dir(out, args.resume, args.kind, config)
     trained_scale_factor = None
     if checkpoints:

@@ -195,7 +195,8 @@ def train_controlnet(args, config: dict) -> Path:
     from ..model.controlnets import make_controlnet
     from ..model.info import resolve_model
     from ..model.pipeline import XRealPipeline
-    from .loop import Trainer, make_accelerator, prepare_out_dir, seed_everything, step_loader, write_resolved_config
+    from .loop import (Trainer, make_accelerator, prepare_out_dir, run_inputs, seed_everything, step_loader,
+                       write_resolved_config)
     from .data import read_records
 
     name = check_name(args.control)
@@ -213,6 +214,7 @@ def train_controlnet(args, config: dict) -> Path:
     seed_everything(seed)
     out = Path(args.out)
     config["control"], config["base_model"] = name, str(model_dir)
+    config["inputs"] = run_inputs(args.data)
     checkpoints = prepare_out_dir(out, args.resume, args.kind, config)
     write_resolved_config(out, config)
     accelerator = make_accelerator(args.mixed_precision)

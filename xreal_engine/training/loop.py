@@ -75,6 +75,12 @@ def _check_same_run(out: Path, checkpoints: list[Path], kind: str | None, config
     if config is None or not isinstance(previous, dict):
         return
     for key, (before, now) in _differences(previous, config).items():
+        if key.startswith("inputs.") and "inputs" not in previous:
+            continue  # a run made before its inputs were recorded: the checkpoint decides
+        if key.startswith("inputs."):
+            raise InputError(f"--resume was given another {key.split('.', 1)[1].replace('_', '-')} than the run in "
+                             f"{out} was trained with (its files differ); give the same one, or start a new run in "
+                             "a new output directory.")
         if key not in RESUMABLE_CHANGES:
             raise InputError(f"--resume would change {key} from {before!r} to {now!r}, so it would not continue "
                              f"the run in {out}; resume with its settings ({out}/config.yaml) or start a new run "
@@ -355,6 +361,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_inputs(data_dir, **models) -> dict:
+    """What a run is trained from, for ``config["inputs"]``: the data set's table and each given model's
+    weights by sha256, so that --resume refuses other data, another --vae or --anatomy-controller."""
+    import hashlib
+
+    from ..model.info import weights_hash
+
+    table = Path(data_dir) / "findings.csv"
+    inputs = {"data": hashlib.sha256(table.read_bytes()).hexdigest() if table.is_file() else None}
+    return {**inputs, **{name: weights_hash(path) for name, path in models.items() if path}}
 
 
 def write_resolved_config(out: Path, config: dict) -> None:
