@@ -588,6 +588,22 @@ def test_prepare_data_and_training_refuse_items_they_would_read_wrongly(small_cx
     assert main(["prepare-data", "--cxr", str(small_cxr), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "The image of 'hn_synthetic16'" in err and "is not a PNG file" in err and err.count("\n") == 1, err
+    # A label map with values that are no label of label_map.json (a damaged or foreign map) is refused,
+    # not turned into background; 5 (the cardiomediastinum) is the highest it has and is dropped quietly.
+    Image.new("I;16", (64, 64)).save(image)
+    for values, refused in (((0, 1, 5), False), ((0, 1, 77), True), ((6,), True)):
+        pixels = np.zeros((64, 64), np.uint8)
+        for k, value in enumerate(values):
+            pixels[k * 8:(k + 1) * 8] = value
+        Image.fromarray(pixels).save(label)
+        shutil.rmtree(out, ignore_errors=True)
+        if refused:
+            with pytest.raises(InputError, match=rf"holds the values \[{values[-1]}\], which are no labels of .*0..5"):
+                prepare_data(small_cxr, out)
+            assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["cxr"]
+        else:
+            assert prepare_data(small_cxr, out) == {"train": 2}
+            assert set(np.unique(np.asarray(Image.open(out / "labels" / "hn_synthetic16.png")))) == {0, 1}
     # Both ends of the side range pass, the label map matching its image.
     for side in (32, 6000):
         Image.new("I;16", (side, side)).save(image)

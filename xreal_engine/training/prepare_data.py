@@ -23,6 +23,7 @@ from .data import (FINDINGS_FILE, MAX_LABEL, SPLITS, check_item_files, check_sam
 MANIFEST_COLUMNS = ("subset", "image", "split")
 PERMISSIVE_SUBSETS = ("wingspan", "hannover_unlabeled")
 CARDIOMEGALY_CTR = 0.5
+CARDIOMEDIASTINUM = 5  # the highest value of the shared data's label maps (label_map.json)
 
 
 # covid_seg_nc's pathology_bits (README of ../shared/data/cxr) -> the vocabulary's finding, first match wins:
@@ -113,7 +114,8 @@ def prepare_data(
     """Convert ``../shared/data/cxr`` (or a copy) into the training layout; returns counts per split.
 
     Written into a temporary sibling and renamed, so a failed run leaves nothing behind.
-    Label value 5 (cardiomediastinum, covid_seg_nc only) is not an XReal label and becomes background.
+    Label value 5 (cardiomediastinum, covid_seg_nc only) is not an XReal label and becomes background; a
+    value above 5 is no label of the shared data at all, and its label map is refused.
     ``intensity="percentile"`` stretches every image (see ``stretch_intensity``); ``"none"`` copies it unchanged.
     """
     if intensity not in INTENSITY_MODES:
@@ -150,7 +152,12 @@ def prepare_data(
                 label_path = source / "labels" / f"{row['image']}.png"
                 if label_path.is_file():
                     labels = decoded_pixels(label_path, f"The label map {label_path}").copy()
-                    labels[labels > MAX_LABEL] = 0
+                    unknown = sorted(int(v) for v in np.unique(labels) if v > CARDIOMEDIASTINUM)
+                    if unknown:  # not a value of the shared data's label_map.json: a damaged or foreign map
+                        raise InputError(f"The label map {label_path} holds the values {unknown[:8]}, which are no "
+                                         f"labels of {cxr_dir}/label_map.json (0..{CARDIOMEDIASTINUM}); fix the file "
+                                         "or leave its subset out; nothing was written.")
+                    labels[labels > MAX_LABEL] = 0  # the cardiomediastinum is no XReal label (above)
                     if labels.any():
                         Image.fromarray(labels.astype(np.uint8)).save(staging / "labels" / f"{row['image']}.png")
                 writer.writerow([row["image"], row["split"], _finding(row, cxr_dir)])
