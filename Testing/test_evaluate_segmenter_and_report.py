@@ -110,6 +110,11 @@ def test_evaluate_tiny_model_writes_well_formed_report(tiny_model, untrained_seg
                      "--limit", "3", "--steps", "3", "--segmenter", str(untrained_segmenter), "--out", str(out)])
     assert code == 0
     report = json.loads((out / REPORT_FILE).read_text())
+    from xreal_engine import __version__
+    from xreal_engine.model.info import weights_hash
+
+    assert report["model"]["weights_hash"] == weights_hash(tiny_model)  # which weights, not only which model_id
+    assert report["model"]["engine_version"] == __version__
     assert report["settings"]["images"] == 3 and report["settings"]["num_inference_steps"] == 3
     assert report["settings"]["unet_runtime"] == "frozen"  # many images from one process, on a CPU
     for key in ("anatomy_dice_generated", "baseline_dice_real_own_mask", "baseline_dice_real_other_mask"):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .. import __version__
 from ..errors import InputError
 from ..files import staged_directory
 from ..model.sampling import FAST_PRESET, SAMPLERS, SamplingParameters
@@ -322,7 +323,9 @@ def evaluate(
 
     generated_dice = [d for r in records for d in r["generated_dice"]]
     report = {
-        "model": {"model_id": info.model_id, "image_size": size},
+        # which weights and which engine: two models of one model_id (a retrained one) stay apart
+        "model": {"model_id": info.model_id, "image_size": size, "weights_hash": getattr(pipe, "weights_hash", None),
+                  "engine_version": __version__},
         "settings": {
             "images": len(samples), "seeds": seeds, **parameters.without_seed(), "findings": findings,
             "segmenter": {k: segmenter.config.get(k) for k in ("preset", "image_size", "trained_on", "test_dice_real")},
