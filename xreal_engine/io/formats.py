@@ -165,12 +165,16 @@ def _refuse_deflated_dicom(path: Path, name: str) -> None:
 MAX_NIFTI_VOXEL_OFFSET = 1 << 20
 
 
+def _nifti_layout(header: bytes) -> tuple[str, float]:
+    """(byte order for struct, vox_offset) of a NIfTI-1 header (struct.error if it is too short)."""
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    return endian, struct.unpack(endian + "f", header[108:112])[0]
+
+
 def _refuse_far_nifti_voxels(path: Path, name: str, compressed: bool) -> None:
     try:
         with (gzip.open if compressed else open)(path, "rb") as handle:
-            header = handle.read(348)
-        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-        offset = struct.unpack(endian + "f", header[108:112])[0]
+            _endian, offset = _nifti_layout(handle.read(348))
     except (OSError, EOFError, zlib.error, struct.error):
         return  # unreadable: the reader refuses it with its own reason
     if not 0 <= offset <= MAX_NIFTI_VOXEL_OFFSET:  # also NaN
@@ -193,14 +197,14 @@ def nifti_has_non_finite(path: Path, compressed: bool) -> bool:
     try:
         with (gzip.open if compressed else open)(path, "rb") as handle:
             header = handle.read(348)
-            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            endian, offset = _nifti_layout(header)
             rank, *dims = struct.unpack(endian + "8h", header[40:56])
             datatype = struct.unpack(endian + "h", header[70:72])[0]
             if datatype not in _NIFTI_FLOAT_TYPES or not 1 <= rank <= 7:
                 return False
             dtype = np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
             remaining = dtype.itemsize * int(np.prod([max(1, d) for d in dims[:rank]], dtype=np.int64))
-            skip = int(struct.unpack(endian + "f", header[108:112])[0]) - 348  # up to vox_offset
+            skip = int(offset) - 348  # up to vox_offset
             while skip > 0 and (gap := handle.read(min(skip, 1 << 20))):
                 skip -= len(gap)
             while remaining > 0 and (chunk := handle.read(min(remaining, dtype.itemsize << 18))):

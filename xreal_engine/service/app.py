@@ -32,8 +32,8 @@ import contextlib
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.concurrency import run_in_threadpool
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
